@@ -1,0 +1,212 @@
+"""The core API: anonymize and restore batches of face crops at the model's resolution.
+
+Everything here is plumbing around `scheme.transform`: uint8 <-> float, keys -> signs, masks,
+batching, and what 8-bit storage loses. Restore always starts from the uint8 image that is stored.
+
+8-bit storage: generated pixels can leave [-1, 1]; clipping them would break restore (the
+inversion starts from the wrong image). The clipped-off part (`overflow`, integer levels) goes
+into the restore record, so restore starts from the generated image up to rounding.
+Lossless mode adds the residual original - key-only restore, so restore is bit-exact on the same
+device and dtype; the original's sha256 makes any mismatch elsewhere an error, not a silent change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import keystream, scheme
+from .backends import load_backend
+from .errors import AnondataError, InputError, IntegrityError
+from .restore_record import MAX_BATCH, RestoreRecord, SCHEME, sha256_image
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Anonymizer:
+    def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8):
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
+        self.backend = backend
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "embedded",
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        steps: int | None = None,
+        inversion_iters: int | None = None,
+        batch_size: int = 8,
+    ) -> "Anonymizer":
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        backend = load_backend(name_or_path, device=device, dtype=_DTYPES[dtype])
+        defaults = scheme.Sampler()
+        try:
+            sampler = scheme.Sampler(
+                steps=defaults.steps if steps is None else steps,
+                inversion_iters=defaults.inversion_iters if inversion_iters is None else inversion_iters,
+            )
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return cls(backend, sampler, batch_size=batch_size)
+
+    def to(self, device=None) -> "Anonymizer":
+        self.backend.to(device=device)
+        return self
+
+    @property
+    def resolution(self) -> int:
+        return self.backend.resolution
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in _DTYPES.items()}[self.backend.dtype]
+
+    @property
+    def model_info(self) -> dict:
+        return dict(self.backend.info)
+
+    @property
+    def settings(self) -> dict:
+        return {
+            "scheme": SCHEME,
+            "sampler": "ddim-eta0-fixedpoint",
+            "steps": self.sampler.steps,
+            "inversion_iters": self.sampler.inversion_iters,
+            "dtype": self.dtype_name,
+            "resolution": self.resolution,
+            **getattr(self.backend, "settings", {}),
+        }
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_images(self, images, what: str) -> np.ndarray:
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        if not isinstance(images, np.ndarray):
+            raise InputError(f"{what}: expected a numpy uint8 array (N, H, W, 3), got {type(images).__name__}")
+        r = self.resolution
+        if images.dtype != np.uint8:
+            raise InputError(f"{what}: expected dtype uint8, got {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != (r, r, 3):
+            raise InputError(f"{what}: expected shape (N, {r}, {r}, 3) for this model, got {images.shape}")
+        if images.shape[0] == 0:
+            raise InputError(f"{what}: empty batch")
+        return images
+
+    def _check_keys(self, keys, n: int) -> list[bytes]:
+        if isinstance(keys, (bytes, bytearray)) or len(keys) != n:
+            raise InputError(f"keys: expected a list of {n} keys (one per image)")
+        return [keystream.check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+
+    def _check_masks(self, masks, n: int) -> np.ndarray:
+        r = self.resolution
+        if masks is None:
+            return np.ones((n, r, r), dtype=bool)
+        masks = np.asarray(masks)
+        if masks.dtype != np.bool_ or masks.shape != (n, r, r):
+            raise InputError(f"masks: expected bool array of shape ({n}, {r}, {r}), got {masks.dtype} {masks.shape}")
+        return masks
+
+    # -- the two operations ---------------------------------------------------------------------
+    def _signs(self, keys: list[bytes], shape: tuple[int, ...]) -> torch.Tensor:
+        s = np.stack([keystream.signs(k, shape) for k in keys])
+        return torch.from_numpy(s).to(self.backend.device)
+
+    def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int) -> np.ndarray:
+        """transform in batches of exactly `batch` images; returns float levels (N, R, R, 3), unrounded.
+
+        Why a fixed batch: convolution kernels pick algorithms by shape, so one image's floats
+        differ (~1e-6) between batch sizes, enough to flip a rounded pixel now and then. With every
+        model call at the same shape (the last chunk padded with copies), an image's result does not
+        depend on which records shared its batch, so restoring one record reproduces exactly what
+        anonymizing it in a batch of many computed, and lossless restore stays bit-exact."""
+        dev, dt = self.backend.device, self.backend.dtype
+        n, out = len(x), []
+        for i in range(0, n, batch):
+            idx = np.minimum(np.arange(i, i + batch), n - 1)  # pad with copies of the last image
+            levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
+            xt = (levels / 127.5 - 1).to(dev, dt)
+            m = torch.from_numpy(masks[idx]).to(dev)
+            z_shape = tuple(self.backend.encode(xt[:1]).shape[1:])
+            signs = self._signs([keys[j] for j in idx], z_shape)
+            y = scheme.transform(self.backend, xt, m, signs, self.sampler)
+            keep = min(batch, n - i)
+            out.append(((y[:keep].double() + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out)
+
+    def anonymize(self, images, keys, masks=None, lossless: bool = False):
+        """-> (anonymized uint8 (N, R, R, 3), [RestoreRecord]). Pixels outside the masks are the input's."""
+        images = self._check_images(images, "images")
+        n = len(images)
+        keys = self._check_keys(keys, n)
+        masks = self._check_masks(masks, n)
+        levels = np.round(self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size))
+        m3 = masks[..., None]
+        stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
+        overflow = np.where(m3, levels - stored, 0)
+        if np.abs(overflow).max(initial=0) > np.iinfo(np.int16).max:
+            raise AnondataError("the model generated pixel values far out of range; it is not a usable face model")
+        records = [
+            RestoreRecord(
+                model_sha256=self.backend.info["sha256"], resolution=self.resolution,
+                steps=self.sampler.steps, inversion_iters=self.sampler.inversion_iters,
+                dtype=self.dtype_name, batch=self.batch_size, mask=masks[i], overflow=overflow[i].astype(np.int16),
+            )
+            for i in range(n)
+        ]
+        if lossless:
+            restored = self._restore_levels(stored, keys, records)
+            for i, rec in enumerate(records):
+                rec.residual = (images[i].astype(np.int16) - restored[i].astype(np.int16))
+                rec.original_sha256 = sha256_image(images[i])
+        return stored, records
+
+    def _restore_levels(self, stored: np.ndarray, keys: list[bytes], records: list[RestoreRecord]) -> np.ndarray:
+        out = np.empty_like(stored)
+        for batch in sorted({r.batch for r in records}):  # each record at the batch shape it was made with
+            sel = [i for i, r in enumerate(records) if r.batch == batch]
+            masks = np.stack([records[i].mask for i in sel])
+            overflow = np.stack([records[i].overflow for i in sel])
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch))
+            out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
+        return out
+
+    def restore(self, anonymized, keys, records) -> np.ndarray:
+        """-> restored uint8 (N, R, R, 3). A wrong key gives another face, not an error: keys cannot be checked."""
+        anonymized = self._check_images(anonymized, "anonymized")
+        n = len(anonymized)
+        keys = self._check_keys(keys, n)
+        if len(records) != n:
+            raise InputError(f"records: expected {n} restore records, got {len(records)}")
+        records = [r if isinstance(r, RestoreRecord) else RestoreRecord.from_bytes(r) for r in records]
+        for i, rec in enumerate(records):
+            self._check_compatible(rec, i)
+        out = self._restore_levels(anonymized, keys, records)
+        for i, rec in enumerate(records):
+            if rec.residual is not None:
+                exact = (out[i].astype(np.int16) + rec.residual)
+                if exact.min() < 0 or exact.max() > 255 or sha256_image(exact.astype(np.uint8)) != rec.original_sha256:
+                    raise IntegrityError(
+                        f"record {i}: lossless restore does not reproduce the original (hash mismatch): wrong key, "
+                        "a changed image, or a different device/dtype than the one that anonymized it"
+                    )
+                out[i] = exact.astype(np.uint8)
+        return out
+
+    def _check_compatible(self, rec: RestoreRecord, i: int) -> None:
+        if rec.model_sha256 != self.backend.info["sha256"]:
+            raise InputError(
+                f"record {i} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
+                f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model"
+            )
+        mine = (self.resolution, self.sampler.steps, self.sampler.inversion_iters, self.dtype_name)
+        theirs = (rec.resolution, rec.steps, rec.inversion_iters, rec.dtype)
+        if mine != theirs:
+            raise InputError(
+                f"record {i} needs resolution/steps/inversion_iters/dtype {theirs}, this anonymizer has {mine}: "
+                "restore with the settings in the manifest"
+            )

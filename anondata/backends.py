@@ -1,0 +1,458 @@
+"""Diffusion models behind one small interface, so the scheme never sees a model class.
+
+A backend maps images to the space the scheme works in (`encode`/`decode`; the identity for
+pixel models), predicts the noise `eps(z, t)` whatever the checkpoint's prediction type, and
+says who it is (`info`: name, revision, sha256 of its weights) so a release records the model
+and restore can refuse a different one.
+
+Loading (`load_backend`): "embedded" (the prior shipped in this package), a local folder in the
+diffusers layout, or a Hub id through the real `snapshot_download`; offline, a Hub id fails with
+a message that says how to pre-download. Folder layouts:
+
+- bare pixel model: `config.json` (UNet2DModel) + weights, optionally `scheduler_config.json`;
+- pipeline: `unet/` + `scheduler/`, and for latent diffusion `vqvae/` (VQModel, as
+  CompVis/ldm-celebahq-256) or `vae/` (AutoencoderKL or VQModel), optionally `controlnet/`
+  (ControlNetModel over a UNet2DConditionModel, conditioned on the face mask as in the paper).
+
+Latent models (`LatentBackend`) need more than encode/decode, because decode(encode(y)) != y:
+restore must find the latent that *generated* the stored image. `prepare` does it by decoder
+inversion (Adam on ||decode(z) - x||^2 over the face mask, from encode(x)), for anonymize and
+restore alike so the transform stays symmetric; the background latent is encoded from the image
+with the face zeroed, so it depends only on pixels that anonymize leaves bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+EMBEDDED_DIR = Path(__file__).parent / "models" / "embedded"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# Decoder inversion defaults (see LatentBackend.prepare); benchmarks/backend_cost.py measures them.
+DECODER_INVERSION_ITERS = 100
+DECODER_INVERSION_LR = 0.05
+
+
+class _Schedule:
+    """What every backend shares: the training noise schedule and the prediction-type conversion."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+
+    def _check_prediction_type(self, prediction_type: str) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"model predicts {prediction_type!r}; anondata supports 'epsilon' and 'v_prediction'")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def _to_eps(self, out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
+        if out.shape[1] == 2 * z.shape[1]:  # learned variance: the first half is the mean's prediction
+            out = out[:, : z.shape[1]]
+        if self.prediction_type == "v_prediction":
+            a = float(self.alphas_cumprod[t])
+            out = a**0.5 * out + (1 - a) ** 0.5 * z
+        return out
+
+
+class PixelBackend(_Schedule):
+    """A pixel-space `UNet2DModel`: the scheme's latent is the image itself, in [-1, 1]."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str, info: dict):
+        self._check_prediction_type(prediction_type)
+        self.unet = unet.eval().requires_grad_(False)
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.prediction_type = prediction_type
+        self.info = info
+        size = unet.config.sample_size
+        self.resolution = int(size if isinstance(size, int) else size[0])
+        self.channels = int(unet.config.in_channels)
+        if self.channels != 3:
+            raise InputError(f"pixel model has {self.channels} input channels; expected RGB (3)")
+
+    @property
+    def settings(self) -> dict:
+        return {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "PixelBackend":
+        self.unet.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) bool -> (N, 1, H, W) bool at latent resolution."""
+        return mask[:, None]
+
+    @torch.no_grad()
+    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        """Predicted noise at integer timestep `t` (v-prediction converted to epsilon)."""
+        ts = torch.full((1,), t, device=z.device, dtype=torch.long)
+        return self._to_eps(_each(lambda zi: self.unet(zi, ts).sample, z), z, t)
+
+
+class LatentBackend(_Schedule):
+    """Latent diffusion: a VQModel or AutoencoderKL around a UNet2DModel, or around a
+    UNet2DConditionModel used unconditionally (zero text embedding), optionally with a
+    ControlNetModel whose hint is the face mask (1 inside, 0 outside, at pixel resolution).
+
+    Latents are scaled as diffusers' pipelines do: z = (h - shift) * scaling_factor. A VQModel
+    decodes through its quantizer like `LDMPipeline` (`vq_quantize=True`); decoder inversion always
+    fits the continuous decoder (`force_not_quantize=True`), whose output the quantized one equals
+    on codebook latents, so restore lands on the code that was decoded.
+    """
+
+    def __init__(
+        self,
+        vae,
+        unet,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        info: dict,
+        controlnet=None,
+        decoder_inversion_iters: int = DECODER_INVERSION_ITERS,
+        vq_quantize: bool = True,
+    ):
+        from diffusers import VQModel
+
+        self._check_prediction_type(prediction_type)
+        if not 0 <= decoder_inversion_iters <= 10_000:
+            raise InputError(f"decoder_inversion_iters must be in 0..10000, got {decoder_inversion_iters}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.unet = unet.eval().requires_grad_(False)
+        self.controlnet = None if controlnet is None else controlnet.eval().requires_grad_(False)
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.prediction_type = prediction_type
+        self.info = info
+        self.is_vq = isinstance(vae, VQModel)
+        self.vq_quantize = bool(vq_quantize) and self.is_vq
+        self.decoder_inversion_iters = int(decoder_inversion_iters)
+        vcfg, ucfg = vae.config, unet.config
+        self.scaling_factor = float(getattr(vcfg, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(vcfg, "shift_factor", None) or 0.0)
+        self.factor = 2 ** (len(vcfg.block_out_channels) - 1)
+        self.latent_channels = int(vcfg.latent_channels if not self.is_vq else (vcfg.vq_embed_dim or vcfg.latent_channels))
+        if int(vcfg.in_channels) != 3:
+            raise InputError(f"autoencoder takes {vcfg.in_channels} channels; expected RGB (3)")
+        if int(ucfg.in_channels) != self.latent_channels:
+            raise InputError(
+                f"the UNet takes {ucfg.in_channels} channels but the autoencoder's latents have {self.latent_channels}: "
+                "unet/ and vae/ are not from the same pipeline"
+            )
+        size = ucfg.sample_size
+        self.latent_size = int(size if isinstance(size, int) else size[0])
+        self.resolution = self.latent_size * self.factor
+        self.cross_attention_dim = getattr(ucfg, "cross_attention_dim", None)
+        if controlnet is not None:
+            if self.cross_attention_dim is None:
+                raise InputError("controlnet/ needs a UNet2DConditionModel in unet/ (a UNet2DModel takes no ControlNet residuals)")
+            emb = controlnet.config.conditioning_embedding_out_channels
+            self.hint_size = self.latent_size * 2 ** (len(emb) - 1)
+            self.hint_channels = int(controlnet.config.conditioning_channels)
+        self._hint = None  # set on the mask-bound copy made by `prepare`
+
+    @property
+    def settings(self) -> dict:
+        """What restore must reproduce besides model and sampler (goes into the manifest)."""
+        return {
+            "latent": "vq" if self.is_vq else "kl",
+            "vq_quantize": int(self.vq_quantize),
+            "decoder_inversion_iters": self.decoder_inversion_iters,
+            "controlnet": int(self.controlnet is not None),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "LatentBackend":
+        for m in (self.vae, self.unet, self.controlnet):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    # -- autoencoder ----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent (VQ: before quantization; KL: the posterior mean)."""
+        def one(xi):
+            enc = self.vae.encode(xi)
+            return enc.latents if self.is_vq else enc.latent_dist.mode()
+
+        with torch.no_grad():
+            h = _each(one, x)
+        return (h - self.shift_factor) * self.scaling_factor
+
+    def _decode(self, z: torch.Tensor, quantize: bool) -> torch.Tensor:
+        h = z / self.scaling_factor + self.shift_factor
+        if self.is_vq:
+            return _each(lambda hi: self.vae.decode(hi, force_not_quantize=not quantize).sample, h)
+        return _each(lambda hi: self.vae.decode(hi).sample, h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._decode(z, self.vq_quantize)
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) bool -> (N, 1, h, w) bool: a latent cell is in if any of its pixels is."""
+        return F.max_pool2d(mask[:, None].float(), self.factor) > 0
+
+    def prepare(self, x: torch.Tensor, mask: torch.Tensor):
+        """-> (backend bound to this mask, z0 to invert, background latent).
+
+        The background latent encodes the image with the face set to 0, so it depends only on
+        pixels outside the mask: anonymize and restore get the same one. Inside the latent mask,
+        z0 is fitted by decoder inversion to the pixels inside the mask (the only ones the model
+        generated; the rest are copied from the input by the anonymizer).
+        """
+        m = self.latent_mask(mask)
+        bg = self.encode(torch.where(mask[:, None], torch.zeros_like(x), x))
+        z = torch.where(m, self.encode(x), bg)
+        z = self.invert_decoder(x, mask, m, z, bg)
+        return self._bound(mask), z, bg
+
+    def invert_decoder(self, x, mask, m, z_init, bg, iters: int | None = None, lr: float = DECODER_INVERSION_LR):
+        """argmin_z ||decode(where(m, z, bg)) - x||^2 over the pixel mask, by Adam from z_init.
+        Each image's loss is separate, so a batch gives what its images give one by one."""
+        iters = self.decoder_inversion_iters if iters is None else iters
+        if iters == 0:
+            return z_init
+        w = mask[:, None].to(x.dtype)
+        z = z_init.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        with torch.enable_grad():
+            for _ in range(iters):
+                rec = self._decode(torch.where(m, z, bg), quantize=False)
+                loss = (((rec - x) ** 2) * w).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return torch.where(m, z.detach(), bg)
+
+    # -- denoiser -------------------------------------------------------------------------------
+    def _bound(self, mask: torch.Tensor) -> "LatentBackend":
+        if self.controlnet is None:
+            return self
+        bound = object.__new__(LatentBackend)
+        bound.__dict__.update(self.__dict__)
+        hint = mask[:, None].to(self.dtype)
+        if hint.shape[-1] != self.hint_size:
+            hint = F.interpolate(hint, size=(self.hint_size, self.hint_size), mode="nearest")
+        bound._hint = hint.expand(-1, self.hint_channels, -1, -1)
+        return bound
+
+    @torch.no_grad()
+    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        ts = torch.full((1,), t, device=z.device, dtype=torch.long)
+        if self.cross_attention_dim is None:
+            out = _each(lambda zi: self.unet(zi, ts).sample, z)
+        else:
+            # unconditional use of a text-conditioned UNet: one zero token of the configured width
+            ctx = torch.zeros(1, 1, int(self.cross_attention_dim), device=z.device, dtype=z.dtype)
+            if self.controlnet is None:
+                out = _each(lambda zi: self.unet(zi, ts, encoder_hidden_states=ctx).sample, z)
+            else:
+                if self._hint is None or self._hint.shape[0] != z.shape[0]:
+                    raise RuntimeError("ControlNet backend used without a mask: call prepare() first")
+
+                def one(zi, hi):
+                    down, mid = self.controlnet(zi, ts, encoder_hidden_states=ctx, controlnet_cond=hi, return_dict=False)
+                    return self.unet(zi, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                                     mid_block_additional_residual=mid).sample
+
+                out = _each(one, z, self._hint)
+        return self._to_eps(out, z, t)
+
+
+def _each(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn one image at a time. Batched kernels round differently with the batch size (measured:
+    ~1e-6 on CPU, enough to move a pixel by one level), and lossless restore compares hashes, so a
+    face must not depend on its batch-mates."""
+    return torch.cat([fn(*(t[i : i + 1] for t in tensors)) for i in range(tensors[0].shape[0])])
+
+
+# -- identity -----------------------------------------------------------------------------------
+def _loaded_weight_files(component_dir: Path) -> list[Path]:
+    """The weight files diffusers' from_pretrained reads in this folder: safetensors before
+    .bin, a sharded index's shards. Other files (flax, .ckpt, fp16 variants) are not the model
+    we run, so they do not change its identity."""
+    for stem in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        single = component_dir / stem
+        if single.is_file():
+            return [single]
+        index = component_dir / f"{stem}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError):
+                raise InputError(f"{index}: not a valid sharded-weights index") from None
+            return [component_dir / s for s in shards]
+    return []
+
+
+def _component_dirs(folder: Path) -> dict[str, Path]:
+    """role -> folder, for the parts the backend loads. A bare model folder is the unet."""
+    if (folder / "unet" / "config.json").is_file():
+        dirs = {"unet": folder / "unet"}
+    elif (folder / "config.json").is_file():
+        return {"unet": folder}
+    else:
+        return {}
+    for role, sub in (("vae", "vqvae"), ("vae", "vae"), ("controlnet", "controlnet")):
+        if role not in dirs and (folder / sub / "config.json").is_file():
+            dirs[role] = folder / sub
+    return dirs
+
+
+def weights_sha256(folder: Path) -> str:
+    """One hash over the weights the backend loads: sha256 of lines 'role/file\\0sha256(file)\\n'
+    in role order (unet, vae, controlnet). Roles, not paths, so a bare folder and a pipeline
+    folder holding the same UNet weights are the same model. Configs are not hashed."""
+    folder = Path(folder)
+    lines = []
+    for role, d in sorted(_component_dirs(folder).items(), key=lambda kv: ("unet", "vae", "controlnet").index(kv[0])):
+        files = _loaded_weight_files(d)
+        if not files:
+            raise InputError(f"model folder {d} holds no weight file (diffusion_pytorch_model.safetensors or .bin)")
+        for p in files:
+            if not p.is_file():
+                raise InputError(f"model folder {d}: weight shard {p.name} is missing")
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            lines.append(f"{role}/{p.name}\0{h.hexdigest()}\n")
+    if not lines:
+        raise InputError(f"model folder {folder} holds no weight files")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _scheduler_config(folder: Path) -> dict:
+    for cand in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    raise InputError(
+        f"model folder {folder} has no scheduler config (scheduler/scheduler_config.json or "
+        "scheduler_config.json): anondata needs the training noise schedule"
+    )
+
+
+def _alphas_cumprod(cfg: dict) -> torch.Tensor:
+    # The scheduler classes own the beta formulas; DDIMScheduler accepts DDPM configs too.
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(cfg)
+    return sched.alphas_cumprod.clone()
+
+
+def _resolve(name_or_path: str) -> tuple[Path, str, str | None]:
+    """-> (local folder, display name, revision)."""
+    if name_or_path == "embedded":
+        if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
+            raise InputError(
+                "the embedded face prior is not in this installation "
+                f"({EMBEDDED_DIR}); reinstall anondata or pass --model FOLDER"
+            )
+        return EMBEDDED_DIR, "embedded", None
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"--model {name_or_path}: not a folder (expected a diffusers model folder)")
+        return path, path.resolve().name, None
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        raise InputError(f"--model {name_or_path}: no such folder, and not a Hub id of the form OWNER/NAME")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*/*.json", "*/*.safetensors", "*/*.bin"]
+        )
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise InputError(
+            f"--model {name_or_path}: could not fetch from the Hugging Face Hub ({type(e).__name__}). "
+            f"On a machine with network run `huggingface-cli download {name_or_path} --local-dir DIR`, "
+            "copy DIR here and pass --model DIR"
+        ) from None
+    return Path(local), name_or_path, Path(local).name
+
+
+def _class_name(d: Path) -> str:
+    try:
+        return str(json.loads((d / "config.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"{d / 'config.json'}: not a readable JSON config") from None
+
+
+def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype):
+    cls_name = _class_name(d) or next(iter(cls_by_name))  # no _class_name: the layout's default class
+    if cls_name not in cls_by_name:
+        raise InputError(
+            f"--model {name}: {what} is a {cls_name}; "
+            f"anondata supports {', '.join(sorted(cls_by_name))}"
+        )
+    try:
+        return cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype)
+    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+        raise InputError(f"--model {name}: could not load the {what}: {e}") from None
+
+
+def load_backend(
+    name_or_path: str = "embedded",
+    device: str | torch.device = "cpu",
+    dtype=torch.float32,
+    decoder_inversion_iters: int = DECODER_INVERSION_ITERS,
+    vq_quantize: bool = True,
+) -> PixelBackend | LatentBackend:
+    """A backend for "embedded", a diffusers folder or a Hub id (see the module docstring).
+    decoder_inversion_iters and vq_quantize apply to latent models only."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel, VQModel
+
+    folder, name, revision = _resolve(str(name_or_path))
+    dirs = _component_dirs(folder)
+    if "unet" not in dirs:
+        raise InputError(f"--model {name_or_path}: no unet/config.json or config.json: not a diffusers model folder")
+    cfg = _scheduler_config(folder)
+    info = {"name": name, "sha256": weights_sha256(folder), "revision": revision or ""}
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if "vae" not in dirs:
+        if "controlnet" in dirs:
+            raise InputError(f"--model {name_or_path}: controlnet/ without vae/ or vqvae/: only latent ControlNet models are supported")
+        unet = _load({"UNet2DModel": UNet2DModel}, dirs["unet"], "UNet", name_or_path, dtype)
+        backend = PixelBackend(unet, _alphas_cumprod(cfg), prediction_type, info)
+        return backend.to(device=device)
+    unet_classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    unet = _load(unet_classes, dirs["unet"], "UNet", name_or_path, dtype)
+    vae = _load({"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}, dirs["vae"], "autoencoder", name_or_path, dtype)
+    controlnet = None
+    if "controlnet" in dirs:
+        controlnet = _load({"ControlNetModel": ControlNetModel}, dirs["controlnet"], "ControlNet", name_or_path, dtype)
+    backend = LatentBackend(
+        vae, unet, _alphas_cumprod(cfg), prediction_type, info, controlnet=controlnet,
+        decoder_inversion_iters=decoder_inversion_iters, vq_quantize=vq_quantize,
+    )
+    return backend.to(device=device)

@@ -1,0 +1,131 @@
+"""`anondata anonymize SRC --out DIR --recipient OWNER.pub --signing-key RUNNER.key`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import InputError
+
+EPILOG = """\
+sources:
+  a Parquet file, or a folder of them (the Hub layout data/{split}-NNNNN-of-NNNNN.parquet),
+  a folder of image files, a datasets save_to_disk folder, or a Hub dataset id (USER/NAME).
+
+output (DIR):
+  data/{split}-NNNNN-of-NNNNN.parquet   every input column; the image column anonymized (PNG)
+  keys/{split}-NNNNN-of-NNNNN.keys.parquet   record keys sealed to the recipients (private)
+  README.md, manifest.json, manifest.json.sig
+  Records that cannot be anonymized are quarantined: left out, listed in the manifest.
+
+cluster:
+  runs on Ray Data. With RAY_ADDRESS set (e.g. RAY_ADDRESS=auto after `ray start --head`)
+  it joins that cluster, one actor per GPU; otherwise it starts Ray on this machine.
+
+examples:
+  anondata anonymize faces/ --out release --recipient owner.pub --signing-key runner.key
+  anondata anonymize data.parquet --out release --recipient owner.pub --signing-key runner.key \\
+      --faces detect --gpus 4 --batch-size 32
+  anondata anonymize data.parquet --out release --recipient owner.pub --signing-key runner.key --resume
+"""
+
+
+def _box(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--face-box is X0,Y0,X1,Y1 in pixels, e.g. 25,57,153,185") from None
+    if len(parts) != 4 or parts[0] >= parts[2] or parts[1] >= parts[3] or min(parts) < 0:
+        raise argparse.ArgumentTypeError("--face-box is X0,Y0,X1,Y1 with X0 < X1 and Y0 < Y1, e.g. 25,57,153,185")
+    return parts  # type: ignore[return-value]
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "anonymize",
+        help="anonymize every record of a face dataset into a signed release",
+        description="Anonymize every record of a face dataset and write a signed release: public shards "
+        "with anonymized faces, the record keys sealed to the recipients, a dataset card and a signed manifest.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SRC", help="Parquet file/folder, image folder, save_to_disk folder or Hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="release folder (must be new or empty unless --resume)")
+    p.add_argument("--recipient", action="append", required=True, metavar="NAME.pub",
+                   help="public key that may restore records (repeat for several)")
+    p.add_argument("--signing-key", required=True, metavar="NAME.key", help="identity that signs the manifest")
+    g = p.add_argument_group("input")
+    g.add_argument("--image-column", default="image", help="column with the images (default: image)")
+    g.add_argument("--id-column", default=None,
+                   help="column with unique record ids (default: record_id when present, else {split}-{row})")
+    g.add_argument("--split", default=None, metavar="NAME[,NAME]",
+                   help="only these splits; for a source with one unnamed split, its name (default: train)")
+    g.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N records of each split")
+    g = p.add_argument_group("anonymization")
+    g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
+    g.add_argument("--steps", type=_positive, default=None, help="sampler steps (default: the model's)")
+    g.add_argument("--inversion-iters", type=_count, default=None, help="fixed-point inversion iterations")
+    g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
+                   help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
+    g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
+    g.add_argument("--detector", choices=["hog", "haar"], default="hog", help="face detector for --faces detect")
+    g.add_argument("--on-no-face", choices=["quarantine", "keep"], default="quarantine",
+                   help="a photo with no detected face: quarantine it (default) or publish it unchanged")
+    g.add_argument("--lossy-restore", action="store_true",
+                   help="omit the lossless residual: smaller keys, restore is close but not bit-exact")
+    g.add_argument("--license", default="other", help="licence for the dataset card (default: other)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--gpus", type=_count, default=None, help="GPUs to use, one actor each (default: all in the cluster)")
+    g.add_argument("--workers", type=_positive, default=None, help="CPU actors when no GPU is used (default: CPUs - 1)")
+    g.add_argument("--batch-size", type=_positive, default=8, help="records per actor call (default: 8)")
+    g.add_argument("--shard-size", type=_positive, default=1000, help="records per output shard (default: 1000)")
+    g.add_argument("--resume", action="store_true",
+                   help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
+                        "output options are taken from the job's plan); finished shards are kept")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..job.pipeline import JobOptions, run_anonymize
+
+    splits = [s.strip() for s in args.split.split(",")] if args.split else None
+    if splits is not None and not all(splits):
+        raise InputError("--split: empty split name")
+    opts = JobOptions(
+        source=args.source, out=args.out, recipients=args.recipient, signing_key=args.signing_key,
+        image_column=args.image_column, id_column=args.id_column, splits=splits, limit=args.limit,
+        model=args.model, steps=args.steps, inversion_iters=args.inversion_iters, faces=args.faces,
+        face_box=args.face_box, detector=args.detector, on_no_face=args.on_no_face,
+        lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,
+        shard_size=args.shard_size, resume=args.resume, license=args.license, progress=not args.no_progress,
+    )
+    res = run_anonymize(opts)
+    print(
+        f"{res.out}: {res.anonymized} records anonymized, {res.quarantined} quarantined, "
+        f"{res.shards} shards" + (f" ({res.resumed_shards} kept from the interrupted run)" if res.resumed_shards else ""),
+        file=sys.stdout,
+    )
+    if res.quarantined:
+        print(f"quarantined records and reasons: {res.out}/manifest.json (records with status quarantined)", file=sys.stderr)
+    return 0

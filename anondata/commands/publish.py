@@ -1,0 +1,35 @@
+"""`anondata publish DIR --repo USER/NAME [--private] [--include-envelopes]`."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="upload a release's public part to the Hugging Face Hub",
+        description=(
+            "Verify the release, then upload exactly its public files to a Hub dataset repo: README.md, "
+            "manifest.json, manifest.json.sig and the data/ shards named in the manifest. keys/ (the sealed "
+            "record keys) stays local unless --include-envelopes. Log in first with `huggingface-cli login` "
+            "or set HF_TOKEN."
+        ),
+    )
+    p.add_argument("dir", metavar="DIR", help="finished release folder")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub dataset repository")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--include-envelopes", action="store_true",
+                   help="also upload keys/ (sealed to the recipients; only they can open them)")
+    p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..job.publish import publish
+
+    files = publish(args.dir, args.repo, private=args.private, include_envelopes=args.include_envelopes,
+                    dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to datasets/{args.repo}:")
+    for f in files:
+        print(f"  {f}")
+    return 0

@@ -1,0 +1,47 @@
+"""`anondata restore DIR --identity KEY [--ids ID,... | --ids-file F] [--keys GRANT_DIR] --out OUT`."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="bring chosen records of a release back to their original faces",
+        description=(
+            "Verify the release, open the chosen records' envelopes with your identity and write the "
+            "restored records as a dataset in the release's layout (OUT/data/{split}-NNNNN-of-NNNNN.parquet, "
+            "loadable with datasets.load_dataset(OUT)). Records your identity has no envelope for, "
+            "unknown ids and quarantined records are refused by id. Without --ids, every record your "
+            "identity can open is restored. The output holds original faces: keep it private."
+        ),
+    )
+    p.add_argument("dir", metavar="DIR", help="release folder (manifest.json, data/, and keys/ unless --keys)")
+    p.add_argument("--identity", required=True, metavar="NAME.key", help="your identity (a recipient of the envelopes)")
+    p.add_argument("--ids", default=None, metavar="ID,...", help="comma-separated record ids")
+    p.add_argument("--ids-file", default=None, metavar="FILE", help="record ids, one per line")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="envelopes from a grant folder or another release's keys (default: DIR/keys)")
+    p.add_argument("--out", required=True, metavar="OUT", help="new folder for the restored records")
+    p.add_argument("--png", action="store_true", help="also write loose PNG files OUT/png/{split}/{id}.png")
+    p.add_argument("--model", default=None, help="model folder or id if the manifest's name is not loadable here")
+    p.add_argument("--signer", default=None, metavar="NAME.pub", help="require the release to be signed by this key")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: the device the release was anonymized on (lossless restore is exact only there)")
+    p.add_argument("--batch-size", type=int, default=8, help="records per restore step (default: 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..errors import InputError
+    from ..job.restore import parse_ids, run_restore
+
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    ids = parse_ids(args.ids, args.ids_file)
+    res = run_restore(
+        args.dir, args.identity, args.out, ids=ids, keys=args.keys, png=args.png, model=args.model,
+        signer_path=args.signer, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    print(f"{res.out}: {res.restored} records restored into {res.shards} shards (original faces: keep private)")
+    return 0

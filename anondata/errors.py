@@ -1,0 +1,22 @@
+"""Errors a user can act on. The CLI prints `error: <message>` and exits 2 for these;
+anything else is a bug and keeps its traceback."""
+
+
+class AnondataError(Exception):
+    """Base class: the message names what failed and, where there is one, the fix."""
+
+
+class InputError(AnondataError):
+    """Bad input from the user: an image, a tensor, an argument, a path."""
+
+
+class FormatError(AnondataError):
+    """A file or encoding that is not exactly what the format spec allows (docs/FORMAT.md)."""
+
+
+class IntegrityError(AnondataError):
+    """A signature, hash or AEAD tag did not verify: the data was changed or is not ours."""
+
+
+class KeyError_(AnondataError):
+    """A key file that cannot be used: wrong kind, unreadable, wrong recipient."""

@@ -1,0 +1,534 @@
+"""The anonymize job: plan, run on Ray Data, commit shards, sign the release.
+
+Shape: `ray.data.from_items(shard tasks)` -> `map_batches(read_shard_rows)` (workers read their
+own rows) -> `map_batches(AnonymizerActor, compute=ActorPoolStrategy(size=N), num_gpus=1 or 0,
+batch_size=B)` -> the driver iterates results, groups them by shard, and commits each shard
+(data file, keys file, marker) as soon as all its rows are back. The same code runs on a
+laptop's CPUs (num_gpus=0) and on a GPU cluster (`RAY_ADDRESS` set, one actor per GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from .. import canonical
+from ..errors import AnondataError, FormatError, InputError
+from . import card as card_mod
+from .journal import Journal, WORK, crash_hook
+from .shards import (
+    DERIVED_ID_COLUMN,
+    build_public_table,
+    data_path,
+    keys_path,
+    output_schema,
+    shard_name,
+    write_parquet_atomic,
+)
+from .sources import Source, derived_id, open_source
+
+DEFAULT_SHARD_SIZE = 1000
+MAX_REASON = 1000  # the manifest's limit on a quarantine reason
+
+
+@dataclass
+class JobOptions:
+    source: str
+    out: str
+    recipients: list[str]  # paths of NAME.pub files
+    signing_key: str  # path of the runner's NAME.key (signs the manifest)
+    image_column: str = "image"
+    id_column: str | None = None
+    splits: list[str] | None = None
+    limit: int | None = None
+    model: str = "embedded"
+    steps: int | None = None
+    inversion_iters: int | None = None
+    faces: str = "aligned"  # aligned | detect
+    face_box: tuple[int, int, int, int] | None = None
+    detector: str = "hog"
+    on_no_face: str = "quarantine"
+    lossless: bool = True
+    gpus: int | None = None  # None: every GPU the cluster has
+    workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
+    batch_size: int = 8  # records per actor call
+    # Crops per model forward. 1 because the core's lossless restore is only bit-exact when
+    # restore runs each crop in the same batch composition as anonymize did (float kernels
+    # differ with batch size); restore uses 1 as well.
+    model_batch: int = 1
+    shard_size: int = DEFAULT_SHARD_SIZE
+    resume: bool = False
+    license: str = "other"
+    progress: bool = True
+    num_cpus: int | None = None  # for a local Ray instance started here
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    out: str
+    dataset_id: str
+    anonymized: int
+    quarantined: int
+    shards: int
+    resumed_shards: int
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def _load_keys(opts: JobOptions):
+    from ..identity import load_identity, load_recipient
+
+    if not opts.recipients:
+        raise InputError("no --recipient: give the public key (NAME.pub) of whoever may restore the records")
+    recipients = [load_recipient(p) for p in opts.recipients]
+    fps = [r.fingerprint for r in recipients]
+    if len(set(fps)) != len(fps):
+        raise InputError("the same --recipient is given twice")
+    signer = load_identity(opts.signing_key)
+    return recipients, signer
+
+
+def _face_spec(opts: JobOptions) -> dict:
+    if opts.faces not in ("aligned", "detect"):
+        raise InputError(f"--faces must be aligned or detect, not {opts.faces!r}")
+    if opts.on_no_face not in ("quarantine", "keep"):
+        raise InputError(f"--on-no-face must be quarantine or keep, not {opts.on_no_face!r}")
+    return {
+        "mode": opts.faces,
+        "box": list(opts.face_box) if opts.face_box else None,
+        "detector": opts.detector,
+        "on_no_face": opts.on_no_face,
+    }
+
+
+def _precheck(opts: JobOptions) -> None:
+    """What the workers would otherwise fail on, checked once here with a clean message:
+    the face options and whether the model can be found (not loaded: that is the actors' job)."""
+    import re
+
+    from ..faces import FaceSpec
+
+    spec = _face_spec(opts)
+    FaceSpec(**{**spec, "box": tuple(spec["box"]) if spec["box"] else None})
+    if opts.batch_size < 1 or opts.model_batch < 1:
+        raise InputError("--batch-size must be at least 1")
+    if opts.model == "embedded":
+        from ..backends import EMBEDDED_DIR
+
+        if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
+            raise InputError(f"the embedded face prior is not in this installation ({EMBEDDED_DIR}); pass --model FOLDER")
+    elif not Path(opts.model).expanduser().exists() and not re.match(r"^[\w.-]+/[\w.-]+$", opts.model):
+        raise InputError(f"--model {opts.model}: no such folder, and not a Hub id of the form OWNER/NAME")
+    elif Path(opts.model).expanduser().exists() and not Path(opts.model).expanduser().is_dir():
+        raise InputError(f"--model {opts.model}: not a folder (expected a diffusers model folder)")
+
+
+def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
+    """Fix everything that decides the output before any record is processed."""
+    from ..envelope import check_record_id
+
+    if opts.shard_size < 1:
+        raise InputError(f"--shard-size must be at least 1, not {opts.shard_size}")
+    seen: dict[str, str] = {}
+    splits = []
+    for s in source.splits:
+        ids = source.ids(s.name)
+        for row, rid in enumerate(ids):
+            try:
+                check_record_id(rid)
+            except FormatError as e:
+                raise InputError(f"split {s.name!r} row {row}: {e}; fix the id column or pass --id-column") from None
+            if rid in seen:
+                raise InputError(
+                    f"record id {rid!r} appears twice (split {seen[rid]!r} and split {s.name!r} row {row}); "
+                    "ids must be unique: fix the id column or pass --id-column"
+                )
+            seen[rid] = s.name
+        n = s.rows
+        if n == 0:
+            continue
+        count = -(-n // opts.shard_size)
+        shards = [
+            {"name": shard_name(s.name, i, count), "start": i * opts.shard_size, "stop": min(n, (i + 1) * opts.shard_size)}
+            for i in range(count)
+        ]
+        splits.append({"name": s.name, "rows": n, "shards": shards})
+    return {
+        "dataset_id": secrets.token_hex(16),
+        "source": source.describe(),
+        "recipients": sorted(r.fingerprint for r in recipients),
+        "signer": signer.recipient.fingerprint,
+        "options": {
+            "model": opts.model,
+            "steps": opts.steps if opts.steps is not None else -1,
+            "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
+            "faces": _face_spec(opts),
+            "lossless": opts.lossless,
+            "shard_size": opts.shard_size,
+            "limit": opts.limit or 0,
+            "image_column": opts.image_column,
+            "id_column": opts.id_column or "",
+            "splits": opts.splits or [],
+            "license": opts.license,
+        },
+        "splits": splits,
+    }
+
+
+def _resume_checks(plan: dict, source: Source, recipients, signer) -> None:
+    if plan["source"] != source.describe():
+        raise InputError(
+            f"--resume: the source does not match the interrupted job's plan ({plan['source']['location']}, "
+            f"splits {plan['source']['splits']}); give the same SRC and options"
+        )
+    if plan["recipients"] != sorted(r.fingerprint for r in recipients):
+        raise InputError("--resume: the --recipient keys differ from the interrupted job's; give the same ones")
+    if plan["signer"] != signer.recipient.fingerprint:
+        raise InputError("--resume: the --signing-key differs from the interrupted job's; give the same one")
+
+
+def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
+    """On --resume everything that shapes the output comes from the plan, not the command line."""
+    o = plan["options"]
+    f = o["faces"]
+    opts.model = o["model"]
+    opts.steps = None if o["steps"] < 0 else o["steps"]
+    opts.inversion_iters = None if o["inversion_iters"] < 0 else o["inversion_iters"]
+    opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
+    opts.face_box = tuple(f["box"]) if f["box"] else None
+    opts.lossless = o["lossless"]
+    opts.shard_size = o["shard_size"]
+    opts.limit = o["limit"] or None
+    opts.image_column = o["image_column"]
+    opts.id_column = o["id_column"] or None
+    opts.splits = o["splits"] or None
+    opts.license = o["license"]
+    return opts
+
+
+# ------------------------------------------------------------------------------ Ray
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. `auto` after `ray start --head`), else
+    start a private local instance. An already initialised Ray (tests) is used as is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs = dict(logging_level="WARNING", log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _pool(opts: JobOptions) -> tuple[int, int, str]:
+    """(actors, gpus per actor, device). One actor per GPU; without GPUs, CPU actors leaving
+    one CPU for the read tasks."""
+    import ray
+
+    res = ray.cluster_resources()
+    have_gpus = int(res.get("GPU", 0))
+    gpus = have_gpus if opts.gpus is None else opts.gpus
+    if gpus > have_gpus:
+        raise InputError(f"--gpus {gpus}: the Ray cluster has {have_gpus} GPU(s)")
+    if gpus > 0:
+        return gpus, 1, "cuda"
+    cpus = int(res.get("CPU", 1))
+    workers = opts.workers or max(1, cpus - 1)
+    return workers, 0, "cpu"
+
+
+def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, recipients):
+    import ray
+    import ray.data
+
+    from .worker import AnonymizerActor, read_shard_rows
+
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours is the tqdm bar in the driver
+    for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
+        if hasattr(ctx, attr):
+            setattr(ctx, attr, False)
+    actors, gpus, device = _pool(opts)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(
+        read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": source},
+        # IO-bound: num_cpus=0 so reads never wait for the CPUs the actors hold; the pool size
+        # bounds how many shards are read ahead.
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(len(tasks), max(2, actors))),
+    )
+    ds = ds.map_batches(
+        AnonymizerActor,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=1 if gpus == 0 else None,
+        batch_size=opts.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "model": opts.model,
+            "device": device,
+            "steps": opts.steps,
+            "inversion_iters": opts.inversion_iters,
+            "model_batch": opts.model_batch,
+            "face_spec": _face_spec(opts),
+            "lossless": opts.lossless,
+            "recipients": [r.to_bytes() for r in recipients],
+            "dataset_id": plan["dataset_id"],
+        },
+    )
+    return ds
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def _finished(out: Path) -> JobResult:
+    from ..manifest import read_manifest, verify_release
+
+    verify_release(out)
+    Journal(out).remove()  # leftovers of a kill while the finished job was cleaning up
+    m = read_manifest(out)
+    c = m["counts"]
+    return JobResult(str(out), m["dataset_id"], c["anonymized"], c["quarantined"], len(m["shards"]), len(m["shards"]))
+
+
+def _only_planless_work(out: Path, journal: Journal) -> bool:
+    return [p.name for p in out.iterdir()] == [WORK] and not journal.exists()
+
+
+def run_anonymize(opts: JobOptions) -> JobResult:
+    out = Path(opts.out)
+    journal = Journal(out)
+    if opts.resume:
+        if not journal.exists():
+            if (out / "manifest.json").is_file():
+                return _finished(out)  # killed after the release was complete: nothing to redo
+            if out.exists() and _only_planless_work(out, journal):
+                raise InputError(f"{out}: the job was stopped before its plan was written; run again without --resume")
+            raise InputError(f"{out} has no interrupted job to resume ({WORK}/plan.json is missing)")
+        plan = journal.load()
+        opts = _options_from_plan(opts, plan)
+    elif out.exists() and _only_planless_work(out, journal):
+        journal.remove()  # killed while creating the plan: nothing was done yet
+    if not opts.resume and out.exists() and any(out.iterdir()):
+        hint = (
+            "an interrupted job is there: pass --resume to finish it"
+            if journal.exists()
+            else "choose a new --out folder"
+        )
+        raise InputError(f"output folder {out} is not empty; {hint}")
+    recipients, signer = _load_keys(opts)
+    _precheck(opts)
+    source = open_source(
+        opts.source, image_column=opts.image_column, id_column=opts.id_column, splits=opts.splits, limit=opts.limit
+    )
+    if opts.resume:
+        _resume_checks(plan, source, recipients, signer)
+    else:
+        plan = make_plan(source, opts, recipients, signer)
+        out.mkdir(parents=True, exist_ok=True)
+        journal.create(plan)
+
+    committed = journal.committed()
+    shard_info = {}
+    tasks = []
+    for s in plan["splits"]:
+        for i, sh in enumerate(s["shards"]):
+            shard_info[sh["name"]] = (s["name"], sh)
+            if sh["name"] not in committed:
+                tasks.append({"split": s["name"], "shard": i, "start": sh["start"], "stop": sh["stop"]})
+    total = sum(s["rows"] for s in plan["splits"])
+    done = sum(len(m["records"]) for m in committed.values())
+    resumed = len(committed)
+
+    if tasks:
+        _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done)
+    return _finalize(out, journal, plan, signer, recipients, resumed, opts)
+
+
+def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done) -> None:
+    from tqdm import tqdm
+
+    ensure_ray(opts.num_cpus)
+    ds = _dataset(tasks, source, opts, plan, recipients)
+    schema = output_schema(source.schema, source.image_column, add_id=source.id_column is None)
+    by_index = {(s["name"], i): sh["name"] for s in plan["splits"] for i, sh in enumerate(s["shards"])}
+    pending: dict[str, dict[int, dict]] = {}
+    commits = 0
+    bar = tqdm(total=total, initial=done, unit="rec", desc="anonymize", disable=not opts.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for batch in _results(ds):
+            rows = batch.to_pylist()
+            touched = set()
+            for r in rows:
+                name = by_index[(r["split"], r["shard"])]
+                got = pending.setdefault(name, {})
+                if r["row"] not in got:  # a retried task may deliver a row twice: keep one
+                    got[r["row"]] = r
+                    bar.update(1)
+                touched.add(name)
+            for name in touched:
+                split, sh = shard_info[name]
+                if len(pending[name]) == sh["stop"] - sh["start"]:
+                    _commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
+                    commits += 1
+                    crash_hook("commit", commits)
+    finally:
+        bar.close()
+    if pending:
+        raise AnondataError(f"the job ended with unfinished shards ({', '.join(sorted(pending))}); run again with --resume")
+
+
+def _results(ds):
+    """The result batches; a user error raised on a worker (a model that does not load, a bad
+    --face-box) comes back as that AnondataError, not as a Ray traceback."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except AnondataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from None
+
+
+def _user_error(e: BaseException, depth: int = 0) -> AnondataError | None:
+    if isinstance(e, AnondataError):
+        return type(e)(str(e))
+    if depth > 8 or e is None:
+        return None
+    for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__, getattr(e, "base_exception", None)):
+        if isinstance(nxt, BaseException) and nxt is not e:
+            found = _user_error(nxt, depth + 1)
+            if found is not None:
+                return found
+    text = str(e)
+    for cls in (InputError, FormatError):
+        marker = f"anondata.errors.{cls.__name__}: "
+        if marker in text:  # actor creation failures arrive as text only
+            return cls(text.split(marker, 1)[1].strip().splitlines()[0])
+    return None
+
+
+def _commit_shard(name, split, sh, got: dict[int, dict], source: Source, schema: pa.Schema, journal: Journal, plan,
+                  ordinal: int) -> None:
+    """Data file, then keys file, then the marker: a shard without a marker is redone."""
+    from ..envelope import envelope_schema, write_envelope_table
+
+    from .worker import envelopes_from_ipc
+
+    start, stop = sh["start"], sh["stop"]
+    rows = [got[i] for i in range(start, stop)]
+    base_cols = [c for c in source.schema.names if c != source.image_column]
+    base = source.read(split, start, stop, base_cols) if base_cols else pa.table({})
+    if source.id_column:
+        ids = [str(v) for v in base.column(source.id_column).to_pylist()]
+    else:
+        ids = [derived_id(split, i) for i in range(start, stop)]
+    models = {r["model"] for r in rows}
+    if len(models) != 1:
+        raise AnondataError(f"shard {name}: workers used different models or settings; use one model for the job")
+    records, keep, images, envs = [], [], [], []
+    for rid, r in zip(ids, rows):
+        if r["record_id"] != rid:
+            raise AnondataError(f"shard {name}: row {r['row']} came back as {r['record_id']!r}, expected {rid!r}; the source changed during the job")
+        ok = r["status"] == "anonymized"
+        keep.append(ok)
+        if ok:
+            images.append(r["image"])
+            envs.append(envelopes_from_ipc(r["envelopes"]))
+            records.append({"id": rid, "split": split, "status": "anonymized", "shard": data_path(name)})
+        else:
+            records.append({"id": rid, "split": split, "status": "quarantined", "reason": _reason(r["reason"])})
+    table = build_public_table(base, schema, source.image_column, images, keep,
+                               ids if source.id_column is None else None)
+    out = journal.out
+    write_parquet_atomic(table, out / data_path(name), journal.tmp(f"{name}.parquet"))
+    crash_hook("data", ordinal)
+    env_table = pa.concat_tables(envs) if envs else envelope_schema(plan["dataset_id"]).empty_table()
+    write_envelope_table(out / keys_path(name), env_table)
+    journal.commit(name, {"shard": name, "split": split, "records": records, "model": models.pop(),
+                          "faces": sum(int(r["faces"] or 0) for r in rows)})
+
+
+def _reason(text: str | None) -> str:
+    text = " ".join((text or "could not be anonymized (no reason given)").split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+def _remove_strays(out: Path, planned: set[str]) -> None:
+    """Temp files a killed writer left in data/, keys/ or the top folder (hidden `*.tmp` names,
+    never a planned file)."""
+    for f in out.iterdir():
+        if f.is_file() and f.name.startswith(".") and f.name.endswith(".tmp"):
+            f.unlink()
+    for sub in ("data", "keys"):
+        d = out / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                rel = f"{sub}/{f.name}"
+                if rel not in planned and f.name.startswith(".") and ".tmp" in f.name:
+                    f.unlink()
+
+
+def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resumed: int, opts: JobOptions) -> JobResult:
+    from ..manifest import build_manifest, write_signed_manifest
+
+    committed = journal.committed()
+    names = [sh["name"] for s in plan["splits"] for sh in s["shards"]]
+    missing = [n for n in names if n not in committed]
+    if missing:
+        raise AnondataError(f"shards {', '.join(missing)} are not finished; run again with --resume")
+    _remove_strays(out, {data_path(n) for n in names} | {keys_path(n) for n in names})
+    records = [r for n in names for r in committed[n]["records"]]
+    models = {committed[n]["model"] for n in names}
+    if len(models) != 1:
+        raise AnondataError("the shards of this job were anonymized with different models or settings; start a new job")
+    model = canonical.loads(models.pop().encode(), "model info")
+    counts = {
+        "anonymized": sum(r["status"] == "anonymized" for r in records),
+        "quarantined": sum(r["status"] == "quarantined" for r in records),
+    }
+    readme = card_mod.dataset_card(plan, model, counts, license=plan["options"]["license"])
+    from .journal import atomic_write
+
+    atomic_write(out / "README.md", readme.encode(), journal.tmp_dir)
+    m = build_manifest(
+        str(out),
+        dataset_id=plan["dataset_id"],
+        model=model["model"],
+        settings=model["settings"],
+        recipients=recipients,
+        signer=signer.recipient,
+        shard_paths=[data_path(n) for n in names],
+        envelope_paths=[keys_path(n) for n in names],
+        records=records,
+        extra={
+            "faces": plan["options"]["faces"],
+            "lossless": plan["options"]["lossless"],
+            "source_kind": plan["source"]["kind"],
+            "image_column": plan["source"]["image_column"],
+            "id_column": plan["source"]["id_column"] or DERIVED_ID_COLUMN,
+            "device": model.get("device", "cpu"),
+            "torch_threads": 1,
+        },
+    )
+    write_signed_manifest(str(out), m, signer)
+    crash_hook("manifest", 1)
+    journal.remove()
+    return JobResult(str(out), plan["dataset_id"], counts["anonymized"], counts["quarantined"], len(names), resumed)

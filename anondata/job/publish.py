@@ -1,0 +1,98 @@
+"""What `anondata publish` uploads, and the one function that talks to the Hub.
+
+Why an explicit file list: the release folder holds private files (`keys/`, and during a job
+`.anondata-work/`). Uploading with a broad pattern and a deny list fails open when a new
+private file appears; here every uploaded path is named, and `upload_folder` gets exactly
+those paths as `allow_patterns`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+from ..errors import InputError
+from .journal import WORK
+
+PUBLIC_TOP = ("README.md", "manifest.json", "manifest.json.sig")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def public_files(release: str | Path, include_envelopes: bool = False) -> list[str]:
+    """The exact relative paths to upload: card, manifest, signature, the manifest's shards,
+    and its envelope files only with `include_envelopes`. The release is verified first, so
+    a half-written or changed release is never published."""
+    from ..manifest import read_manifest, verify_release
+
+    root = Path(release)
+    if (root / WORK).exists():
+        raise InputError(f"{root}: a job is unfinished here ({WORK}/); finish it with anonymize --resume first")
+    summary = verify_release(root)
+    if include_envelopes and not summary["envelopes_checked"]:
+        raise InputError(f"{root}: --include-envelopes, but there is no keys/ folder")
+    m = read_manifest(root)
+    files = [f for f in PUBLIC_TOP if (root / f).is_file()]
+    if "README.md" not in files:
+        raise InputError(f"{root}: no README.md (dataset card); the Hub needs it")
+    files += [s["path"] for s in m["shards"]]
+    if include_envelopes:
+        files += [e["path"] for e in m["envelopes"]]
+    return files
+
+
+def allow_patterns(files: list[str]) -> list[str]:
+    """`upload_folder` matches allow patterns with fnmatch: escape the glob characters so each
+    pattern matches its one file and nothing else."""
+    out = []
+    for f in files:
+        pat = re.sub(r"([*?\[])", r"[\1]", f)
+        out.append(pat)
+    return out
+
+
+def check_patterns(release: str | Path, files: list[str], patterns: list[str]) -> None:
+    """Every file under the release that the patterns admit is in `files` (no more, no less)."""
+    root = Path(release)
+    admitted = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns)
+    )
+    if admitted != sorted(files):
+        raise InputError(f"upload patterns admit {sorted(set(admitted) ^ set(files))[:5]}: refusing to publish")
+
+
+def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool = False,
+           token: str | None = None, message: str | None = None) -> str:
+    """The network call: create the dataset repo if needed and upload exactly `files`."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=str(release),
+            allow_patterns=allow_patterns(files),
+            commit_message=message or "Upload anonymized release (anondata)",
+        )
+    except Exception as e:  # network, auth, permissions: all reported the same way
+        raise InputError(
+            f"upload to {repo_id} failed ({type(e).__name__}: {str(e)[:200]}); check your network and "
+            "`huggingface-cli login`"
+        ) from None
+    return str(getattr(info, "commit_url", info))
+
+
+def publish(release: str | Path, repo_id: str, *, private: bool = False, include_envelopes: bool = False,
+            dry_run: bool = False, token: str | None = None, uploader=upload) -> list[str]:
+    """Verify, compute the file set, double-check the patterns, upload (unless dry_run)."""
+    if not _REPO_RE.match(repo_id):
+        raise InputError(f"--repo {repo_id!r}: expected USER/NAME")
+    files = public_files(release, include_envelopes)
+    check_patterns(release, files, allow_patterns(files))
+    if not dry_run:
+        uploader(release, repo_id, files, private=private, token=token)
+    return files

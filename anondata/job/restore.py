@@ -1,0 +1,214 @@
+"""The restore job: chosen records of a release back to their original faces.
+
+Why it checks so much before touching pixels: restore is what the owner (or a grantee) runs on
+a release that may have travelled. The manifest's signature and every hash are verified, ids
+the release does not have or quarantined are refused by name, and ids this identity holds no
+envelope for are refused by name (by `open_records`), before any model is loaded.
+
+Output: OUT/data/{split}-NNNNN-of-NNNNN.parquet with the release's columns and shard names
+(only shards that hold restored records), a README.md with Hub YAML so `load_dataset(OUT)`
+works, and with `png=True` loose files OUT/png/{split}/{record_id}.png as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from .journal import atomic_write
+from .shards import ROW_GROUP_SIZE, image_array
+
+THREADS = 1  # as the anonymize job's actors (see run_restore)
+MODEL_BATCH = 1  # as the anonymize job: lossless restore is exact only in the same batch composition
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass
+class RestoreResult:
+    out: str
+    restored: int
+    shards: int
+
+
+def parse_ids(ids: str | None, ids_file: str | None) -> list[str] | None:
+    """--ids A,B,C and/or --ids-file (one id per line; blank lines and # comments skipped)."""
+    out: list[str] = []
+    if ids:
+        out += [i.strip() for i in ids.split(",") if i.strip()]
+    if ids_file:
+        try:
+            text = Path(ids_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--ids-file {ids_file}: cannot read it ({e})") from None
+        out += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if (ids or ids_file) and not out:
+        raise InputError("no record ids given (--ids / --ids-file are empty)")
+    if not out:
+        return None
+    return list(dict.fromkeys(out))
+
+
+def png_name(record_id: str) -> str:
+    """A file name for a record id: safe characters kept, others replaced, plus a short hash
+    whenever anything was replaced, so two ids never share a file."""
+    safe = _SAFE.sub("_", record_id)[:150]
+    if safe != record_id or safe.startswith("."):
+        safe = f"{safe.lstrip('.') or 'id'}-{hashlib.sha256(record_id.encode()).hexdigest()[:8]}"
+    return f"{safe}.png"
+
+
+def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | None = None,
+                keys: str | None = None, png: bool = False, model: str | None = None,
+                signer_path: str | None = None, device: str | None = None, batch_size: int = 8,
+                progress: bool = True) -> RestoreResult:
+    from ..envelope import open_records
+    from ..identity import load_identity, load_recipient
+    from ..manifest import load_envelopes, read_manifest, verify_release
+
+    root = Path(release)
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"--out {out}: folder is not empty; choose a new one")
+    identity = load_identity(identity_path)
+    signer = load_recipient(signer_path) if signer_path else None
+    verify_release(root, signer)
+    m = read_manifest(root)
+    dataset_id = m["dataset_id"]
+    by_id = {r["id"]: r for r in m["records"]}
+    if ids is not None:
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}")
+        quarantined = [i for i in ids if by_id[i]["status"] != "anonymized"]
+        if quarantined:
+            r = by_id[quarantined[0]]
+            raise InputError(
+                f"record(s) {', '.join(map(repr, quarantined[:10]))} were {r['status']} and are not in the release "
+                f"(first reason: {r['reason']})"
+            )
+    tables = load_envelopes(keys if keys else root, signer)
+    opened = open_records(tables, identity, dataset_id, ids)  # refuses ids without an envelope, by id
+    if not opened:
+        raise InputError(f"{identity_path} cannot open any record of this release (it is not a recipient)")
+    wanted = ids if ids is not None else [r["id"] for r in m["records"] if r["id"] in opened]
+
+    extra = m.get("extra", {})
+    image_column = extra.get("image_column", "image")
+    id_column = extra.get("id_column", "record_id")
+    per_shard: dict[int, list[str]] = {}
+    for rid in wanted:
+        per_shard.setdefault(by_id[rid]["shard"], []).append(rid)
+
+    import torch
+
+    anon = _load_model(model, m, _device(device, extra.get("device", "cpu")))
+    threads = torch.get_num_threads()
+    # The actors anonymize with one torch thread; CPU float kernels split work differently
+    # with more threads, and the lossless check needs the very same arithmetic.
+    torch.set_num_threads(THREADS)
+    try:
+        return _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
+                             png, batch_size, progress, dataset_id)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
+                  png, batch_size, progress, dataset_id) -> RestoreResult:
+    from ..faces import restore_photos
+    from ..images import decode_image, encode_image
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits: set[str] = set()
+    bar = tqdm(total=len(wanted), unit="rec", desc="restore", disable=not progress, file=sys.stderr)
+    try:
+        for shard_idx in sorted(per_shard):
+            rel = m["shards"][shard_idx]["path"]
+            table = pq.read_table(root / rel)
+            want = set(per_shard[shard_idx])
+            col = [str(v) for v in table.column(id_column).to_pylist()]
+            rows = [i for i, v in enumerate(col) if v in want]
+            sub = table.take(pa.array(rows, pa.int64()))
+            restored: list[bytes] = []
+            cells = sub.column(image_column).to_pylist()
+            rids = [col[i] for i in rows]
+            for lo in range(0, len(rids), batch_size):
+                chunk = rids[lo:lo + batch_size]
+                imgs = []
+                for rid, cell in zip(chunk, cells[lo:lo + batch_size]):
+                    data = cell["bytes"] if isinstance(cell, dict) else cell
+                    imgs.append(decode_image(data, rid)[0])
+                outs = restore_photos(anon, imgs, [opened[r][0] for r in chunk], [opened[r][1] for r in chunk], ids=chunk)
+                for rid, arr in zip(chunk, outs):
+                    b = encode_image(arr)
+                    restored.append(b)
+                    if png:
+                        split = by_id[rid]["split"]
+                        atomic_write(out_dir / "png" / split / png_name(rid), b)
+                bar.update(len(chunk))
+            idx = sub.schema.get_field_index(image_column)
+            sub = sub.set_column(idx, sub.schema.field(idx), image_array(restored, sub.schema.field(idx).type))
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.tmp"
+            pq.write_table(sub, tmp, row_group_size=ROW_GROUP_SIZE)
+            tmp.replace(dest)
+            splits.add(by_id[rids[0]]["split"])
+    finally:
+        bar.close()
+    _write_card(out_dir, sorted(splits), dataset_id, len(wanted))
+    return RestoreResult(str(out_dir), len(wanted), len(per_shard))
+
+
+def _device(asked: str | None, used: str) -> str:
+    """The device the release was anonymized on, unless asked otherwise: lossless restore is
+    bit-exact only there (float kernels differ between CPU and GPU)."""
+    import torch
+
+    device = asked or used
+    if device == "cuda" and not torch.cuda.is_available():
+        if asked:
+            raise InputError("--device cuda: no CUDA GPU is available here")
+        raise InputError(
+            "this release was anonymized on a CUDA GPU and lossless restore is exact only on one: run restore "
+            "on a GPU machine, or pass --device cpu to try anyway (a mismatch is reported, never silent)"
+        )
+    return device
+
+
+def _load_model(model: str | None, m: dict, device: str = "cpu"):
+    from ..anonymizer import Anonymizer
+
+    s = m["settings"]
+    name = model or m["model"]["name"]
+    try:
+        return Anonymizer.from_pretrained(
+            name, device=device, steps=s.get("steps"), inversion_iters=s.get("inversion_iters"),
+            dtype=s.get("dtype", "float32"),
+            batch_size=MODEL_BATCH,
+        )
+    except InputError as e:
+        if model:
+            raise
+        raise InputError(
+            f"cannot load the release's model {name!r} ({e}); pass --model with the folder it was anonymized with "
+            f"(sha256 {m['model']['sha256'][:12]}…)"
+        ) from None
+
+
+def _write_card(out_dir: Path, splits: list[str], dataset_id: str, n: int) -> None:
+    yaml = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for s in splits:
+        yaml += [f'  - split: "{s}"', f'    path: "data/{s}-*"']
+    text = "\n".join(yaml + ["---", "", "# Restored records", "",
+                             f"{n} records of anondata release `{dataset_id}`, restored with `anondata restore`. "
+                             "These are the **original faces**: keep this folder private.", ""])
+    atomic_write(out_dir / "README.md", text.encode())

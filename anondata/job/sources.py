@@ -1,0 +1,433 @@
+"""Where the records come from: a Parquet file or folder (the Hub's `data/{split}-*.parquet`
+layout), a folder of image files, a `datasets` `save_to_disk` folder, or a Hub dataset id.
+
+Why one `Source` type: the job plans fixed shard boundaries up front and later reads row
+ranges `[start, stop)` of a split, on the driver (the non-image columns) and on Ray workers
+(the image bytes). Every form answers the same three questions: which splits, how many
+rows, and what are rows `start..stop` of this split. A `Source` is picklable so workers can
+read their own slices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_SPLIT = "train"
+_SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hub layout: data/train-00000-of-00003.parquet, train-*.parquet, or train/xxx.parquet
+_SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}\.parquet$")
+
+
+@dataclass
+class SplitInfo:
+    """One split: the files it is read from (in order) and their row counts."""
+
+    name: str
+    files: list[str]
+    file_rows: list[int]
+    limit: int | None = None
+
+    @property
+    def rows(self) -> int:
+        total = sum(self.file_rows)
+        return total if self.limit is None else min(total, self.limit)
+
+
+@dataclass
+class Source:
+    """A dataset opened for reading. `id_column` None means ids are derived from the split and
+    the row number (`derived_id`), and the job adds them as a `record_id` column."""
+
+    kind: str  # parquet | imagefolder | arrow | hub
+    location: str  # local path or Hub id, as given
+    root: str  # folder that relative image paths are resolved against
+    splits: list[SplitInfo]
+    schema: pa.Schema  # Arrow schema with the `huggingface` features metadata when known
+    image_column: str
+    id_column: str | None
+    fs: Any = field(default=None, repr=False)  # fsspec filesystem (Hub) or None (local)
+
+    def split(self, name: str) -> SplitInfo:
+        for s in self.splits:
+            if s.name == name:
+                return s
+        raise InputError(f"split {name!r} is not in the source (it has: {', '.join(s.name for s in self.splits)})")
+
+    def describe(self) -> dict:
+        """JSON-able description for the resume plan: enough to notice a different source."""
+        return {
+            "kind": self.kind,
+            "location": self.location,
+            "image_column": self.image_column,
+            "id_column": self.id_column or "",
+            "splits": {s.name: s.rows for s in self.splits},
+        }
+
+    def read(self, split: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows `[start, stop)` of `split` (original order), only `columns` if given."""
+        info = self.split(split)
+        stop = min(stop, info.rows)
+        if start >= stop:
+            return self.schema.empty_table() if columns is None else self.schema.empty_table().select(columns)
+        if self.kind == "imagefolder":
+            table = _read_image_files(self, info, start, stop)
+            return table if columns is None else table.select(columns)
+        if self.kind == "arrow":
+            ds = _load_arrow_split(info.files[0])
+            if columns is not None:
+                ds = ds.select_columns(columns)
+            return _cast_like(ds.with_format("arrow")[start:stop], self.schema, columns)
+        pieces = []
+        offset = 0
+        for path, n in zip(info.files, info.file_rows):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                pieces.append(_read_parquet_range(path, self.fs, lo - offset, hi - offset, columns))
+            offset += n
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        return _cast_like(table, self.schema, columns)
+
+    def ids(self, split: str) -> list[str]:
+        """Every record id of `split`, in row order (reads only the id column)."""
+        info = self.split(split)
+        if self.id_column is None:
+            return [derived_id(split, i) for i in range(info.rows)]
+        col = self.read(split, 0, info.rows, [self.id_column]).column(0).to_pylist()
+        out = []
+        for i, v in enumerate(col):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise InputError(
+                    f"split {split!r} row {i}: the id column {self.id_column!r} is empty; "
+                    "fill it, or pass --id-column to use another column"
+                )
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise InputError(
+                    f"the id column {self.id_column!r} holds {type(v).__name__} values; "
+                    "ids must be strings or integers (pass --id-column)"
+                )
+            out.append(str(v))
+        return out
+
+
+def derived_id(split: str, row: int) -> str:
+    """Stable id for sources without an id column: the split and the row number."""
+    return f"{split}-{row:06d}"
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_source(
+    location: str,
+    *,
+    image_column: str = "image",
+    id_column: str | None = None,
+    splits: list[str] | None = None,
+    limit: int | None = None,
+) -> Source:
+    """Open `location` (a local path or a Hub dataset id). `splits` keeps only those splits;
+    for sources whose one split has no name (a single Parquet file, a folder of images)
+    a single entry names it. `limit` keeps the first N records of each split."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, not {limit}")
+    for s in splits or []:
+        if not _SPLIT_RE.match(s):
+            raise InputError(f"split name {s!r} is not valid: use letters, digits and _ (e.g. train)")
+    path = Path(location).expanduser()
+    if location.startswith("hf://") or (not path.exists() and _HUB_ID_RE.match(location)):
+        source = _open_hub(location.removeprefix("hf://").removeprefix("datasets/"))
+    elif not path.exists():
+        raise InputError(f"source {location!r} does not exist (give a Parquet file or folder, an image folder, a save_to_disk folder or a Hub id)")
+    elif path.is_file():
+        if path.suffix.lower() != ".parquet":
+            raise InputError(f"source {location!r} is a file but not .parquet; for images give their folder")
+        source = _open_parquet_files(location, str(path.parent), {None: [str(path)]})
+    elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        source = _open_arrow(location, path)
+    else:
+        parquet = sorted(p for p in path.rglob("*.parquet") if not _hidden(p, path))
+        if parquet:
+            source = _open_parquet_files(location, str(path), _group_by_split(parquet, path))
+        else:
+            source = _open_image_folder(location, path)
+    return _finish(source, image_column, id_column, splits, limit)
+
+
+def _hidden(p: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _group_by_split(files: list, root) -> dict[str | None, list[str]]:
+    """Split names as the Hub infers them: `{split}-NNNNN-of-NNNNN.parquet`, or a well-known
+    split word (train, test, validation, ...) in the file or folder name. Files that name no
+    split form the unnamed one, which is only allowed alone."""
+    groups: dict[str | None, list[str]] = {}
+    for f in files:
+        rel = Path(str(f)).relative_to(root) if root is not None else Path(str(f))
+        groups.setdefault(_split_of(rel), []).append(str(f))
+    if None in groups and len(groups) > 1:
+        raise InputError(
+            f"cannot tell the split of {Path(groups[None][0]).name}: name Parquet files "
+            "{split}-NNNNN-of-NNNNN.parquet (the Hub layout) or give one file"
+        )
+    return groups
+
+
+def _split_of(rel: Path) -> str | None:
+    m = _SHARD_NAME_RE.match(rel.name)
+    if m:
+        return m.group("split")
+    for part in [rel.stem, *reversed(rel.parts[:-1])]:
+        words = set(re.split(r"[-_.\s]+", part.lower()))
+        hits = [k for k in _KNOWN_SPLITS if k in words]
+        if len(hits) == 1:
+            return _SPLIT_ALIASES.get(hits[0], hits[0])
+    return None
+
+
+_SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "eval": "validation"}
+
+
+_KNOWN_SPLITS = {"train", "test", "validation", "valid", "dev", "eval"}
+
+
+def _open_parquet_files(location: str, root: str, groups: dict, fs=None, kind: str = "parquet") -> Source:
+    splits, schema = [], None
+    for name, files in groups.items():
+        rows = []
+        for f in files:
+            meta = _parquet_file(f, fs)
+            s = meta.schema_arrow
+            if schema is None:
+                schema = s
+            elif not _same_columns(schema, s):
+                raise InputError(
+                    f"{f}: its columns {s.names} ({_types(s)}) differ from the first file's "
+                    f"{schema.names} ({_types(schema)}); every shard must have the same schema"
+                )
+            rows.append(meta.metadata.num_rows)
+        splits.append(SplitInfo(name or "", files, rows))
+    return Source(kind, location, root, splits, schema, "image", None, fs)
+
+
+def _types(schema: pa.Schema) -> str:
+    return ", ".join(str(t) for t in schema.types)
+
+
+def _same_columns(a: pa.Schema, b: pa.Schema) -> bool:
+    return a.names == b.names and all(x.equals(y) for x, y in zip(a.types, b.types))
+
+
+def _open_arrow(location: str, path: Path) -> Source:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "not loadable"
+        raise InputError(f"{location}: not a readable save_to_disk folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        items = list(ds.items())
+        if not items:
+            raise InputError(f"{location}: the DatasetDict has no splits")
+        schema = items[0][1].features.arrow_schema
+        splits = []
+        for name, d in items:
+            if not _same_columns(schema, d.features.arrow_schema):
+                raise InputError(f"{location}: split {name!r} has different columns from {items[0][0]!r}")
+            splits.append(SplitInfo(name, [str(path / name)], [d.num_rows]))
+    else:
+        schema = ds.features.arrow_schema
+        splits = [SplitInfo("", [str(path)], [ds.num_rows])]
+    return Source("arrow", location, str(path), splits, schema, "image", None)
+
+
+def _open_image_folder(location: str, path: Path) -> Source:
+    files = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, path)
+    )
+    if not files:
+        raise InputError(
+            f"{location}: no Parquet files, no save_to_disk dataset and no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}) found in this folder"
+        )
+    import datasets
+
+    schema = datasets.Features({"image": datasets.Image()}).arrow_schema
+    return Source("imagefolder", location, str(path), [SplitInfo("", files, [1] * len(files))], schema, "image", None)
+
+
+def _finish(source: Source, image_column: str, id_column: str | None, splits: list[str] | None, limit: int | None) -> Source:
+    unnamed = [s for s in source.splits if s.name == ""]
+    if unnamed:
+        if splits and len(splits) != 1:
+            raise InputError(f"{source.location} has one unnamed split; --split can name it, but only with one name")
+        unnamed[0].name = splits[0] if splits else DEFAULT_SPLIT
+    elif splits:
+        have = {s.name for s in source.splits}
+        missing = [s for s in splits if s not in have]
+        if missing:
+            raise InputError(f"split(s) {', '.join(missing)} not in {source.location} (it has: {', '.join(sorted(have))})")
+        source.splits = [s for s in source.splits if s.name in splits]
+    for s in source.splits:
+        if not _SPLIT_RE.match(s.name):
+            raise InputError(f"split name {s.name!r} in {source.location} is not valid for the Hub layout; pass --split")
+        s.limit = limit
+    source.splits.sort(key=lambda s: (_SPLIT_ORDER.get(s.name, 9), s.name))
+
+    names = source.schema.names
+    if image_column not in names:
+        raise InputError(f"{source.location} has no column {image_column!r} (columns: {', '.join(names)}); pass --image-column")
+    t = source.schema.field(image_column).type
+    if not (_is_image_struct(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        raise InputError(
+            f"column {image_column!r} is {t}, not images: expected a datasets Image column "
+            "(struct of bytes and path) or a binary column of encoded image files"
+        )
+    source.image_column = image_column
+    if id_column is not None:
+        if id_column not in names:
+            raise InputError(f"{source.location} has no column {id_column!r} for --id-column (columns: {', '.join(names)})")
+        if id_column == image_column:
+            raise InputError("--id-column cannot be the image column")
+        source.id_column = id_column
+    else:
+        source.id_column = "record_id" if "record_id" in names else None
+    if not any(s.rows for s in source.splits):
+        raise InputError(f"{source.location} has no records")
+    return source
+
+
+_SPLIT_ORDER = {"train": 0, "validation": 1, "valid": 1, "dev": 1, "test": 2}
+
+
+def _is_image_struct(t: pa.DataType) -> bool:
+    if not pa.types.is_struct(t):
+        return False
+    names = [t.field(i).name for i in range(t.num_fields)]
+    return "bytes" in names and "path" in names
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+def _open_hub(repo_id: str) -> Source:
+    """A Hub dataset through HfFileSystem: its Parquet files (or the Hub's Parquet
+    conversion for other formats), read lazily with pyarrow. This is the one function
+    that needs the network."""
+    try:
+        from huggingface_hub import HfFileSystem
+
+        fs = HfFileSystem()
+        base = f"datasets/{repo_id}"
+        files = sorted(fs.glob(f"{base}/**/*.parquet"))
+        if not files:
+            base = f"datasets/{repo_id}@refs%2Fconvert%2Fparquet"
+            files = sorted(fs.glob(f"{base}/**/*.parquet"))
+    except Exception as e:  # noqa: BLE001 - network, auth, 404: all "cannot read it"
+        raise InputError(
+            f"cannot read Hub dataset {repo_id!r} ({type(e).__name__}: {str(e)[:200]}); check the id and your "
+            "network or token, or download it (huggingface-cli download --repo-type dataset) and give the folder"
+        ) from None
+    if not files:
+        raise InputError(f"Hub dataset {repo_id!r} has no Parquet files (nor a Parquet conversion)")
+    rels = [f[len(base) + 1:] for f in files]
+    groups = _group_by_split(rels, None)
+    groups = {k: [f"{base}/{r}" for r in v] for k, v in groups.items()}
+    return _open_parquet_files(repo_id, base, groups, fs=fs, kind="hub")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _parquet_file(path: str, fs) -> pq.ParquetFile:
+    try:
+        if fs is None:
+            return pq.ParquetFile(path)
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _read_parquet_range(path: str, fs, start: int, stop: int, columns) -> pa.Table:
+    pf = _parquet_file(path, fs)
+    groups, first, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset + n > start and offset < stop:
+            groups.append(i)
+            if first is None:
+                first = offset
+        offset += n
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, stop - start)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_arrow_split(path: str):
+    import datasets
+
+    return datasets.load_from_disk(path)
+
+
+def _cast_like(table: pa.Table, schema: pa.Schema, columns) -> pa.Table:
+    target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+    table = table.select(target.names)
+    if not table.schema.equals(target, check_metadata=False):
+        table = table.cast(target)
+    return table.replace_schema_metadata(schema.metadata if columns is None else None)
+
+
+def _read_image_files(source: Source, info: SplitInfo, start: int, stop: int) -> pa.Table:
+    """Image-folder rows. Unreadable files become a null image; the worker quarantines them."""
+    data = []
+    for rel in info.files[start:stop]:
+        try:
+            data.append({"bytes": (Path(source.root) / rel).read_bytes(), "path": None})
+        except OSError:
+            data.append(None)
+    return pa.table({"image": pa.array(data, source.schema.field("image").type)}, schema=source.schema)
+
+
+def image_bytes(source: Source, cell: Any) -> tuple[bytes | None, str | None]:
+    """The encoded bytes of one image cell, or (None, reason). Struct cells with only a path
+    (save_to_disk of local files) are read from that path, relative to the source folder."""
+    if cell is None:
+        return None, "the image cell is empty"
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        return bytes(cell), None
+    if isinstance(cell, dict):
+        if cell.get("bytes") is not None:
+            return bytes(cell["bytes"]), None
+        p = cell.get("path")
+        if not p:
+            return None, "the image cell has neither bytes nor a path"
+        full = p if os.path.isabs(p) or source.fs is not None else os.path.join(source.root, p)
+        try:
+            if source.fs is not None:
+                with source.fs.open(full if os.path.isabs(p) else f"{source.root}/{p}", "rb") as fh:
+                    return fh.read(), None
+            with open(full, "rb") as fh:
+                return fh.read(), None
+        except OSError as e:
+            return None, f"the image file {p!r} cannot be read ({e.strerror or e})"
+    return None, f"the image cell holds {type(cell).__name__}, not image bytes"
+
+
+def hf_features_json(schema: pa.Schema) -> dict | None:
+    raw = (schema.metadata or {}).get(b"huggingface")
+    return json.loads(raw) if raw else None

@@ -1,0 +1,186 @@
+"""What runs on Ray workers: reading a shard's rows, and the anonymizer actor.
+
+Why keys never leave the actor: the actor draws each record key, uses it, seals it to the
+recipients (HPKE) in the same process, and returns only the sealed envelope. No record key
+crosses the Ray object store or reaches the driver in the clear.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+
+from .. import canonical
+from ..errors import AnondataError
+from .sources import Source, derived_id, image_bytes
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("shard", pa.int64()),
+        ("row", pa.int64()),
+        ("record_id", pa.string()),
+        ("image", pa.large_binary()),
+        ("error", pa.string()),
+    ]
+)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("shard", pa.int64()),
+        ("row", pa.int64()),
+        ("record_id", pa.string()),
+        ("status", pa.string()),  # anonymized | quarantined
+        ("reason", pa.string()),
+        ("image", pa.large_binary()),  # the anonymized, encoded image (anonymized only)
+        ("envelopes", pa.large_binary()),  # Arrow IPC stream of this record's envelope rows
+        ("faces", pa.int64()),
+        ("model", pa.string()),  # canonical JSON {model, settings} of the actor that did it
+    ]
+)
+
+
+def read_shard_rows(batch: pa.Table, source: Source) -> pa.Table:
+    """Ray map_batches function over shard tasks (split, shard, start, stop): the rows of
+    those shards with their image bytes. Unreadable cells carry an `error` instead of bytes;
+    the actor quarantines them, so one bad row never stops the job."""
+    cols = {k: [] for k in ROW_SCHEMA.names}
+    tasks = batch.select(["split", "shard", "start", "stop"]).to_pylist()
+    for t in tasks:
+        split, shard, start, stop = t["split"], t["shard"], t["start"], t["stop"]
+        wanted = [source.image_column] + ([source.id_column] if source.id_column else [])
+        table = source.read(split, start, stop, wanted)
+        images = table.column(0).to_pylist()
+        ids = (
+            [str(v) for v in table.column(1).to_pylist()]
+            if source.id_column
+            else [derived_id(split, start + i) for i in range(len(images))]
+        )
+        for i, (cell, rid) in enumerate(zip(images, ids)):
+            data, err = image_bytes(source, cell)
+            cols["split"].append(split)
+            cols["shard"].append(shard)
+            cols["row"].append(start + i)
+            cols["record_id"].append(rid)
+            cols["image"].append(data)
+            cols["error"].append(err)
+    return pa.table(cols, schema=ROW_SCHEMA)
+
+
+def envelopes_to_ipc(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def envelopes_from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+class AnonymizerActor:
+    """One per GPU (or CPU slot). Loads the model once; each call anonymizes a batch of rows
+    and returns public results plus sealed envelopes."""
+
+    def __init__(self, *, model: str, device: str, steps, inversion_iters, model_batch: int,
+                 face_spec: dict, lossless: bool, recipients: list[bytes], dataset_id: str):
+        import torch
+
+        torch.set_num_threads(1)
+        from ..anonymizer import Anonymizer
+        from ..faces import FaceSpec
+        from ..identity import Recipient
+
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+        self.anon = Anonymizer.from_pretrained(
+            model, device=device, steps=steps, inversion_iters=inversion_iters, batch_size=model_batch
+        )
+        box = face_spec.get("box")
+        self.spec = FaceSpec(**{**face_spec, "box": tuple(box) if box else None})
+        self.lossless = lossless
+        self.recipients = [Recipient.from_bytes(b) for b in recipients]
+        self.dataset_id = dataset_id
+        # The device is part of it: lossless restore is bit-exact only on the same kind of device.
+        self.model_json = canonical.dumps(
+            {"model": self.anon.model_info, "settings": self.anon.settings, "device": device}
+        ).decode()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return process_rows(self, batch)
+
+
+def process_rows(actor, batch: pa.Table) -> pa.Table:
+    """Decode -> anonymize faces -> encode -> seal, for one batch. Any per-record failure that
+    is an `AnondataError` quarantines that record with the error as its reason."""
+    from ..envelope import seal_records
+    from ..images import decode_image, encode_image
+    from ..keystream import new_key
+
+    rows = batch.to_pylist()
+    out = {k: [] for k in RESULT_SCHEMA.names}
+    status: list[tuple[str, str | None, bytes | None, bytes | None, int]] = [None] * len(rows)  # type: ignore[list-item]
+    todo: list[int] = []
+    images = []
+    for i, r in enumerate(rows):
+        if r["image"] is None:
+            status[i] = ("quarantined", f"record {r['record_id']!r}: {r['error']}", None, None, 0)
+            continue
+        try:
+            arr, _fmt = decode_image(r["image"], r["record_id"])
+        except AnondataError as e:
+            status[i] = ("quarantined", str(e), None, None, 0)
+            continue
+        todo.append(i)
+        images.append(arr)
+    if todo:
+        keys = [new_key() for _ in todo]
+        results = _anonymize_isolating(actor, images, keys, [rows[i]["record_id"] for i in todo])
+        for i, key, res in zip(todo, keys, results):
+            rid = rows[i]["record_id"]
+            if isinstance(res, str):
+                status[i] = ("quarantined", res, None, None, 0)
+            elif res.quarantine_reason is not None or res.image is None or res.record is None:
+                reason = res.quarantine_reason or "the face step returned no image"
+                status[i] = ("quarantined", _name(reason, rid), None, None, res.faces)
+            else:
+                env = seal_records(actor.recipients, actor.dataset_id, [(rid, key, res.record)])
+                status[i] = ("anonymized", None, encode_image(res.image), envelopes_to_ipc(env), res.faces)
+        del keys
+    for r, (st, reason, img, env, faces) in zip(rows, status):
+        out["split"].append(r["split"])
+        out["shard"].append(r["shard"])
+        out["row"].append(r["row"])
+        out["record_id"].append(r["record_id"])
+        out["status"].append(st)
+        out["reason"].append(reason)
+        out["image"].append(img)
+        out["envelopes"].append(env)
+        out["faces"].append(int(faces or 0))
+        out["model"].append(actor.model_json)
+    return pa.table(out, schema=RESULT_SCHEMA)
+
+
+def _name(reason: str, rid: str) -> str:
+    return reason if rid in reason else f"record {rid!r}: {reason}"
+
+
+def _anonymize_isolating(actor, images, keys, ids):
+    """The whole batch at once; if the library rejects the batch, each photo alone, so the
+    one bad record is quarantined (its error message as reason) and the rest go through."""
+    from ..faces import anonymize_photos
+
+    try:
+        return anonymize_photos(actor.anon, images, keys, actor.spec, lossless=actor.lossless)
+    except AnondataError as e:
+        if len(images) == 1:
+            return [_name(str(e), ids[0])]
+    out = []
+    for img, key, rid in zip(images, keys, ids):
+        try:
+            out.extend(anonymize_photos(actor.anon, [img], [key], actor.spec, lossless=actor.lossless))
+        except AnondataError as e:
+            out.append(_name(str(e), rid))
+    return out

@@ -1,0 +1,132 @@
+"""What restore needs besides the key, for one face crop at model resolution (v1).
+
+Canonical JSON (anondata.canonical), sealed inside the record's envelope, never public:
+  v                 1
+  scheme            "anondata-signflip/1"
+  model_sha256      sha256 of the model weights (backends.weights_sha256): restore refuses another model
+  resolution        R, the crop size the model saw
+  steps, inversion_iters, dtype    the sampler settings used
+  batch             the model-call batch size it was computed at (results are exact only at one shape)
+  mask              b64url(zlib(packbits(mask R*R, LSB first)))
+  overflow          b64url(zlib(int16 LE R*R*3)): the part of the generated pixels that 8-bit storage
+                    clipped, in 1/127.5 units, so restore starts from exactly what was generated (up to rounding)
+  residual          null, or b64url(zlib(int16 LE R*R*3)): original - key-only restore (lossless mode)
+  original_sha256   null, or sha256 of the original R*R*3 uint8 crop (lossless mode): restore checks it
+Readers reject unknown or missing fields, wrong types, and payloads that do not decompress to the exact size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import canonical
+from .errors import FormatError
+
+SCHEME = "anondata-signflip/1"
+DTYPES = ("float32", "float64")
+_FIELDS = {
+    "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
+    "mask", "overflow", "residual", "original_sha256",
+}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_RESOLUTION = 4096
+MAX_BATCH = 1024
+
+
+def _pack_i16(a: np.ndarray) -> str:
+    return canonical.b64e(zlib.compress(a.astype("<i2").tobytes(), 9))
+
+
+def _unpack(text: str, shape: tuple[int, ...], dtype: str, what: str) -> np.ndarray:
+    raw = canonical.b64d(text, what)
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        d = zlib.decompressobj()
+        data = d.decompress(raw, size + 1)
+        if not d.eof or d.unused_data or len(data) != size:
+            raise FormatError(f"restore record: {what} does not decompress to exactly {size} bytes")
+    except zlib.error:
+        raise FormatError(f"restore record: {what} is not valid zlib data") from None
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+@dataclass
+class RestoreRecord:
+    model_sha256: str
+    resolution: int
+    steps: int
+    inversion_iters: int
+    dtype: str
+    batch: int
+    mask: np.ndarray  # (R, R) bool
+    overflow: np.ndarray  # (R, R, 3) int16
+    residual: np.ndarray | None = None  # (R, R, 3) int16
+    original_sha256: str | None = None
+
+    def to_bytes(self) -> bytes:
+        bits = np.packbits(self.mask.astype(bool).reshape(-1), bitorder="little")
+        return canonical.dumps({
+            "v": 1,
+            "scheme": SCHEME,
+            "model_sha256": self.model_sha256,
+            "resolution": self.resolution,
+            "steps": self.steps,
+            "inversion_iters": self.inversion_iters,
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "mask": canonical.b64e(zlib.compress(bits.tobytes(), 9)),
+            "overflow": _pack_i16(self.overflow),
+            "residual": None if self.residual is None else _pack_i16(self.residual),
+            "original_sha256": self.original_sha256,
+        })
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "RestoreRecord":
+        d = canonical.loads(data, "restore record")
+        if not isinstance(d, dict):
+            raise FormatError("restore record: not a JSON object")
+        if set(d) != _FIELDS:
+            extra, missing = sorted(set(d) - _FIELDS), sorted(_FIELDS - set(d))
+            raise FormatError(f"restore record: unknown fields {extra} / missing fields {missing}")
+        if d["v"] != 1 or d["scheme"] != SCHEME:
+            raise FormatError(f"restore record: unsupported version {d['v']!r} / scheme {d['scheme']!r}")
+        for k in ("resolution", "steps", "inversion_iters", "batch"):
+            if type(d[k]) is not int:
+                raise FormatError(f"restore record: {k} must be an integer")
+        r = d["resolution"]
+        if not (1 <= r <= MAX_RESOLUTION and 1 <= d["steps"] <= 1000 and 0 <= d["inversion_iters"] <= 100
+                and 1 <= d["batch"] <= MAX_BATCH):
+            raise FormatError("restore record: resolution, steps, inversion_iters or batch out of range")
+        if d["dtype"] not in DTYPES:
+            raise FormatError(f"restore record: dtype must be one of {DTYPES}")
+        for k in ("model_sha256",) + (("original_sha256",) if d["original_sha256"] is not None else ()):
+            if not isinstance(d[k], str) or not _HEX64.fullmatch(d[k]):
+                raise FormatError(f"restore record: {k} must be 64 lowercase hex digits")
+        if (d["residual"] is None) != (d["original_sha256"] is None):
+            raise FormatError("restore record: residual and original_sha256 go together")
+        nbits = r * r
+        bits = _unpack(d["mask"], ((nbits + 7) // 8,), "u1", "mask")
+        if nbits % 8 and bits[-1] >> (nbits % 8):
+            raise FormatError("restore record: mask has non-zero padding bits")
+        mask = np.unpackbits(bits, bitorder="little")[:nbits].reshape(r, r).astype(bool)
+        return cls(
+            model_sha256=d["model_sha256"],
+            resolution=r,
+            steps=d["steps"],
+            inversion_iters=d["inversion_iters"],
+            dtype=d["dtype"],
+            batch=d["batch"],
+            mask=mask,
+            overflow=_unpack(d["overflow"], (r, r, 3), "<i2", "overflow").astype(np.int16),
+            residual=None if d["residual"] is None else _unpack(d["residual"], (r, r, 3), "<i2", "residual").astype(np.int16),
+            original_sha256=d["original_sha256"],
+        )
+
+
+def sha256_image(img: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(img, dtype=np.uint8).tobytes()).hexdigest()

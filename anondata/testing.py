@@ -1,0 +1,132 @@
+"""Tiny models for tests and CI: real diffusers folders, loaded through the same
+`from_pretrained` path a user's folder takes.
+
+`anondata/models/tiny32/` is a 165k-parameter UNet2DModel trained here for a few minutes on random
+crops of public-domain sample images that ship with scikit-image and matplotlib (astronaut, cat,
+coffee, Grace Hopper), by `python -m anondata.testing --train OUT`. It is not a face model: it makes
+colourful noise, but its noise predictions are good enough for inversion, so restore round trips
+are meaningful in tests (an untrained UNet's are not: its generations explode).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+TINY32_DIR = Path(__file__).parent / "models" / "tiny32"
+
+
+def _tiny_unet(resolution: int):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=resolution,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=None,
+    )
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def tiny_model_dir(root, resolution: int = 32, layout: str = "pipeline", trained: bool = True, seed: int = 0) -> str:
+    """A tiny model folder under `root`. trained=True (resolution 32 only) copies the shipped
+    `tiny32`; trained=False saves random weights (for loading/format tests, not for round trips).
+    layout="pipeline": unet/ + scheduler/; layout="bare": config.json + scheduler_config.json."""
+    import torch
+
+    path = Path(root) / f"tiny-{resolution}-{layout}-{'trained' if trained else f'random{seed}'}"
+    if path.exists():
+        return str(path)
+    if trained:
+        if resolution != 32:
+            raise ValueError("the shipped trained tiny model is 32x32; use trained=False for other sizes")
+        if layout == "pipeline":
+            shutil.copytree(TINY32_DIR, path)
+        else:
+            path.mkdir(parents=True)
+            for f in (TINY32_DIR / "unet").iterdir():
+                shutil.copy(f, path / f.name)
+            shutil.copy(TINY32_DIR / "scheduler" / "scheduler_config.json", path / "scheduler_config.json")
+        return str(path)
+    torch.manual_seed(seed)
+    unet, sched = _tiny_unet(resolution), _scheduler()
+    if layout == "pipeline":
+        unet.save_pretrained(path / "unet")
+        sched.save_pretrained(path / "scheduler")
+    else:
+        unet.save_pretrained(path)
+        sched.save_pretrained(path)
+    return str(path)
+
+
+def sample_images() -> list:
+    """Public-domain RGB uint8 images that ship inside dependencies."""
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+    from skimage import data
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.array(Image.open(f).convert("RGB"))
+    return [data.astronaut(), data.chelsea(), data.coffee(), hopper]
+
+
+def train_tiny(out: str, steps: int = 1500, resolution: int = 32, seed: int = 0) -> None:
+    """Train the tiny test model (see module docstring). ~0.1-0.3 s per step on one CPU core."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = sample_images()
+    unet, sched = _tiny_unet(resolution), _scheduler()
+    ac = sched.alphas_cumprod
+
+    def batch(n):
+        crops = []
+        for _ in range(n):
+            im = images[rng.integers(len(images))]
+            s = int(rng.integers(64, min(im.shape[:2])))
+            y, x = (int(rng.integers(0, d - s + 1)) for d in im.shape[:2])
+            crop = Image.fromarray(im[y : y + s, x : x + s]).resize((resolution, resolution), Image.BILINEAR)
+            crops.append(np.array(crop))
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    for step in range(steps):
+        x0 = batch(32)
+        t = torch.randint(0, len(ac), (len(x0),))
+        e = torch.randn_like(x0)
+        a = ac[t].view(-1, 1, 1, 1)
+        loss = ((unet(a.sqrt() * x0 + (1 - a).sqrt() * e, t).sample - e) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lr.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+    unet.to(torch.float16).save_pretrained(Path(out) / "unet")
+    sched.save_pretrained(Path(out) / "scheduler")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description="Train the tiny 32px test model shipped in anondata/models/tiny32.")
+    p.add_argument("--train", required=True, metavar="OUT")
+    p.add_argument("--steps", type=int, default=1500)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    train_tiny(a.train, a.steps)

@@ -1,0 +1,152 @@
+"""How good is a face prior? Samples N faces and measures what issue 5 asks of the embedded model.
+
+- face rate: share of samples in which an offline detector finds a face, on 4x upscaled samples
+  (dlib HOG frontal face detector; OpenCV Haar frontal-face cascade). Goal >= 90%. The same
+  detectors run on N real training images as a reference (images are read, never written).
+- colour: per-channel mean/std of the samples vs the training data (RGB in 0..1), relative
+  difference. Goal within 10%.
+- range: share of final pixels outside [-1, 1] before clipping: what 8-bit storage cannot hold.
+- grid: a PNG of the samples (generated faces only) to look at.
+
+Sampling uses anondata's own deterministic DDIM (`anondata.scheme.generate`, eta = 0) with the
+whole image as the mask, so the numbers describe what the anonymizer will generate with.
+
+    python benchmarks/prior_quality.py --model anondata/models/embedded \\
+        --data ../shared/data/celeba64-train.parquet --grid /work/runs/prior/grid.png --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def sample(model: str, n: int, steps: int, seed: int, batch: int) -> tuple[np.ndarray, float]:
+    """-> (uint8 (n, R, R, 3), share of pixels outside [-1, 1] before clipping)."""
+    from anondata.backends import load_backend
+    from anondata.scheme import Sampler, generate
+
+    backend = load_backend(model, device="cpu", dtype=torch.float32)
+    r = backend.resolution
+    sampler = Sampler(steps=steps, inversion_iters=0)
+    g = torch.Generator().manual_seed(seed)
+    outs, oor, total = [], 0, 0
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        z = torch.randn((b, 3, r, r), generator=g)
+        mask = torch.ones_like(z, dtype=torch.bool)
+        bg = [torch.zeros_like(z)] * (steps + 1)  # unused: the mask covers everything
+        with torch.no_grad():
+            x = backend.decode(generate(backend, z, mask, bg, sampler))
+        oor += int((x.abs() > 1).sum())
+        total += x.numel()
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        outs.append(u8)
+    return np.concatenate(outs), oor / total
+
+
+def load_real(path: str, n: int | None, seed: int) -> np.ndarray:
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    col = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    idx = range(len(col)) if n is None else np.random.default_rng(seed).choice(len(col), n, replace=False)
+    return np.stack([np.asarray(Image.open(io.BytesIO(col[i]["bytes"])).convert("RGB")) for i in idx])
+
+
+def detect_rates(images: np.ndarray, upscale: int = 4) -> dict:
+    """Share of images with >= 1 face for dlib HOG and OpenCV Haar, on bicubic `upscale`x images."""
+    import cv2
+    import dlib
+
+    hog = dlib.get_frontal_face_detector()
+    haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    if haar.empty():
+        raise SystemExit("error: OpenCV Haar cascade haarcascade_frontalface_default.xml not found")
+    hits_hog = hits_haar = hits_any = 0
+    for img in images:
+        big = cv2.resize(img, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_CUBIC)
+        h = len(hog(big, 0)) > 0
+        gray = cv2.cvtColor(big, cv2.COLOR_RGB2GRAY)
+        c = len(haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(64, 64))) > 0
+        hits_hog += h
+        hits_haar += c
+        hits_any += h or c
+    n = len(images)
+    return {"hog": hits_hog / n, "haar": hits_haar / n, "either": hits_any / n}
+
+
+def channel_stats(images: np.ndarray) -> dict:
+    x = images.reshape(-1, 3).astype(np.float64) / 255.0
+    return {"mean": x.mean(0).round(4).tolist(), "std": x.std(0).round(4).tolist()}
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> None:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    grid = np.zeros((rows * (h + 2), cols * (w + 2), 3), dtype=np.uint8) + 255
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
+    im = Image.fromarray(grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded", help="'embedded' or a diffusers folder (unet/ + scheduler/)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "celeba64-train.parquet"),
+                   help="training Parquet for the reference statistics (skipped when absent)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (20 = anondata's default sampler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grid", default="/work/runs/prior/grid.png", help="PNG of the samples (keep it out of the repo)")
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    samples, out_of_range = sample(args.model, args.n, args.steps, args.seed, args.batch)
+    t_sample = time.perf_counter() - t0
+    res = {"model": args.model, "n": args.n, "ddim_steps": args.steps, "seed": args.seed,
+           "sample_seconds": round(t_sample, 1), "out_of_range_share": round(out_of_range, 5),
+           "face_rate": detect_rates(samples), "samples": channel_stats(samples)}
+    if Path(args.data).is_file():
+        real_all = load_real(args.data, None, args.seed)
+        res["data"] = channel_stats(real_all)
+        res["data_face_rate"] = detect_rates(real_all[np.random.default_rng(args.seed).choice(len(real_all), args.n, replace=False)])
+        rel = {}
+        for k in ("mean", "std"):
+            s, d = np.array(res["samples"][k]), np.array(res["data"][k])
+            rel[k] = (np.abs(s - d) / d).round(4).tolist()
+        res["relative_diff"] = rel
+        res["colour_within_10pct"] = bool(max(max(v) for v in rel.values()) <= 0.10)
+    res["face_rate_goal_met"] = res["face_rate"]["either"] >= 0.90
+    save_grid(samples, Path(args.grid))
+    res["grid"] = str(args.grid)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Restore fidelity through uint8 storage: a table over steps x inversion iterations.
+
+For each setting: median and worst restore PSNR (key-only, from the stored uint8 image),
+median wrong-key PSNR, restore-record bytes (key-only and lossless) against the original's PNG
+bytes, and seconds per image for anonymize + restore on this machine.
+
+Faces: aligned CelebA crops from ../shared/data/celeba-ids-dev.parquet when present
+(crop (25,57,153,185), resized to the model's resolution), else the public-domain sample images.
+
+    python benchmarks/restore_fidelity.py --model embedded --n 16 --grid 10x0,10x4,20x4,20x8
+    python benchmarks/restore_fidelity.py --model tiny       # the 32px test model
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anondata import Anonymizer
+from anondata.keystream import new_key
+from anondata.testing import TINY32_DIR, sample_images
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-ids-dev.parquet"
+
+
+def faces(resolution: int, n: int) -> tuple[np.ndarray, str]:
+    if SHARED.is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(SHARED, columns=["image"]).slice(0, n).column("image").to_pylist()
+        imgs = [Image.open(io.BytesIO(r["bytes"])).convert("RGB").crop((25, 57, 153, 185)) for r in rows]
+        src = f"celeba-ids-dev (first {n})"
+    else:
+        imgs = [Image.fromarray(im) for im in sample_images()][:n]
+        src = "sample images"
+    arr = np.stack([np.asarray(im.resize((resolution, resolution), Image.BICUBIC)) for im in imgs])
+    return arr, src
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
+
+
+def png_bytes(img: np.ndarray) -> int:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=True)
+    return buf.tell()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded | tiny | a model folder")
+    p.add_argument("--n", type=int, default=8, help="faces")
+    p.add_argument("--grid", default="10x0,10x4,20x0,20x4,20x8", help="STEPSxITERS,...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--json", help="write the rows here too")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = str(TINY32_DIR) if a.model == "tiny" else a.model
+    rows = []
+    x = None
+    print(f"model={a.model} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print("| steps | iters | restore dB median | restore dB min | wrong-key dB median | record B (key-only) | record B (lossless) | PNG B | s/img anonymize+restore |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cell in a.grid.split(","):
+        steps, iters = (int(v) for v in cell.split("x"))
+        anon = Anonymizer.from_pretrained(model, steps=steps, inversion_iters=iters, dtype=a.dtype)
+        if x is None:
+            x, src = faces(anon.resolution, a.n)
+            print(f"faces: {len(x)} from {src}, {anon.resolution}px")
+        keys = [new_key() for _ in x]
+        t0 = time.perf_counter()
+        y, recs = anon.anonymize(x, keys)
+        restored = anon.restore(y, keys, recs)
+        secs = (time.perf_counter() - t0) / len(x)
+        wrong = anon.restore(y, [new_key() for _ in x], recs)
+        _, lrecs = anon.anonymize(x, keys, lossless=True)
+        row = {
+            "steps": steps, "iters": iters,
+            "restore_db_median": float(np.median(psnr(restored, x))), "restore_db_min": float(psnr(restored, x).min()),
+            "wrong_db_median": float(np.median(psnr(wrong, x))),
+            "record_bytes": float(np.mean([len(r.to_bytes()) for r in recs])),
+            "record_bytes_lossless": float(np.mean([len(r.to_bytes()) for r in lrecs])),
+            "png_bytes": float(np.mean([png_bytes(im) for im in x])),
+            "seconds_per_image": secs,
+        }
+        rows.append(row)
+        print("| {steps} | {iters} | {restore_db_median:.1f} | {restore_db_min:.1f} | {wrong_db_median:.1f} | "
+              "{record_bytes:.0f} | {record_bytes_lossless:.0f} | {png_bytes:.0f} | {seconds_per_image:.2f} |".format(**row))
+        sys.stdout.flush()
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Latent and ControlNet backends on tiny models built here, saved with save_pretrained and loaded
+through the same `Anonymizer.from_pretrained(folder)` path a user's folder takes.
+
+The tiny models are random except where noted in `build_tiny_latent`; random denoisers make
+anonymized images that are not faces, so these tests check the plumbing and the guarantees
+(round trip, wrong key, background bit-identity, lossless exactness, identity and refusal), and
+benchmarks/backend_cost.py measures fidelity with a briefly trained latent UNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anondata import Anonymizer
+from anondata.backends import LatentBackend, load_backend, weights_sha256
+from anondata.errors import InputError, IntegrityError
+
+RES = 32
+KINDS = ("vq", "kl", "controlnet")
+
+
+# -- tiny models (also used by benchmarks/backend_cost.py) ----------------------------------------
+def faces32(res: int = RES) -> np.ndarray:
+    from PIL import Image
+
+    from anondata.testing import sample_images
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BILINEAR)) for im in sample_images()])
+
+
+def _autoencoder(kind: str, res: int):
+    from diffusers import AutoencoderKL, VQModel
+
+    common = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=res,
+    )
+    if kind == "vq":  # like CompVis/ldm-celebahq-256: VQ-f4, 3 latent channels, scaling_factor in config
+        return VQModel(latent_channels=3, num_vq_embeddings=256, scaling_factor=1.0, **common)
+    return AutoencoderKL(latent_channels=4, scaling_factor=0.5, **common)
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195,
+                         prediction_type=prediction_type)
+
+
+def tiny_latent_unet(kind: str, latent_channels: int, latent_size: int):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if kind == "controlnet":
+        return UNet2DConditionModel(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=8, attention_head_dim=4,
+        )
+    return UNet2DModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8, attention_head_dim=None,
+    )
+
+
+def build_tiny_latent(root, kind: str, seed: int = 0, res: int = RES, unet_state: dict | None = None,
+                      zero_out: bool = False, prediction_type: str = "epsilon") -> str:
+    """A pipeline folder: vqvae/ (kind "vq", as CompVis/ldm-celebahq-256) or vae/ (AutoencoderKL),
+    unet/, scheduler/, and for kind "controlnet" a UNet2DConditionModel + controlnet/ (4-channel
+    latent, as the paper's FFHQ model; its zero convolutions are randomised so the hint matters).
+
+    The VQ codebook is set to encoder latents of the sample images (a random codebook sits near 0
+    and decodes every latent to the same grey). zero_out=True zeroes the UNet's output layer: eps is
+    then 0 and DDIM is a pure rescaling, which keeps generations bounded (an untrained UNet's
+    explode), so round trips test the latent plumbing. unet_state: weights of a trained UNet."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    ae = _autoencoder("vq" if kind == "vq" else "kl", res)
+    if kind == "vq":
+        with torch.no_grad():
+            x = torch.from_numpy(faces32(res)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            h = ae.encode(x).latents.permute(0, 2, 3, 1).reshape(-1, 3)
+            idx = torch.randperm(len(h), generator=torch.Generator().manual_seed(seed))
+            codes = h[idx[: ae.quantize.n_e] % len(h)] + 0.01 * torch.randn(ae.quantize.n_e, 3)
+            ae.quantize.embedding.weight.copy_(codes)
+    lc = int(ae.config.latent_channels)
+    unet = tiny_latent_unet(kind, lc, res // 4)
+    if unet_state is not None:
+        unet.load_state_dict(unet_state)
+    if zero_out:
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+    tag = f"{kind}-{res}-s{seed}{'-zero' if zero_out else ''}{'-trained' if unet_state is not None else ''}-{prediction_type}"
+    path = Path(root) / f"tiny-latent-{tag}"
+    if path.exists():
+        return str(path)
+    ae.save_pretrained(path / ("vqvae" if kind == "vq" else "vae"))
+    unet.save_pretrained(path / "unet")
+    _scheduler(prediction_type).save_pretrained(path / "scheduler")
+    if kind == "controlnet":
+        cn = ControlNetModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(8, 8, 16))
+        with torch.no_grad():  # fresh zero convs make the ControlNet a no-op; give them weights
+            for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+                conv.weight.normal_(0, 0.05)
+        cn.save_pretrained(path / "controlnet")
+    return str(path)
+
+
+# -- tests --------------------------------------------------------------------------------------
+STEPS, ITERS, DECINV = 3, 2, 10
+
+
+def fixed_keys(n, tag=b"k"):
+    return [hashlib.sha256(tag + bytes([i])).digest() for i in range(n)]
+
+
+def psnr_in(a, b, mask):
+    m3 = np.broadcast_to(mask[..., None], a.shape)
+    mse = np.mean((a[m3].astype(np.float64) - b[m3].astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine threads spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("latent-models")
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return faces32()
+
+
+@pytest.fixture(scope="module")
+def masks(faces):
+    yy, xx = np.mgrid[:RES, :RES]
+    ellipse = ((yy - 15.5) / 11) ** 2 + ((xx - 15.5) / 9) ** 2 <= 1
+    return np.stack([ellipse] * len(faces))
+
+
+def make_anon(folder, decinv=DECINV):
+    from anondata.scheme import Sampler
+
+    return Anonymizer(load_backend(folder, decoder_inversion_iters=decinv), Sampler(steps=STEPS, inversion_iters=ITERS))
+
+
+@pytest.fixture(scope="module")
+def anons(root):
+    return {kind: make_anon(build_tiny_latent(root, kind)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folder_loads_through_from_pretrained_with_identity(root, kind):
+    folder = build_tiny_latent(root, kind)
+    anon = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS)
+    b = anon.backend
+    assert isinstance(b, LatentBackend) and anon.resolution == RES and b.latent_size == RES // 4
+    assert b.is_vq == (kind == "vq") and (b.controlnet is not None) == (kind == "controlnet")
+    assert anon.model_info == {"name": Path(folder).name, "sha256": weights_sha256(Path(folder)), "revision": ""}
+    s = anon.settings
+    assert s["latent"] == ("vq" if kind == "vq" else "kl") and s["controlnet"] == int(kind == "controlnet")
+    assert s["decoder_inversion_iters"] > 0 and s["vq_quantize"] == int(kind == "vq")
+    assert json.loads(json.dumps(s)) == s  # str/int only: goes into the manifest
+    # every component's weights are part of the identity
+    other = build_tiny_latent(root, kind, seed=1)
+    assert load_backend(other).info["sha256"] != b.info["sha256"]
+
+
+def test_latent_mask_covers_pixel_mask(anons):
+    b = anons["kl"].backend
+    mask = torch.zeros(2, RES, RES, dtype=torch.bool)
+    mask[0, 5, 9] = True  # one pixel marks its whole 4x4 cell
+    mask[1, 8:16, 4:12] = True
+    m = b.latent_mask(mask)
+    assert m.shape == (2, 1, RES // 4, RES // 4) and m.dtype == torch.bool
+    assert m[0].sum() == 1 and m[0, 0, 1, 2]
+    assert m[1].sum() == 4 and m[1, 0, 2:4, 1:3].all()
+    up = m.repeat_interleave(4, -1).repeat_interleave(4, -2)[:, 0]
+    assert not (mask & ~up).any()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lossless_round_trip_background_and_wrong_key(anons, faces, masks, kind):
+    anon = anons[kind]
+    keys = fixed_keys(len(faces))
+    out, recs = anon.anonymize(faces, keys, masks=masks, lossless=True)
+    np.testing.assert_array_equal(out[~masks], faces[~masks])
+    assert (out[masks] != faces[masks]).mean() > 0.5
+    blobs = [r.to_bytes() for r in recs]
+    np.testing.assert_array_equal(anon.restore(out, keys, blobs), faces)
+    with pytest.raises(IntegrityError, match="lossless"):
+        anon.restore(out, fixed_keys(len(faces), b"wrong"), blobs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_key_only_restore_is_deterministic_and_key_dependent(anons, faces, masks, kind):
+    """Random autoencoders reconstruct poorly (~10 dB) and their decoders are not identifiable, so
+    key-only fidelity is measured in benchmarks/backend_cost.py with trained tiny models; here:
+    restore is a function of the key, a one-bit-different key is another key, the background holds."""
+    anon = anons[kind]
+    keys = fixed_keys(2)
+    out, recs = anon.anonymize(faces[:2], keys, masks=masks[:2])
+    right = anon.restore(out, keys, recs)
+    np.testing.assert_array_equal(anon.restore(out, keys, recs), right)
+    wrong = anon.restore(out, fixed_keys(2, b"wrong"), recs)
+    near = anon.restore(out, [bytes([k[0] ^ 1]) + k[1:] for k in keys], recs)
+    for other in (wrong, near):
+        np.testing.assert_array_equal(other[~masks[:2]], faces[:2][~masks[:2]])
+        assert (other[masks[:2]] != right[masks[:2]]).mean() > 0.5
+    assert not np.array_equal(near, wrong)
+
+
+def test_batches_match_singles(anons, faces, masks):
+    """Lossless restore compares hashes, so a face must not depend on its batch-mates."""
+    anon = anons["controlnet"]
+    keys = fixed_keys(len(faces), b"batch")
+    out, _ = anon.anonymize(faces, keys, masks=masks)
+    singles = np.concatenate([anon.anonymize(faces[i : i + 1], keys[i : i + 1], masks=masks[i : i + 1])[0] for i in range(len(faces))])
+    np.testing.assert_array_equal(singles, out)
+
+
+def test_model_mismatch_is_refused(anons, root, faces):
+    keys = fixed_keys(2)
+    out, recs = anons["vq"].anonymize(faces[:2], keys)
+    for other in (anons["kl"], make_anon(build_tiny_latent(root, "vq", seed=1))):
+        with pytest.raises(InputError, match="same --model"):
+            other.restore(out, keys, recs)
+
+
+def test_controlnet_hint_is_the_mask(anons):
+    b = anons["controlnet"].backend
+    z = torch.randn(1, b.latent_channels, RES // 4, RES // 4)
+    full, half = torch.ones(1, RES, RES, dtype=torch.bool), torch.zeros(1, RES, RES, dtype=torch.bool)
+    half[:, :, : RES // 2] = True
+    e_full, e_half = b._bound(full).eps(z, 500), b._bound(half).eps(z, 500)
+    assert not torch.allclose(e_full, e_half)
+    torch.testing.assert_close(b._bound(full).eps(z, 500), e_full)
+    with pytest.raises(RuntimeError, match="prepare"):
+        b.eps(z, 500)
+
+
+def test_v_prediction_is_converted_to_eps(root):
+    b = load_backend(build_tiny_latent(root, "kl", prediction_type="v_prediction"))
+    assert b.prediction_type == "v_prediction"
+    z = torch.randn(1, b.latent_channels, RES // 4, RES // 4)
+    v = b.unet(z, torch.tensor([300])).sample
+    a = float(b.alphas_cumprod[300])
+    torch.testing.assert_close(b.eps(z, 300), a**0.5 * v + (1 - a) ** 0.5 * z)
+
+
+def test_scheduler_betas_are_honoured(root, anons):
+    from diffusers import DDIMScheduler
+
+    b = anons["kl"].backend
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195).alphas_cumprod
+    torch.testing.assert_close(b.alphas_cumprod, ref.double())
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_layouts_are_clear_errors(root, tmp_path):
+    kl = Path(build_tiny_latent(root, "kl"))
+    cn = Path(build_tiny_latent(root, "controlnet"))
+    # ControlNet without an autoencoder
+    d = _copy(cn, tmp_path / "cn-no-vae")
+    import shutil
+
+    shutil.rmtree(d / "vae")
+    with pytest.raises(InputError, match="controlnet/ without vae"):
+        load_backend(d)
+    # ControlNet next to a UNet2DModel
+    d = _copy(kl, tmp_path / "kl-cn")
+    shutil.copytree(cn / "controlnet", d / "controlnet")
+    with pytest.raises(InputError, match="UNet2DConditionModel"):
+        load_backend(d)
+    # UNet and autoencoder from different pipelines
+    d = _copy(kl, tmp_path / "mixed")
+    shutil.rmtree(d / "vae")
+    shutil.copytree(Path(build_tiny_latent(root, "vq")) / "vqvae", d / "vqvae")
+    with pytest.raises(InputError, match="not from the same pipeline"):
+        load_backend(d)
+    # an autoencoder class anondata does not run
+    d = _copy(kl, tmp_path / "odd")
+    cfg = json.loads((d / "vae" / "config.json").read_text())
+    cfg["_class_name"] = "AutoencoderTiny"
+    (d / "vae" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="AutoencoderTiny"):
+        load_backend(d)
+    # weights missing
+    d = _copy(kl, tmp_path / "noweights")
+    (d / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InputError, match="no weight file"):
+        load_backend(d)
+
+
+def test_identity_ignores_files_that_are_not_loaded(root, tmp_path):
+    """A Hub snapshot and a `huggingface-cli download` copy of the same model may differ in extra
+    files (flax weights, .ckpt); only what from_pretrained reads is the model."""
+    kl = Path(build_tiny_latent(root, "kl"))
+    d = _copy(kl, tmp_path / "extra")
+    (d / "vae" / "diffusion_flax_model.msgpack").write_bytes(b"x")
+    (d / "model.ckpt").write_bytes(b"y")
+    assert weights_sha256(d) == weights_sha256(kl)
+    (d / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
+    assert weights_sha256(d) != weights_sha256(kl)

@@ -1,0 +1,95 @@
+"""Canonical JSON (RFC 8785 subset) and strict base64url: one byte string per value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anondata.canonical import b64d, b64e, dumps, loads
+from anondata.errors import FormatError
+
+
+def test_rfc8785_key_order_is_utf16():
+    # RFC 8785 section 3.2.3 sorting example: keys ordered by UTF-16 code units.
+    value = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
+             "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"}
+    keys = list(json.loads(dumps(value)))
+    assert keys == ["\r", "1", "\u0080", "\u00f6", "\u20ac", "\U0001f600", "\ufb33"]
+
+
+def test_escapes_match_jcs():
+    assert dumps("\u0000\b\f\n\r\t\"\\/\u001f\u007f\u2028é") == '"\\u0000\\b\\f\\n\\r\\t\\"\\\\/\\u001f\u007f\u2028é"'.encode()
+    assert dumps({"b": [1, True, None], "a": -5}) == b'{"a":-5,"b":[1,true,null]}'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a": 1}',  # whitespace
+        b'{"b":1,"a":2}',  # order
+        b'{"a":1,"a":1}',  # duplicate
+        b'{"a":1.0}',  # float
+        b'{"a":1e3}',
+        b'{"a":NaN}',
+        b'{"a":-0}',
+        b'"\\u0041"',  # needless escape
+        b'"\\/"',
+        b'"\\ud800"',  # lone surrogate
+        b'9007199254740992',  # outside I-JSON
+        b'\xef\xbb\xbf{}',  # BOM
+        b'\xff',
+        b'',
+        b'[' * 100000,
+        b'{"a":1}\n',
+    ],
+)
+def test_loads_rejects_non_canonical(text):
+    with pytest.raises(FormatError):
+        loads(text)
+
+
+def test_dumps_rejects_unencodable():
+    for bad in (1.5, {"a": float("nan")}, {1: "x"}, "\ud800", 2**60, b"bytes", object()):
+        with pytest.raises(FormatError):
+            dumps(bad)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_roundtrip(value):
+    data = dumps(value)
+    assert loads(data) == value
+    assert dumps(json.loads(data)) == data  # any JSON parser reads the same value
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_loads_fuzz_only_formaterror(data):
+    try:
+        value = loads(data)
+    except FormatError:
+        return
+    assert dumps(value) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_b64_roundtrip(raw):
+    text = b64e(raw)
+    assert "=" not in text and b64d(text) == raw
+
+
+@pytest.mark.parametrize("text", ["QQ==", "QR", "Q", "Q Q", "QQ\n", "+w", "/w", "QQ!", "é", 5, None])
+def test_b64d_strict(text):
+    with pytest.raises(FormatError):
+        b64d(text)

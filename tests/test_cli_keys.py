@@ -1,0 +1,168 @@
+"""`anondata keygen | verify | grant | rewrap` end to end, through the real CLI dispatcher."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anondata.cli import main
+from anondata.envelope import open_records, seal_records, write_envelope_table
+from anondata.errors import IntegrityError, KeyError_
+from anondata.identity import load_identity, load_recipient
+from anondata.manifest import build_manifest, load_envelopes, read_manifest, verify_release, write_signed_manifest
+
+REPO = Path(__file__).parents[1]
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def release(tmp_path, capsys):
+    """Keys for owner/other/new and a 6-record release sealed to the owner."""
+    for name, extra in (("owner", []), ("other", ["--pq"]), ("new", [])):
+        code, out, _ = cli(capsys, "keygen", tmp_path / name, *extra)
+        assert code == 0 and "fingerprint" in out
+    owner = load_identity(tmp_path / "owner.key")
+    root = tmp_path / "rel"
+    (root / "data").mkdir(parents=True)
+    did = secrets.token_hex(16)
+    ids = [f"r{i}" for i in range(6)]
+    secrets_by_id = {i: (secrets.token_bytes(32), os.urandom(50)) for i in ids}
+    pq.write_table(pa.table({"id": ids, "image": [b"png"] * 6}), root / "data/train-00000-of-00001.parquet")
+    write_envelope_table(root / "keys/train-00000-of-00001.keys.parquet",
+                         seal_records([owner.recipient], did, [(i, *secrets_by_id[i]) for i in ids]))
+    m = build_manifest(root, dataset_id=did, model={"name": "m", "sha256": "0" * 64}, settings={"steps": 2},
+                       recipients=[owner.recipient], signer=owner.recipient,
+                       shard_paths=["data/train-00000-of-00001.parquet"],
+                       envelope_paths=["keys/train-00000-of-00001.keys.parquet"],
+                       records=[{"id": i, "split": "train", "status": "anonymized",
+                                 "shard": "data/train-00000-of-00001.parquet"} for i in ids])
+    write_signed_manifest(root, m, owner)
+    return tmp_path, root, did, secrets_by_id
+
+
+def test_keygen_files(tmp_path, capsys):
+    code, out, _ = cli(capsys, "keygen", tmp_path / "k" / "alice", "--pq")
+    assert code == 0
+    assert stat.S_IMODE(os.stat(tmp_path / "k/alice.key").st_mode) == 0o600
+    assert load_recipient(tmp_path / "k/alice.pub").kem == "MLKEM768-X25519"
+    assert load_identity(tmp_path / "k/alice.key").fingerprint in out
+    code, _, err = cli(capsys, "keygen", tmp_path / "k" / "alice")
+    assert code == 2 and "already exists" in err and "Traceback" not in err
+
+
+def test_verify_ok_and_failures(release, capsys):
+    tmp, root, did, _ = release
+    code, out, _ = cli(capsys, "verify", root, "--signer", tmp / "owner.pub")
+    assert code == 0 and out.startswith("ok: 1 shards, 1 envelope files, 6 records")
+    assert load_identity(tmp / "owner.key").fingerprint in out
+    code, out, _ = cli(capsys, "verify", root)
+    assert code == 0 and "not pinned" in out
+    code, _, err = cli(capsys, "verify", root, "--signer", tmp / "new.pub")
+    assert code == 2 and "not by the expected signer" in err
+    shard = root / "data/train-00000-of-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(data)
+    code, _, err = cli(capsys, "verify", root)
+    assert code == 2 and "shard data/train-00000-of-00001.parquet" in err and "SHA-256" in err
+    assert err.count("\n") == 1
+
+
+def test_grant_then_restore_exactly_those(release, capsys):
+    tmp, root, did, secrets_by_id = release
+    grant = tmp / "grant"
+    code, out, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
+                         "--ids", "r1,r4", "--out", grant)
+    assert code == 0, err
+    assert sorted(os.listdir(grant)) == ["grant.json", "grant.json.sig", "grant.keys.parquet"]
+    other = load_identity(tmp / "other.key")
+    tables = load_envelopes(grant, signer=load_recipient(tmp / "owner.pub"))
+    assert open_records(tables, other, did) == {i: secrets_by_id[i] for i in ("r1", "r4")}
+    with pytest.raises(KeyError_, match="r2"):
+        open_records(tables, other, did, ids=["r2"])
+    with pytest.raises(KeyError_):  # nothing of the full release either
+        open_records(load_envelopes(root), other, did)
+    with pytest.raises(IntegrityError):  # grant checked against the expected granter
+        load_envelopes(grant, signer=load_recipient(tmp / "new.pub"))
+    # tampered grant file: caught by the signed hash
+    gfile = grant / "grant.keys.parquet"
+    b = bytearray(gfile.read_bytes())
+    b[len(b) // 2] ^= 1
+    gfile.write_bytes(b)
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        load_envelopes(grant)
+    # bad ids, non-owner, existing out dir: one clear line each
+    for argv, msg in [
+        (["--identity", tmp / "owner.key", "--ids", "nope", "--out", tmp / "g2"], "'nope'"),
+        (["--identity", tmp / "new.key", "--ids", "r1", "--out", tmp / "g3"], "no envelope"),
+        (["--identity", tmp / "owner.key", "--ids", "r1", "--out", grant], "not empty"),
+        (["--identity", tmp / "owner.pub", "--ids", "r1", "--out", tmp / "g4"], "public key"),
+    ]:
+        code, _, err = cli(capsys, "grant", root, "--to", tmp / "other.pub", *argv)
+        assert code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_rewrap_rotates_and_resigns(release, capsys):
+    tmp, root, did, secrets_by_id = release
+    shard_before = (root / "data/train-00000-of-00001.parquet").read_bytes()
+    code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+                         "--signing-key", tmp / "new.key")
+    assert code == 0, err
+    assert (root / "data/train-00000-of-00001.parquet").read_bytes() == shard_before
+    new = load_identity(tmp / "new.key")
+    s = verify_release(root, new.recipient)
+    assert s["signer"] == new.fingerprint
+    assert open_records(load_envelopes(root), new, did) == secrets_by_id
+    with pytest.raises(KeyError_):
+        open_records(load_envelopes(root), load_identity(tmp / "owner.key"), did)
+    assert [r["fingerprint"] for r in read_manifest(root)["recipients"]] == [new.fingerprint]
+    assert oct(os.stat(root / "keys/train-00000-of-00001.keys.parquet").st_mode & 0o777) == "0o600"
+    # the old key can no longer rewrap
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub")
+    assert code == 2 and "no envelope" in err
+    # default signing key is --identity's
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "new.key", "--to", tmp / "other.pub", "--to", tmp / "new.pub")
+    assert code == 0, err
+    verify_release(root, new.recipient)
+    assert open_records(load_envelopes(root), load_identity(tmp / "other.key"), did) == secrets_by_id
+
+
+def test_rewrap_on_public_copy_fails_cleanly(release, capsys):
+    import shutil
+
+    tmp, root, _, _ = release
+    shutil.rmtree(root / "keys")
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub")
+    assert code == 2 and "keys/" in err
+
+
+def test_keygen_and_verify_do_not_import_torch(release):
+    tmp, root, _, _ = release
+    code = (
+        "import sys; from anondata.cli import main; "
+        f"rc = main(['verify', {str(root)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_help_texts(capsys):
+    for cmd in ("keygen", "verify", "grant", "rewrap"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert len(capsys.readouterr().out) > 300

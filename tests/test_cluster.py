@@ -1,0 +1,111 @@
+"""A local 2-node Ray cluster (`ray start --head` + `ray start --address` on this machine) runs
+the job, and the job survives one worker node being killed mid-job.
+
+Each `ray start --block` runs in its own process group, so the test stops exactly the
+processes it started (os.killpg on those groups) and never touches other Ray instances on
+the machine, as a global `ray stop` would. The GCS health check is shortened so the dead
+node is noticed in seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, ROOT, subprocess_env, write_face_parquet
+from test_resume import CORRUPT, check_exactly_once
+
+N = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([_ray_bin(), "start", "--block", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def _wait_started(proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"ray start failed:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test created: only its processes
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.mark.slow
+def test_two_node_cluster_survives_losing_a_worker_node(identities, tiny_model, tmp_path):
+    temp = Path(tempfile.mkdtemp(prefix="adray-", dir="/tmp"))  # short: Unix socket paths are limited
+    port = _free_port()
+    env = subprocess_env(RAY_health_check_period_ms=500, RAY_health_check_failure_threshold=3,
+                         RAY_health_check_initial_delay_ms=0, RAY_USAGE_STATS_ENABLED=0)
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus", "2", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
+    head = worker = job = None
+    try:
+        head = _start(["--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard", "false",
+                       "--node-ip-address", "127.0.0.1", *common], tmp_path / "head.log", env)
+        _wait_started(head, tmp_path / "head.log")
+        worker = _start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
+                        tmp_path / "worker.log", env)
+        _wait_started(worker, tmp_path / "worker.log")
+
+        src = tmp_path / "faces.parquet"
+        rows = write_face_parquet(src, N, corrupt=CORRUPT)
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "anondata.cli", "anonymize", str(src), "--out", str(out),
+               "--recipient", identities["owner"][1], "--signing-key", identities["runner"][0],
+               "--model", tiny_model, "--steps", str(FAST["steps"]), "--inversion-iters", str(FAST["inversion_iters"]),
+               "--shard-size", "2", "--batch-size", "1", "--workers", "2", "--no-progress"]
+        job = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        done = out / ".anondata-work" / "done"
+        deadline = time.time() + 150
+        while time.time() < deadline and job.poll() is None and not (done.is_dir() and any(done.iterdir())):
+            time.sleep(0.1)
+        assert job.poll() is None, "the job ended before the node could be killed"
+        committed_at_kill = len(list(done.iterdir()))
+        _stop(worker)  # the worker node dies mid-job: raylet, its actor, its objects
+        worker = None
+        _, err = job.communicate(timeout=180)
+        assert job.returncode == 0, err[-4000:]
+        assert committed_at_kill < N // 2  # it really was mid-job
+        check_exactly_once(out, rows)
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+        _stop(worker)
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,362 @@
+"""Envelopes: seal/open, binding to dataset and record, tamper detection, strict table parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import secrets
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anondata import canonical
+from anondata.envelope import (
+    decode_payload,
+    encode_payload,
+    envelope_table_bytes,
+    grant_records,
+    open_records,
+    read_envelope_table,
+    rewrap_table,
+    seal_records,
+    write_envelope_table,
+)
+from anondata.errors import AnondataError, FormatError, IntegrityError, KeyError_
+from anondata.identity import Identity, generate_identity, load_recipient
+
+VECTORS = Path(__file__).parent / "vectors"
+DID = "00112233445566778899aabbccddeeff"
+DID2 = "ffeeddccbbaa99887766554433221100"
+
+
+@pytest.fixture(scope="module")
+def people():
+    return {"a": generate_identity(name="a"), "b": generate_identity(pq=True, name="b"), "c": generate_identity(name="c")}
+
+
+def items(n, big=False):
+    return [(f"rec-{i}", secrets.token_bytes(32), os.urandom(5000 if big else 40 + i)) for i in range(n)]
+
+
+def vector_identity(name) -> Identity:
+    return Identity.from_bytes((VECTORS / f"{name}.key").read_bytes())
+
+
+def test_roundtrip_two_recipients(people):
+    its = items(5, big=True)
+    t = seal_records([people["a"].recipient, people["b"].recipient], DID, its)
+    assert t.num_rows == 5
+    expect = {rid: (k, rr) for rid, k, rr in its}
+    assert open_records([t], people["a"], DID) == expect
+    assert open_records([t], people["b"], DID, ids=["rec-3"]) == {"rec-3": expect["rec-3"]}
+    # the payload is stored once, not once per recipient
+    assert all(len(p) == 1 + 32 + len(expect[r][1]) + 16 for r, p in zip(t["record_id"].to_pylist(), t["payload"].to_pylist()))
+
+
+def test_file_roundtrip_atomic(tmp_path, people):
+    t = seal_records([people["a"].recipient], DID, items(3))
+    write_envelope_table(tmp_path / "k" / "x.keys.parquet", t)
+    assert os.listdir(tmp_path / "k") == ["x.keys.parquet"]
+    assert oct(os.stat(tmp_path / "k" / "x.keys.parquet").st_mode & 0o777) == "0o600"
+    t2 = read_envelope_table(tmp_path / "k" / "x.keys.parquet")
+    assert open_records([t2], people["a"], DID) == open_records([t], people["a"], DID)
+
+
+def test_wrong_recipient(people):
+    t = seal_records([people["a"].recipient], DID, items(2))
+    with pytest.raises(KeyError_, match="no envelopes"):
+        open_records([t], people["c"], DID)
+    with pytest.raises(KeyError_, match="rec-1"):
+        open_records([t], people["c"], DID, ids=["rec-1"])
+    with pytest.raises(KeyError_, match="'nope'"):
+        open_records([t], people["a"], DID, ids=["rec-0", "nope"])
+
+
+def test_wrong_dataset(people):
+    t = seal_records([people["a"].recipient], DID, items(2))
+    with pytest.raises(IntegrityError, match="dataset"):
+        open_records([t], people["a"], DID2)
+    # relabelled table metadata: the HPKE info still binds the real dataset id
+    t2 = t.replace_schema_metadata({b"anondata": canonical.dumps({"dataset_id": DID2, "format": "anondata-envelopes", "version": 1})})
+    with pytest.raises(IntegrityError, match="rec-0"):
+        open_records([t2], people["a"], DID2)
+
+
+def _swap(t, column, i, j):
+    col = t[column].to_pylist()
+    col[i], col[j] = col[j], col[i]
+    return t.set_column(t.schema.get_field_index(column), t.schema.field(column), pa.array(col, t.schema.field(column).type))
+
+
+@pytest.mark.parametrize("column", ["wraps", "payload", "record_id"])
+def test_envelope_swapped_between_records(people, column):
+    t = seal_records([people["a"].recipient], DID, items(3))
+    bad = _swap(t, column, 0, 2)
+    with pytest.raises(IntegrityError, match="rec-(0|2)"):
+        open_records([bad], people["a"], DID)
+
+
+def test_swap_between_tables_of_two_datasets(people):
+    t1 = seal_records([people["a"].recipient], DID, items(2))
+    t2 = seal_records([people["a"].recipient], DID2, items(2))
+    mixed = t1.set_column(2, t1.schema.field("wraps"), t2["wraps"])
+    with pytest.raises(IntegrityError):
+        open_records([mixed], people["a"], DID)
+
+
+def _cells(t):
+    """(row, "payload"|"sealed", wrap index) for every ciphertext in a table."""
+    rows = t.to_pylist()
+    for i, row in enumerate(rows):
+        yield i, "payload", None
+        for j, _ in enumerate(row["wraps"]):
+            yield i, "sealed", j
+
+
+def test_every_byte_of_every_ciphertext_is_authenticated(people):
+    """Flip each byte of each payload and sealed key (a sample of >= 200 positions per kind)."""
+    t = seal_records([people["a"].recipient, people["b"].recipient], DID, items(3))
+    rows = t.to_pylist()
+    rng = random.Random(1)
+    tried = {"payload": 0, "sealed": 0}
+    for i, kind, j in _cells(t):
+        target = rows[i]["payload"] if kind == "payload" else rows[i]["wraps"][j]["sealed"]
+        positions = range(len(target)) if len(target) <= 200 else rng.sample(range(len(target)), 200)
+        for pos in positions:
+            mutated = [dict(r, wraps=[dict(w) for w in r["wraps"]]) for r in rows]
+            b = bytearray(target)
+            b[pos] ^= rng.randrange(1, 256)
+            if kind == "payload":
+                mutated[i]["payload"] = bytes(b)
+            else:
+                mutated[i]["wraps"][j]["sealed"] = bytes(b)
+            bad = pa.Table.from_pylist(mutated, schema=t.schema)
+            who = people["a"] if (kind == "payload" or j == 0) else people["b"]
+            with pytest.raises(IntegrityError, match=rows[i]["record_id"]):
+                open_records([bad], who, DID)
+            tried[kind] += 1
+    assert tried["payload"] >= 200 and tried["sealed"] >= 200
+
+
+def test_file_byte_changes_never_yield_wrong_data(people):
+    """Any single-byte change of an envelope file: a clear AnondataError or the exact original
+    plaintexts (e.g. a flipped bit in unused Parquet metadata). Never other data, never a traceback.
+    (`verify` catches every such change by the file's SHA-256: see test_manifest.py.)"""
+    t = seal_records([people["a"].recipient], DID, items(3))
+    data = envelope_table_bytes(t)
+    expect = open_records([t], people["a"], DID)
+    rng = random.Random(2)
+    positions = rng.sample(range(len(data)), min(len(data), 300))
+    errors = 0
+    for pos in positions:
+        b = bytearray(data)
+        b[pos] ^= rng.randrange(1, 256)
+        try:
+            got = open_records([read_envelope_table(bytes(b))], people["a"], DID)
+        except AnondataError:
+            errors += 1
+            continue
+        assert got == expect
+    assert len(positions) >= 200 and errors > len(positions) // 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"PAR1", b"garbage" * 100, None],
+)
+def test_garbage_and_truncated(tmp_path, people, data):
+    if data is None:
+        full = envelope_table_bytes(seal_records([people["a"].recipient], DID, items(2)))
+        data = full[: len(full) // 2]
+    with pytest.raises(FormatError, match="not a readable Parquet"):
+        read_envelope_table(data)
+    p = tmp_path / "bad.keys.parquet"
+    p.write_bytes(data)
+    with pytest.raises(FormatError, match=str(p)):
+        read_envelope_table(p)
+
+
+def test_wrong_schema_and_metadata(people):
+    t = seal_records([people["a"].recipient], DID, items(2))
+    meta = t.schema.metadata
+    cases = {
+        "no metadata": t.replace_schema_metadata(None),
+        "extra metadata": t.replace_schema_metadata({**meta, b"x": b"y"}),
+        "non-canonical metadata": t.replace_schema_metadata({b"anondata": meta[b"anondata"].replace(b":", b": ")}),
+        "version 2": t.replace_schema_metadata({b"anondata": canonical.dumps({"dataset_id": DID, "format": "anondata-envelopes", "version": 2})}),
+        "extra column": t.append_column("x", pa.array([1, 2])),
+        "dropped column": t.drop_columns(["payload"]),
+        "nullable": pa.Table.from_arrays(t.columns, schema=pa.schema([f.with_nullable(True) for f in t.schema], metadata=meta)),
+        "duplicate ids": pa.Table.from_pylist([t.to_pylist()[0]] * 2, schema=t.schema),
+        "no wraps": pa.Table.from_pylist([dict(t.to_pylist()[0], wraps=[])], schema=t.schema),
+        "dup wrap": pa.Table.from_pylist([dict(r, wraps=r["wraps"] * 2) for r in t.to_pylist()], schema=t.schema),
+        "bad fingerprint": pa.Table.from_pylist([dict(r, wraps=[dict(w, recipient="X" * 32) for w in r["wraps"]]) for r in t.to_pylist()], schema=t.schema),
+        "short payload": pa.Table.from_pylist([dict(r, payload=b"x") for r in t.to_pylist()], schema=t.schema),
+        "control char id": pa.Table.from_pylist([dict(r, record_id="a\nb") for r in t.to_pylist()[:1]], schema=t.schema),
+    }
+    for what, bad in cases.items():
+        with pytest.raises(FormatError):
+            read_envelope_table(_parquet(bad))
+            pytest.fail(what)
+        with pytest.raises(FormatError):
+            open_records([bad], people["a"], DID)
+
+
+def _parquet(t) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    return buf.getvalue()
+
+
+def test_grant_only_chosen_records(people):
+    a, b, c = people["a"], people["b"], people["c"]
+    t = seal_records([a.recipient], DID, items(5))
+    g = grant_records([t], a, [c.recipient], DID, ["rec-1", "rec-3"])
+    assert g["record_id"].to_pylist() == ["rec-1", "rec-3"]
+    full = open_records([t], a, DID)
+    assert open_records([g], c, DID) == {k: full[k] for k in ("rec-1", "rec-3")}
+    assert g["payload"].to_pylist() == [t["payload"][1].as_py(), t["payload"][3].as_py()]  # copied, not re-encrypted
+    with pytest.raises(KeyError_, match="rec-2"):
+        open_records([g], c, DID, ids=["rec-2"])
+    with pytest.raises(KeyError_):
+        open_records([g], a, DID)  # the owner is not a recipient of the grant
+    with pytest.raises(KeyError_, match="no envelope"):
+        grant_records([t], c, [b.recipient], DID, ["rec-1"])  # c cannot grant what it cannot open
+    with pytest.raises(KeyError_, match="'zzz'"):
+        grant_records([t], a, [c.recipient], DID, ["zzz"])
+
+
+def test_rewrap_replaces_recipients(people):
+    a, b, c = people["a"], people["b"], people["c"]
+    t = seal_records([a.recipient, c.recipient], DID, items(3, big=True))
+    full = open_records([t], a, DID)
+    r = rewrap_table(t, a, [b.recipient], DID)
+    assert open_records([r], b, DID) == full
+    assert r["payload"].to_pylist() == t["payload"].to_pylist()
+    for old in (a, c):
+        with pytest.raises(KeyError_):
+            open_records([r], old, DID)
+
+
+def test_records_in_two_tables_rejected(people):
+    t = seal_records([people["a"].recipient], DID, items(2))
+    with pytest.raises(FormatError, match="two tables"):
+        open_records([t, t], people["a"], DID)
+
+
+def test_seal_input_checks(people):
+    a = people["a"].recipient
+    for bad_items, match in [
+        ([("r", b"short", b"")], "32 bytes"),
+        ([("r", bytes(32), b""), ("r", bytes(32), b"")], "twice"),
+        ([("", bytes(32), b"")], "record id"),
+        ([("r", bytes(32), "str")], "bytes"),
+    ]:
+        with pytest.raises(FormatError, match=match):
+            seal_records([a], DID, bad_items)
+    with pytest.raises(FormatError, match="dataset id"):
+        seal_records([a], "ABC", [("r", bytes(32), b"")])
+    with pytest.raises(KeyError_):
+        seal_records([], DID, [("r", bytes(32), b"")])
+    with pytest.raises(KeyError_, match="twice"):
+        seal_records([a, a], DID, [("r", bytes(32), b"")])
+
+
+def test_golden_vectors():
+    doc = json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))
+    checked = {"ok": 0, "IntegrityError": 0, "KeyError_": 0}
+    from anondata.envelope import _build_table
+
+    for v in doc["vectors"]:
+        ident = vector_identity(v["identity"][:-4])
+        row = (v["record_id"], canonical.b64d(v["payload"]), [{"recipient": load_recipient(VECTORS / ("bob.pub" if v["identity"] == "alice.key" and v["expect"] == "KeyError_" else v["identity"][:-4] + ".pub")).fingerprint, "sealed": canonical.b64d(v["sealed"])}])
+        t = _build_table([row], v["dataset_id"])
+        if v["expect"] == "ok":
+            got = open_records([t], ident, v["dataset_id"])
+            assert got == {v["record_id"]: (canonical.b64d(v["record_key"]), canonical.b64d(v["restore_record"]))}
+        else:
+            exc = {"IntegrityError": IntegrityError, "KeyError_": KeyError_}[v["expect"]]
+            with pytest.raises(exc):
+                open_records([t], ident, v["dataset_id"])
+        checked[v["expect"]] += 1
+    assert checked["ok"] == 6 and checked["IntegrityError"] == 4 and checked["KeyError_"] == 1
+    # and the committed Parquet file opens for both recipients
+    t = read_envelope_table(VECTORS / "envelopes.keys.parquet")
+    did = json.loads(t.schema.metadata[b"anondata"])["dataset_id"]
+    assert open_records([t], vector_identity("alice"), did) == open_records([t], vector_identity("bob"), did)
+
+
+def test_vector_intermediates_match_spec():
+    """The spec's derivations (FORMAT.md) reproduce the vector's intermediate values."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from anondata.identity import hpke_suite
+
+    v = json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))["vectors"][0]
+    ident = vector_identity("alice")
+    info = b"anondata/wrap/v1\x00" + v["dataset_id"].encode() + v["record_id"].encode()
+    assert canonical.b64d(v["hpke_info"]) == info
+    dk = hpke_suite("X25519").decrypt(canonical.b64d(v["sealed"]), ident.hpke_private, info=info)
+    assert dk == canonical.b64d(v["data_key"])
+    pk = HKDF(hashes.SHA256(), 32, None, b"anondata/payload/v1\x00" + v["dataset_id"].encode() + v["record_id"].encode()).derive(dk)
+    assert pk == canonical.b64d(v["payload_key"])
+    plain = ChaCha20Poly1305(pk).decrypt(bytes(12), canonical.b64d(v["payload"]), None)
+    assert plain == b"\x01" + canonical.b64d(v["record_key"]) + canonical.b64d(v["restore_record"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_payload_parser(data):
+    try:
+        key, rr = decode_payload(data)
+    except FormatError:
+        return
+    assert encode_payload(key, rr) == data
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_fuzz_table_reader_random_bytes(data):
+    try:
+        read_envelope_table(b"PAR1" + data + b"PAR1")
+    except FormatError:
+        pass
+
+
+_FUZZ_BASE = None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_table_reader_mutations(data):
+    global _FUZZ_BASE
+    if _FUZZ_BASE is None:
+        ident = generate_identity()
+        _FUZZ_BASE = (ident, envelope_table_bytes(seal_records([ident.recipient], DID, items(2))))
+    ident, base = _FUZZ_BASE
+    b = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(b) - 1))
+        b[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        b = b[: data.draw(st.integers(0, len(b)))]
+    try:
+        t = read_envelope_table(bytes(b))
+        open_records([t], ident, DID)
+    except AnondataError:
+        pass
+
+
+def test_arrow_schema_doc_matches_code():
+    from anondata.envelope import envelope_schema
+
+    doc = (Path(__file__).parents[1] / "schemas" / "envelope.arrow.md").read_text()
+    assert str(envelope_schema(DID).remove_metadata()) in doc

@@ -1,0 +1,341 @@
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+cv2 = pytest.importorskip("cv2")
+pytest.importorskip("dlib")
+skimage_data = pytest.importorskip("skimage.data")
+
+from anondata import canonical, detect  # noqa: E402
+from anondata.errors import FormatError, InputError, IntegrityError  # noqa: E402
+from anondata.faces import FaceSpec, _parse_record, anonymize_photos, parse_face_box, restore_photos  # noqa: E402
+from anondata.images import decode_image  # noqa: E402
+from anondata.keystream import new_key  # noqa: E402
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def anon(tmp_path_factory):
+    import torch
+
+    from anondata.anonymizer import Anonymizer
+    from anondata.testing import tiny_model_dir
+
+    # A 40k-parameter model gains nothing from threads, and on a shared machine they thrash.
+    torch.set_num_threads(1)
+
+    return Anonymizer.from_pretrained(tiny_model_dir(tmp_path_factory.mktemp("m"), resolution=32), steps=2, inversion_iters=1)
+
+
+class _Rec:
+    def __init__(self, b):
+        self.b = b
+
+    def to_bytes(self):
+        return self.b
+
+
+class InvertAnon:
+    """Exactly invertible stand-in for the core (colours inverted inside the mask), so the photo
+    maths can be checked without the model's own restore error."""
+
+    resolution = 32
+
+    def anonymize(self, images, keys, masks=None, lossless=False):
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3) and len(keys) == len(images)
+        assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
+        out = np.where(masks[..., None], 255 - images, images).astype(np.uint8)
+        return out, [_Rec(np.packbits(m).tobytes()) for m in masks]
+
+    def restore(self, images, keys, recs):
+        m = np.stack([np.unpackbits(np.frombuffer(r, np.uint8)).reshape(32, 32).astype(bool) for r in recs])
+        return np.where(m[..., None], 255 - images, images).astype(np.uint8)
+
+
+def _small(a, w):
+    return cv2.resize(a, (w, round(a.shape[0] * w / a.shape[1])), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def group_photo():
+    """Astronaut and Grace Hopper (sample photos shipped with dependencies) on one canvas."""
+    from matplotlib.cbook import get_sample_data
+
+    with get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.asarray(Image.open(f).convert("RGB"))
+    canvas = np.full((300, 560, 3), 90, np.uint8)
+    canvas[:, :, 2] = np.linspace(60, 200, 560).astype(np.uint8)  # a background that is not flat
+    a = _small(skimage_data.astronaut(), 280)
+    canvas[10:290, 0:280] = a
+    h = _small(hopper, 230)
+    canvas[20:20 + h.shape[0], 310:540] = h[:270]
+    return canvas
+
+
+def _crops(record: bytes):
+    return [tuple(p.crop) for p in _parse_record(record, "t")[1]]
+
+
+def _outside(shape, crops) -> np.ndarray:
+    m = np.ones(shape[:2], bool)
+    for x0, y0, x1, y1 in crops:
+        m[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = False
+    return m
+
+
+# -- detect mode on real photos --------------------------------------------------------------------
+@pytest.mark.parametrize("detector", ["hog", "haar"])
+def test_group_photo_each_face_changed_background_identical_lossless_exact(anon, group_photo, detector):
+    keys = [new_key()]
+    res = anonymize_photos(anon, [group_photo], keys, FaceSpec(mode="detect", detector=detector), lossless=True)[0]
+    assert res.quarantine_reason is None and res.faces >= 2
+    faces = sorted(detect.get_detector(detector).detect(group_photo), key=lambda f: (f.box[1], f.box[0]))
+    assert len(faces) == res.faces
+    centres = [((f.box[0] + f.box[2]) // 2, (f.box[1] + f.box[3]) // 2) for f in faces]
+    assert any(x < 280 for x, _ in centres) and any(x > 310 for x, _ in centres)  # both people found
+    for f in faces:
+        x0, y0, x1, y1 = f.box
+        inner = (slice(y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4), slice(x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4))
+        changed = np.any(res.image[inner] != group_photo[inner], axis=2).mean()
+        assert changed > 0.9, f"face {f.box} only {changed:.0%} changed"
+    crops = _crops(res.record)
+    out = _outside(group_photo.shape, crops)
+    assert out.mean() > 0.5
+    assert np.array_equal(res.image[out], group_photo[out])
+    restored = restore_photos(anon, [res.image], keys, [res.record])[0]
+    assert np.array_equal(restored, group_photo)
+
+
+def test_key_only_restore_is_original_outside_and_close_inside(group_photo):
+    keys = [new_key()]
+    fake = InvertAnon()
+    res = anonymize_photos(fake, [group_photo], keys, FaceSpec(mode="detect"))[0]
+    assert res.faces >= 2
+    restored = restore_photos(fake, [res.image], keys, [res.record])[0]
+    changed = np.any(res.image != group_photo, axis=2)
+    out = _outside(group_photo.shape, _crops(res.record))
+    assert np.array_equal(restored[out], group_photo[out])
+    err = np.abs(restored.astype(int) - group_photo.astype(int))[changed]
+    anon_err = np.abs(res.image.astype(int) - group_photo.astype(int))[changed]
+    # Restored through the model's 32 px: blurred, but far closer than the anonymized face.
+    assert err.mean() < 20 and err.mean() < anon_err.mean() / 4
+
+
+def test_blend_weight_never_exceeds_one_for_overlapping_faces():
+    class Two:
+        name = "two"
+
+        def detect(self, rgb):
+            return [detect.Face((40, 40, 100, 100), 1.0), detect.Face((70, 50, 130, 110), 1.0)]
+
+    detect.register("two-overlapping", lambda arg: Two())
+    img = np.random.default_rng(1).integers(0, 256, (170, 200, 3), dtype=np.uint8)
+    keys = [new_key()]
+    fake = InvertAnon()
+    res = anonymize_photos(fake, [img], keys, FaceSpec(mode="detect", detector="two-overlapping"), lossless=True)[0]
+    assert res.faces == 2
+    # Where the two faces overlap at full weight, no trace of the original remains: the pixel is
+    # the mean of two inverted crops, and never the original.
+    centre = (slice(75, 85), slice(80, 90))
+    assert np.abs(res.image[centre].astype(int) - img[centre].astype(int)).mean() > 40
+    restored = restore_photos(fake, [res.image], keys, [res.record])[0]
+    assert np.array_equal(restored, img)
+
+
+def test_faces_at_the_border_and_tiny_faces_are_noted(anon):
+    class Edge:
+        name = "edge"
+
+        def detect(self, rgb):
+            return [detect.Face((0, 0, 30, 30), 1.0), detect.Face((170, 100, 200, 150), 1.0)]
+
+    detect.register("edge-faces", lambda arg: Edge())
+    img = np.random.default_rng(2).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    keys = [new_key()]
+    res = anonymize_photos(anon, [img], keys, FaceSpec(mode="detect", detector="edge-faces", min_face=32),
+                           lossless=True)[0]
+    crops = _crops(res.record)
+    assert crops[0][0] < 0 and crops[0][1] < 0 and crops[1][2] > 200  # crops leave the photo
+    assert any("face 0 is 30 px" in n for n in res.notes) and any("face 1 is 30 px" in n for n in res.notes)
+    assert np.array_equal(restore_photos(anon, [res.image], keys, [res.record])[0], img)
+
+
+# -- no face, detector failure -------------------------------------------------------------------
+def test_no_face_is_quarantined_by_default_and_kept_on_request(anon):
+    img = np.zeros((120, 160, 3), np.uint8)
+    img[:, :, 1] = np.linspace(0, 255, 160).astype(np.uint8)
+    res = anonymize_photos(anon, [img], [new_key()], FaceSpec(mode="detect"))[0]
+    assert res.image is None and res.record is None and "no face found" in res.quarantine_reason
+    keys = [new_key()]
+    kept = anonymize_photos(anon, [img], keys, FaceSpec(mode="detect", on_no_face="keep"))[0]
+    assert kept.quarantine_reason is None and kept.faces == 0 and np.array_equal(kept.image, img)
+    assert any("kept unchanged" in n for n in kept.notes)
+    assert np.array_equal(restore_photos(anon, [kept.image], keys, [kept.record])[0], img)
+
+
+def test_detector_crash_quarantines_only_that_photo(anon, group_photo):
+    class Flaky:
+        name = "flaky"
+
+        def detect(self, rgb):
+            if rgb.shape[0] == 99:
+                raise RuntimeError("boom")
+            return [detect.Face((10, 10, 60, 60), 1.0)]
+
+    detect.register("flaky", lambda arg: Flaky())
+    imgs = [np.zeros((99, 99, 3), np.uint8), np.full((80, 80, 3), 7, np.uint8)]
+    res = anonymize_photos(anon, imgs, [new_key(), new_key()], FaceSpec(mode="detect", detector="flaky"))
+    assert "failed: RuntimeError: boom" in res[0].quarantine_reason and res[0].image is None
+    assert res[1].quarantine_reason is None and res[1].faces == 1
+
+
+def test_unusable_detector_setting_raises_for_the_whole_batch(anon):
+    with pytest.raises(InputError, match="yunet"):
+        anonymize_photos(anon, [np.zeros((64, 64, 3), np.uint8)], [new_key()], FaceSpec(mode="detect", detector="yunet"))
+
+
+# -- aligned mode -----------------------------------------------------------------------------------
+def test_aligned_face_box_leaves_outside_bit_identical_and_restores_exactly(anon):
+    img = _small(skimage_data.astronaut(), 356)[:, 89:89 + 178]  # 178 wide, crop to 218 high below
+    img = np.ascontiguousarray(img[:218])
+    keys = [new_key(), new_key()]
+    spec = FaceSpec(mode="aligned", box=parse_face_box("25,57,153,185"))
+    res = anonymize_photos(anon, [img, img], keys, spec, lossless=True)
+    for r in res:
+        assert r.faces == 1 and _crops(r.record) == [(25, 57, 153, 185)]
+        out = _outside(img.shape, [(25, 57, 153, 185)])
+        assert np.array_equal(r.image[out], img[out])
+        assert np.any(r.image[100:140, 70:110] != img[100:140, 70:110], axis=2).mean() > 0.9
+    assert not np.array_equal(res[0].image, res[1].image)  # different keys, different faces
+    back = restore_photos(anon, [r.image for r in res], keys, [r.record for r in res])
+    assert all(np.array_equal(b, img) for b in back)
+
+
+def test_aligned_whole_image_full_mask(anon):
+    img = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    keys = [new_key()]
+    res = anonymize_photos(anon, [img], keys, FaceSpec(mode="aligned", mask="full"), lossless=True)[0]
+    assert np.any(res.image != img, axis=2).mean() > 0.95
+    assert np.array_equal(restore_photos(anon, [res.image], keys, [res.record])[0], img)
+
+
+def test_aligned_box_outside_the_image_is_quarantined(anon):
+    res = anonymize_photos(anon, [np.zeros((100, 100, 3), np.uint8)], [new_key()],
+                           FaceSpec(mode="aligned", box=(25, 57, 153, 185)))[0]
+    assert "does not fit the 100x100 image" in res.quarantine_reason
+
+
+@pytest.mark.parametrize("kw", [dict(mode="crop"), dict(on_no_face="ignore"), dict(mode="detect", box=(0, 0, 9, 9)),
+                                dict(mode="aligned", box=(0, 0, 4, 4)), dict(mask="blob"), dict(expand=0.5)])
+def test_bad_spec(kw):
+    with pytest.raises(InputError):
+        FaceSpec(**kw)
+
+
+def test_parse_face_box():
+    assert parse_face_box("25,57,153,185") == (25, 57, 153, 185)
+    with pytest.raises(InputError, match="four integers"):
+        parse_face_box("25,57,153")
+
+
+# -- odd inputs through decode_image --------------------------------------------------------------
+def _encode(im: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_grayscale_rgba_16bit_and_exif_rotated_photos(anon):
+    ast = _small(skimage_data.astronaut(), 256)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored rotated; displayed upright after transposing
+    rotated = np.ascontiguousarray(np.rot90(ast, k=-1))
+    gray16 = (np.asarray(Image.fromarray(ast).convert("L")).astype(np.uint16) * 257)
+    inputs = {
+        "gray": _encode(Image.fromarray(ast).convert("L")),
+        "rgba": _encode(Image.fromarray(np.dstack([ast, np.full(ast.shape[:2], 200, np.uint8)]), "RGBA")),
+        "16bit": _encode(Image.fromarray(gray16)),
+        "exif": _encode(Image.fromarray(rotated), "JPEG", quality=95, exif=exif),
+    }
+    imgs = [decode_image(b, rid)[0] for rid, b in inputs.items()]
+    keys = [new_key() for _ in imgs]
+    res = anonymize_photos(anon, imgs, keys, FaceSpec(mode="detect"), lossless=True)
+    for rid, r in zip(inputs, res):
+        assert r.quarantine_reason is None and r.faces >= 1, rid
+    back = restore_photos(anon, [r.image for r in res], keys, [r.record for r in res])
+    assert all(np.array_equal(b, i) for b, i in zip(back, imgs))
+
+
+@pytest.mark.slow
+def test_huge_photo_lossless_restore_is_exact(anon):
+    """6000x4000: only the face region is processed; the rest is never touched."""
+    rng = np.random.default_rng(4)
+    big = np.empty((4000, 6000, 3), np.uint8)
+    big[:] = rng.integers(0, 256, (1, 6000, 3), dtype=np.uint8)
+    # Detection runs on a <= 1600 px copy, so the face must be large enough to survive that.
+    big[1000:2024, 3000:4024] = np.kron(skimage_data.astronaut(), np.ones((2, 2, 1), np.uint8))
+    keys = [new_key()]
+    res = anonymize_photos(anon, [big], keys, FaceSpec(mode="detect"), lossless=True)[0]
+    assert res.faces >= 1 and len(res.record) < 3_000_000
+    changed = np.any(res.image != big, axis=2)
+    ys, xs = np.nonzero(changed)
+    assert ys.min() >= 1000 and xs.min() >= 3000 and ys.max() < 2024 and xs.max() < 4024
+    assert np.array_equal(restore_photos(anon, [res.image], keys, [res.record])[0], big)
+
+
+# -- restore record ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one(anon):
+    img = _small(skimage_data.astronaut(), 200)
+    keys = [new_key()]
+    res = anonymize_photos(anon, [img], keys, FaceSpec(mode="detect"), lossless=True)[0]
+    return img, keys, res
+
+
+def test_wrong_key_or_changed_photo_is_loud(anon, one):
+    img, keys, res = one
+    with pytest.raises(IntegrityError, match="hash mismatch"):
+        restore_photos(anon, [res.image], [new_key()], [res.record], ids=["rec-7"])
+    changed = res.image.copy()
+    changed[0, 0] ^= 1
+    with pytest.raises(IntegrityError, match="rec-7"):
+        restore_photos(anon, [changed], keys, [res.record], ids=["rec-7"])
+    with pytest.raises(InputError, match="record is for"):
+        restore_photos(anon, [res.image[:-1]], keys, [res.record])
+
+
+def _edit(record: bytes, fn) -> bytes:
+    d = canonical.loads(record)
+    fn(d)
+    return canonical.dumps(d)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d.update(extra=1), "expected fields"),
+    (lambda d: d.pop("lossless"), "expected fields"),
+    (lambda d: d.update(v=2), "unsupported version"),
+    (lambda d: d["faces"][0].update(crop=[0, 0, 0, 0]), "crop"),
+    (lambda d: d["faces"][0].update(ellipse=[1, 2, 3]), "ellipse"),
+    (lambda d: d["faces"][0].update(fix=canonical.b64e(zlib.compress(b"\0" * 10))), "decompress"),
+    (lambda d: d["faces"][0].update(nose=1), "expected fields"),
+])
+def test_record_is_parsed_strictly(anon, one, edit, needle):
+    img, keys, res = one
+    with pytest.raises(FormatError, match=needle):
+        restore_photos(anon, [res.image], keys, [_edit(res.record, edit)])
+
+
+def test_non_canonical_record_rejected(anon, one):
+    img, keys, res = one
+    with pytest.raises(FormatError, match="canonical"):
+        restore_photos(anon, [res.image], keys, [res.record.replace(b'{"anon_sha256"', b'{ "anon_sha256"', 1)])
+
+
+def test_record_and_image_hold_no_key(one):
+    img, keys, res = one
+    assert keys[0] not in res.record and canonical.b64e(keys[0]).encode() not in res.record

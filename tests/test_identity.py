@@ -1,0 +1,164 @@
+"""Identity (NAME.key) and recipient (NAME.pub) files: generation, strict parsing, file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anondata import canonical
+from anondata.errors import AnondataError, FormatError, IntegrityError, KeyError_
+from anondata.identity import (
+    KEM_HYBRID,
+    KEM_X25519,
+    Identity,
+    Recipient,
+    generate_identity,
+    load_identity,
+    load_recipient,
+)
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def vector_identity(tmp_path, name):
+    dst = tmp_path / f"{name}.key"
+    shutil.copy(VECTORS / f"{name}.key", dst)
+    os.chmod(dst, 0o600)
+    return load_identity(dst)
+
+
+@pytest.mark.parametrize("pq", [False, True])
+def test_generate_save_load(tmp_path, pq):
+    ident = generate_identity(pq=pq, name="alice")
+    ident.save(tmp_path / "alice.key", tmp_path / "alice.pub")
+    assert stat.S_IMODE(os.stat(tmp_path / "alice.key").st_mode) == 0o600
+    again = load_identity(tmp_path / "alice.key")
+    pub = load_recipient(tmp_path / "alice.pub")
+    assert again.fingerprint == ident.fingerprint == pub.fingerprint
+    assert pub == ident.recipient and pub.kem == (KEM_HYBRID if pq else KEM_X25519)
+    sig = again.sign(b"msg")
+    pub.verify(sig, b"msg", "test")
+    with pytest.raises(IntegrityError):
+        pub.verify(sig, b"msh", "test")
+    assert len(pub.kem_public) == (1216 if pq else 32)
+    # secrets never leak through repr
+    assert canonical.b64e(ident._kem_secret) not in repr(ident)
+
+
+def test_refuses_overwrite(tmp_path):
+    generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
+    before = (tmp_path / "a.key").read_bytes()
+    with pytest.raises(KeyError_, match="exists"):
+        generate_identity().save(tmp_path / "a.key", tmp_path / "b.pub")
+    with pytest.raises(KeyError_, match="exists"):
+        generate_identity().save(tmp_path / "c.key", tmp_path / "a.pub")
+    assert (tmp_path / "a.key").read_bytes() == before
+    assert not (tmp_path / "c.key").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.pub"]  # no temp files left
+
+
+def test_refuses_readable_key(tmp_path):
+    generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
+    os.chmod(tmp_path / "a.key", 0o640)
+    with pytest.raises(KeyError_, match="chmod 600"):
+        load_identity(tmp_path / "a.key")
+
+
+def test_vectors_fingerprints(tmp_path):
+    fps = json.loads((VECTORS / "envelopes.json").read_text())["fingerprints"]
+    alice, bob = vector_identity(tmp_path, "alice"), vector_identity(tmp_path, "bob")
+    assert alice.kem == KEM_X25519 and bob.kem == KEM_HYBRID
+    assert alice.fingerprint == fps["alice"] == load_recipient(VECTORS / "alice.pub").fingerprint
+    assert bob.fingerprint == fps["bob"] == load_recipient(VECTORS / "bob.pub").fingerprint
+    # files are exactly what the library writes (canonical)
+    assert (VECTORS / "alice.key").read_bytes() == alice.to_bytes()
+    assert (VECTORS / "bob.pub").read_bytes() == bob.recipient.to_bytes()
+
+
+def _mutations(obj):
+    yield "extra field", dict(obj, extra=1)
+    yield "missing field", {k: v for k, v in obj.items() if k != "name"}
+    yield "version 2", dict(obj, version=2)
+    yield "version string", dict(obj, version="1")
+    yield "unknown kem", dict(obj, kem="P256")
+    yield "wrong kem for key", dict(obj, kem=KEM_HYBRID)
+    yield "control char in name", dict(obj, name="a\nb")
+    for field in ("kem_public", "sign_public", "kem_secret", "sign_secret"):
+        if field in obj:
+            raw = canonical.b64d(obj[field])
+            yield f"{field} short", dict(obj, **{field: canonical.b64e(raw[:-1])})
+            yield f"{field} padded", dict(obj, **{field: obj[field] + "="})
+
+
+@pytest.mark.parametrize("kind", ["key", "pub"])
+def test_strict_parsing(tmp_path, kind):
+    src = json.loads((VECTORS / f"alice.{kind}").read_text())
+    loader = load_identity if kind == "key" else load_recipient
+    for what, obj in _mutations(src):
+        path = tmp_path / f"m.{kind}"
+        path.write_bytes(canonical.dumps(obj) + b"\n")
+        os.chmod(path, 0o600)
+        with pytest.raises(KeyError_):
+            loader(path)
+            pytest.fail(what)
+    good = (VECTORS / f"alice.{kind}").read_bytes()
+    for bad in (good[:-1], good + b"\n", good[:-1] + b" \n", b" " + good, good[: len(good) // 2],
+                b"", b"\x00" * 64, json.dumps(src, indent=1).encode() + b"\n", os.urandom(300)):
+        path = tmp_path / f"b.{kind}"
+        path.write_bytes(bad)
+        os.chmod(path, 0o600)
+        with pytest.raises(KeyError_):
+            loader(path)
+
+
+def test_wrong_file_kind_hints(tmp_path):
+    shutil.copy(VECTORS / "alice.pub", tmp_path / "a.pub")
+    os.chmod(tmp_path / "a.pub", 0o600)
+    with pytest.raises(KeyError_, match="public key"):
+        load_identity(tmp_path / "a.pub")
+    with pytest.raises(KeyError_, match="private .key"):
+        load_recipient(VECTORS / "alice.key")
+    with pytest.raises(KeyError_, match="no such"):
+        load_recipient(tmp_path / "missing.pub")
+
+
+def test_low_order_x25519_public_key_rejected_at_seal():
+    from anondata.envelope import seal_records
+
+    r = Recipient(KEM_X25519, bytes(32), bytes(32), "zero")  # parses: X25519 accepts any 32 bytes
+    with pytest.raises(AnondataError):
+        seal_records([r], "0" * 32, [("a", bytes(32), b"")])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400))
+def test_fuzz_recipient_parser(data):
+    try:
+        Recipient.from_bytes(data)
+    except FormatError:
+        pass
+    try:
+        Identity.from_bytes(data)
+    except FormatError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 192 * 8 - 1))
+def test_every_bit_flip_of_key_file_is_rejected_or_different(bit):
+    good = (VECTORS / "alice.key").read_bytes()
+    bad = bytearray(good)
+    bad[bit // 8] ^= 1 << (bit % 8)
+    try:
+        ident = Identity.from_bytes(bytes(bad))
+    except FormatError:
+        return
+    # the only accepted flips are inside base64 payloads and yield a different key or name
+    assert ident.to_bytes() == bytes(bad) and bytes(bad) != good

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anondata.errors import InputError
+from anondata.images import MAX_PIXELS, decode_image, encode_image
+
+
+def _bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb(h=24, w=32, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_png_roundtrip_is_exact():
+    a = _rgb()
+    arr, fmt = decode_image(_bytes(Image.fromarray(a), "PNG"), "r1")
+    assert arr.dtype == np.uint8 and arr.shape == (24, 32, 3)
+    assert np.array_equal(arr, a)
+    assert (fmt.format, fmt.mode, fmt.width, fmt.height, fmt.notes) == ("PNG", "RGB", 32, 24, ())
+    back, _ = decode_image(encode_image(arr, fmt), "r1")
+    assert np.array_equal(back, a)
+
+
+def test_exif_orientation_applied_and_metadata_stripped():
+    a = _rgb(20, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    exif[0x013B] = "Jane Doe"  # Artist
+    exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0)}  # GPS IFD
+    data = _bytes(Image.fromarray(a), "PNG", exif=exif)
+    assert Image.open(io.BytesIO(data)).getexif()[0x013B] == "Jane Doe"
+    arr, fmt = decode_image(data, "r1")
+    assert arr.shape == (40, 20, 3)  # rotated for display
+    assert np.array_equal(arr, np.rot90(a, k=-1))
+    assert fmt.orientation == 6 and any("orientation" in n for n in fmt.notes)
+    out = encode_image(arr, fmt)
+    im = Image.open(io.BytesIO(out))
+    assert im.format == "PNG" and not im.getexif() and "exif" not in im.info and "icc_profile" not in im.info
+    assert b"Jane" not in out and b"eXIf" not in out and b"tEXt" not in out and b"iTXt" not in out
+
+
+def test_jpeg_exif_gps_not_in_output():
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0)}
+    data = _bytes(Image.fromarray(_rgb(32, 32)), "JPEG", exif=exif, quality=95)
+    arr, fmt = decode_image(data, "r1")
+    assert fmt.format == "JPEG" and not fmt.lossless
+    out = encode_image(arr, fmt)
+    assert out.startswith(b"\x89PNG") and b"CameraMaker" not in out
+
+
+def test_grayscale_and_palette_become_rgb():
+    g = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    arr, fmt = decode_image(_bytes(Image.fromarray(g, "L"), "PNG"), "g")
+    assert fmt.mode == "L" and np.array_equal(arr, np.repeat(g[:, :, None], 3, 2))
+    p = Image.fromarray(_rgb(16, 16)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    arr, _ = decode_image(_bytes(p, "PNG"), "p")
+    assert np.array_equal(arr, np.asarray(p.convert("RGB")))
+
+
+def test_sixteen_bit_keeps_high_byte():
+    v = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 251).astype(np.uint16)
+    im = Image.fromarray(v)
+    assert im.mode.startswith("I;16")
+    arr, fmt = decode_image(_bytes(im, "PNG"), "deep")
+    assert np.array_equal(arr[:, :, 0], (v >> 8).astype(np.uint8))
+    assert np.array_equal(arr[:, :, 0], arr[:, :, 2])
+    assert any("8-bit" in n for n in fmt.notes)
+
+
+def test_48_bit_rgb_keeps_high_byte_and_says_so():
+    cv2 = pytest.importorskip("cv2")
+    a = (np.arange(16 * 16 * 3).reshape(16, 16, 3) * 80).astype(np.uint16)
+    for ext in (".png", ".tiff"):
+        ok, buf = cv2.imencode(ext, a[:, :, ::-1])
+        arr, fmt = decode_image(buf.tobytes(), "deep")
+        assert np.array_equal(arr, (a >> 8).astype(np.uint8))
+        assert any("16-bit" in n for n in fmt.notes)
+
+
+def test_rgba_opaque_is_exact_and_transparent_is_composited_over_white():
+    a = _rgb(16, 16)
+    opaque = np.dstack([a, np.full((16, 16), 255, np.uint8)])
+    arr, fmt = decode_image(_bytes(Image.fromarray(opaque, "RGBA"), "PNG"), "o")
+    assert np.array_equal(arr, a) and fmt.notes == ()
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 128
+    hidden = np.dstack([a, alpha])
+    arr, fmt = decode_image(_bytes(Image.fromarray(hidden, "RGBA"), "PNG"), "t")
+    assert (arr[:, :8] == 255).all()  # pixels under alpha 0 are gone, not leaked
+    expect = (a[:, 8:].astype(int) * 128 + 255 * 127 + 127) // 255
+    assert np.array_equal(arr[:, 8:], expect)
+    assert any("white" in n for n in fmt.notes)
+
+
+def test_cmyk_jpeg_decodes():
+    im = Image.fromarray(_rgb(16, 16)).convert("CMYK")
+    arr, fmt = decode_image(_bytes(im, "JPEG"), "c")
+    assert arr.shape == (16, 16, 3) and fmt.mode == "CMYK"
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a recognised image"),
+        (_bytes(Image.fromarray(_rgb(64, 64)), "JPEG")[:300], "re-export"),
+        (_bytes(Image.fromarray(_rgb(4, 4)), "PNG"), "too small"),
+        (_bytes(Image.fromarray(np.zeros((9, 9), np.float32), "F"), "TIFF"), "floating-point"),
+    ],
+)
+def test_bad_inputs_name_the_record(data, needle):
+    with pytest.raises(InputError) as e:
+        decode_image(data, "rec-42")
+    assert "rec-42" in str(e.value) and needle in str(e.value)
+
+
+def test_corrupt_png_crc_is_rejected():
+    data = bytearray(_bytes(Image.fromarray(_rgb(16, 16)), "PNG"))
+    data[-20] ^= 0xFF  # inside the IDAT payload/CRC
+    with pytest.raises(InputError, match="rec"):
+        decode_image(bytes(data), "rec")
+
+
+def test_not_bytes():
+    with pytest.raises(InputError, match="not bytes"):
+        decode_image(np.zeros(3), "x")  # type: ignore[arg-type]
+
+
+def test_animated_gif_is_rejected():
+    frames = [Image.fromarray(_rgb(16, 16, s)).convert("P") for s in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match="3 frames"):
+        decode_image(buf.getvalue(), "anim")
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_pixel_bound_checked_from_header_before_decoding():
+    # A 10000x6000 header with no pixel data: refused on size alone, never decoded.
+    with pytest.raises(InputError, match="over the 50 MP bound") as e:
+        decode_image(_png_header_only(10000, 6000), "bomb")
+    assert "bomb" in str(e.value)
+    with pytest.raises(InputError, match="header declares more pixels|over the"):
+        decode_image(_png_header_only(60000, 60000), "bomb2")
+    with pytest.raises(InputError, match="bound"):
+        decode_image(_bytes(Image.fromarray(_rgb(40, 40)), "PNG"), "small", max_pixels=1000)
+    assert MAX_PIXELS >= 6000 * 4000
+
+
+def test_large_photo_decodes():
+    a = np.zeros((4000, 6000, 3), np.uint8)
+    a[::7, ::5] = 200
+    arr, fmt = decode_image(_bytes(Image.fromarray(a), "PNG", compress_level=1), "big")
+    assert arr.shape == (4000, 6000, 3) and (fmt.width, fmt.height) == (6000, 4000)
+
+
+def test_encode_rejects_non_rgb():
+    with pytest.raises(InputError):
+        encode_image(np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError):
+        encode_image(np.zeros((8, 8, 3), np.float32))

@@ -1,0 +1,75 @@
+"""Keystream v1: known answers, and an independent recomputation (stdlib HMAC for HKDF)."""
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from anondata.errors import InputError
+from anondata.keystream import face_key, keystream, new_key, signs
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "keystream.json").read_text())
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 with an empty salt, written out with stdlib hmac."""
+    prk = hmac.new(b"\x00" * 32, ikm, hashlib.sha256).digest()
+    okm, block, i = b"", b"", 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        okm += block
+        i += 1
+    return okm[:length]
+
+
+def test_chacha20_nonce_layout_matches_rfc8439():
+    # RFC 8439 A.1 test vector #1: zero key, zero nonce, block counter 0.
+    enc = Cipher(algorithms.ChaCha20(b"\x00" * 32, b"\x00" * 16), mode=None).encryptor()
+    assert enc.update(b"\x00" * 16).hex() == "76b8e0ada0f13d90405d6ae55386bd28"
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=lambda v: v["key_hex"][:8])
+def test_known_answers(v):
+    key = bytes.fromhex(v["key_hex"])
+    shape = tuple(v["shape"])
+    n = int(np.prod(shape))
+    assert keystream(key, (n + 7) // 8).hex() == v["keystream_hex"]
+    assert "".join("+" if s > 0 else "-" for s in signs(key, shape).reshape(-1)) == v["signs"]
+    assert face_key(key, 0).hex() == v["face_key_0_hex"]
+    assert face_key(key, 7).hex() == v["face_key_7_hex"]
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=lambda v: v["key_hex"][:8])
+def test_independent_derivation(v):
+    key = bytes.fromhex(v["key_hex"])
+    stream_key = hkdf_sha256(key, b"anondata/signs/v1")
+    raw = Cipher(algorithms.ChaCha20(stream_key, b"\x00" * 16), mode=None).encryptor().update(b"\x00" * 64)
+    bits = [(raw[i // 8] >> (i % 8)) & 1 for i in range(len(v["signs"]))]
+    assert "".join("-" if b else "+" for b in bits) == v["signs"]
+    assert hkdf_sha256(key, b"anondata/face/v1" + (7).to_bytes(4, "big")).hex() == v["face_key_7_hex"]
+
+
+def test_signs_are_balanced_and_key_dependent():
+    a, b = new_key(), new_key()
+    sa, sb = signs(a, (3, 64, 64)), signs(b, (3, 64, 64))
+    assert set(np.unique(sa)) == {-1, 1}
+    assert abs(sa.mean()) < 0.03
+    assert 0.45 < (sa != sb).mean() < 0.55
+    flipped = bytes([a[0] ^ 1]) + a[1:]
+    assert 0.45 < (signs(flipped, (3, 64, 64)) != sa).mean() < 0.55
+
+
+def test_new_key_is_fresh_256_bits():
+    keys = {new_key() for _ in range(100)}
+    assert len(keys) == 100 and all(len(k) == 32 for k in keys)
+
+
+@pytest.mark.parametrize("bad", [b"\x00" * 31, b"\x00" * 33, "00" * 32, None])
+def test_bad_keys_are_refused(bad):
+    with pytest.raises(InputError, match="key"):
+        signs(bad, (1, 2, 2))

@@ -1,0 +1,282 @@
+"""The signed manifest and `verify_release`: every byte of a release is covered."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anondata import canonical
+from anondata.envelope import seal_records, write_envelope_table
+from anondata.errors import FormatError, IntegrityError, KeyError_
+from anondata.identity import Identity, generate_identity, load_recipient
+from anondata.manifest import (
+    build_manifest,
+    parse_manifest,
+    read_manifest,
+    validate_manifest,
+    verify_release,
+    write_signed_manifest,
+)
+
+VECTORS = Path(__file__).parent / "vectors"
+SCHEMA = Path(__file__).parents[1] / "schemas" / "manifest.schema.json"
+MODEL = {"name": "tiny", "sha256": "ab" * 32, "revision": None}
+SETTINGS = {"scheme_version": 1, "steps": 4, "eta": "0"}
+
+
+@pytest.fixture(scope="module")
+def owner():
+    return generate_identity(name="owner")
+
+
+def make_release(root: Path, owner: Identity, n=(3, 2), quarantined=1, sign=True) -> dict:
+    """A small release: one shard + one envelope file per split."""
+    did = secrets.token_hex(16)
+    (root / "data").mkdir(parents=True)
+    records, shards, envs = [], [], []
+    for split, count in zip(("train", "test"), n):
+        name = f"{split}-00000-of-00001"
+        ids = [f"{split}/{i:04d}.png" for i in range(count)]
+        pq.write_table(pa.table({"id": ids, "image": [os.urandom(100) for _ in ids]}), root / f"data/{name}.parquet")
+        table = seal_records([owner.recipient], did, [(i, secrets.token_bytes(32), os.urandom(30)) for i in ids])
+        write_envelope_table(root / f"keys/{name}.keys.parquet", table)
+        shards.append(f"data/{name}.parquet")
+        envs.append(f"keys/{name}.keys.parquet")
+        records += [{"id": i, "split": split, "status": "anonymized", "shard": f"data/{name}.parquet"} for i in ids]
+    records += [{"id": f"q{i}", "split": "train", "status": "quarantined", "reason": "no face found"} for i in range(quarantined)]
+    records.append({"id": "broken.jpg", "split": "train", "status": "skipped", "reason": "not an image"})
+    m = build_manifest(root, dataset_id=did, model=MODEL, settings=SETTINGS, recipients=[owner.recipient],
+                       signer=owner.recipient, shard_paths=shards, envelope_paths=envs, records=records)
+    if sign:
+        write_signed_manifest(root, m, owner)
+    return m
+
+
+def test_roundtrip(tmp_path, owner):
+    m = make_release(tmp_path, owner)
+    s = verify_release(tmp_path, owner.recipient)
+    assert s["shards"] == 2 and s["envelope_files"] == 2 and s["records"] == 7
+    assert s["counts"] == {"anonymized": 5, "quarantined": 1, "skipped": 1, "total": 7}
+    assert s["signer"] == owner.fingerprint and s["envelopes_checked"]
+    assert read_manifest(tmp_path) == m
+    assert (tmp_path / "manifest.json").read_bytes() == canonical.dumps(m) + b"\n"
+    assert sorted(os.listdir(tmp_path)) == ["data", "keys", "manifest.json", "manifest.json.sig"]
+
+
+def test_public_copy_without_keys_verifies(tmp_path, owner):
+    make_release(tmp_path, owner)
+    shutil.rmtree(tmp_path / "keys")
+    s = verify_release(tmp_path)
+    assert not s["envelopes_checked"]
+
+
+def test_wrong_signer(tmp_path, owner):
+    make_release(tmp_path, owner)
+    other = generate_identity(name="mallory")
+    with pytest.raises(IntegrityError, match="not by the expected signer"):
+        verify_release(tmp_path, other.recipient)
+    # a manifest re-signed by someone else still fails when the owner is pinned
+    m = read_manifest(tmp_path)
+    m["signer"] = other.recipient.to_json()
+    write_signed_manifest(tmp_path, m, other)
+    verify_release(tmp_path)  # intact, but signed by mallory
+    with pytest.raises(IntegrityError, match="mallory"):
+        verify_release(tmp_path, owner.recipient)
+
+
+def test_write_refuses_wrong_signing_key(tmp_path, owner):
+    m = make_release(tmp_path, owner, sign=False)
+    with pytest.raises(KeyError_):
+        write_signed_manifest(tmp_path, m, generate_identity())
+
+
+def _flip_positions(path: Path, minimum=200):
+    size = path.stat().st_size
+    rng = random.Random(path.name)
+    if size >= minimum:
+        return [(p, rng.randrange(1, 256)) for p in rng.sample(range(size), minimum)]
+    # short files (the 64-byte signature): every position, several values each
+    per = -(-minimum // size)
+    return [(p, v) for p in range(size) for v in rng.sample(range(1, 256), per)]
+
+
+@pytest.mark.parametrize(
+    "target", ["manifest.json", "manifest.json.sig", "data/train-00000-of-00001.parquet", "keys/train-00000-of-00001.keys.parquet"]
+)
+def test_every_single_byte_change_is_detected(tmp_path, owner, target):
+    make_release(tmp_path, owner, n=(20, 2))
+    path = tmp_path / target
+    good = path.read_bytes()
+    positions = _flip_positions(path)
+    assert len(positions) >= 200
+    for pos, x in positions:
+        bad = bytearray(good)
+        bad[pos] ^= x
+        path.write_bytes(bad)
+        with pytest.raises((IntegrityError, FormatError)):
+            verify_release(tmp_path, owner.recipient)
+    path.write_bytes(good)
+    verify_release(tmp_path, owner.recipient)
+
+
+@pytest.mark.parametrize("cut", ["manifest.json", "manifest.json.sig", "data/test-00000-of-00001.parquet", "keys/test-00000-of-00001.keys.parquet"])
+def test_truncated_missing_and_garbage_files(tmp_path, owner, cut):
+    make_release(tmp_path, owner)
+    path = tmp_path / cut
+    good = path.read_bytes()
+    for bad in (good[: len(good) // 2], good[:-1], b"", os.urandom(len(good)), good + b"\0"):
+        path.write_bytes(bad)
+        with pytest.raises((IntegrityError, FormatError)):
+            verify_release(tmp_path)
+    path.unlink()
+    with pytest.raises((IntegrityError, FormatError), match="missing"):
+        verify_release(tmp_path)
+
+
+def test_non_canonical_manifest_signed_anyway(tmp_path, owner):
+    """A correctly signed manifest that is not canonical is still rejected."""
+    m = make_release(tmp_path, owner)
+    for data in (json.dumps(m, indent=1).encode() + b"\n", json.dumps(m, sort_keys=False).encode() + b"\n",
+                 canonical.dumps(m), canonical.dumps(m) + b"\r\n"):
+        (tmp_path / "manifest.json").write_bytes(data)
+        (tmp_path / "manifest.json.sig").write_bytes(owner.sign(data))
+        with pytest.raises(FormatError):
+            verify_release(tmp_path, owner.recipient)
+
+
+def _resign(root, m, ident):
+    data = canonical.dumps(m) + b"\n"
+    (root / "manifest.json").write_bytes(data)
+    (root / "manifest.json.sig").write_bytes(ident.sign(data))
+
+
+def test_signed_but_inconsistent(tmp_path, owner):
+    """Even the signer cannot publish a manifest that loses records or miscounts."""
+    m = make_release(tmp_path, owner)
+    cases = []
+    c = json.loads(json.dumps(m)); c["records"].pop(); cases.append(("record dropped, counts stale", c))
+    c = json.loads(json.dumps(m)); c["records"].append(dict(c["records"][0])); cases.append(("duplicate id", c))
+    c = json.loads(json.dumps(m)); c["shards"][0]["rows"] += 1; cases.append(("shard rows", c))
+    c = json.loads(json.dumps(m)); c["records"][0]["shard"] = 9; cases.append(("shard index", c))
+    c = json.loads(json.dumps(m)); c["records"][-1]["reason"] = ""; cases.append(("empty reason", c))
+    c = json.loads(json.dumps(m)); c["records"][0]["reason"] = "x"; cases.append(("reason on anonymized", c))
+    c = json.loads(json.dumps(m)); c["version"] = 2; cases.append(("version", c))
+    c = json.loads(json.dumps(m)); c["shards"][0]["path"] = "data/../x.parquet"; cases.append(("dotdot", c))
+    c = json.loads(json.dumps(m)); c["dataset_id"] = c["dataset_id"].upper(); cases.append(("dataset id case", c))
+    c = json.loads(json.dumps(m)); c["envelopes"].pop(); cases.append(("envelope file dropped", c))
+    for what, bad in cases:
+        _resign(tmp_path, bad, owner)
+        with pytest.raises((FormatError, IntegrityError)):
+            verify_release(tmp_path, owner.recipient)
+            pytest.fail(what)
+
+
+def test_unlisted_files_are_flagged(tmp_path, owner):
+    make_release(tmp_path, owner)
+    (tmp_path / "data" / ".train.parquet.tmp").write_bytes(b"half")
+    with pytest.raises(IntegrityError, match="not listed"):
+        verify_release(tmp_path)
+
+
+def test_envelope_moved_between_releases(tmp_path, owner):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_release(a, owner)
+    make_release(b, owner)
+    shutil.copy(b / "keys/train-00000-of-00001.keys.parquet", a / "keys/train-00000-of-00001.keys.parquet")
+    with pytest.raises(IntegrityError):
+        verify_release(a)
+
+
+def test_build_rejects_bad_records(tmp_path, owner):
+    m = make_release(tmp_path, owner, sign=False)
+    base = dict(dataset_id=m["dataset_id"], model=MODEL, settings=SETTINGS, recipients=[owner.recipient],
+                signer=owner.recipient, shard_paths=[s["path"] for s in m["shards"]],
+                envelope_paths=[e["path"] for e in m["envelopes"]])
+    recs = [dict(r, shard=m["shards"][r["shard"]]["path"]) if r["status"] == "anonymized" else r for r in m["records"]]
+    build_manifest(tmp_path, **base, records=recs)
+    for bad, match in [
+        (recs[:-1] + [dict(recs[-1], status="lost")], "status"),
+        (recs[1:], "rows"),
+        ([dict(recs[0], shard="data/nope.parquet")] + recs[1:], "not one of the listed"),
+        (recs + [recs[0]], "twice"),
+    ]:
+        with pytest.raises(FormatError, match=match):
+            build_manifest(tmp_path, **base, records=bad)
+    with pytest.raises(FormatError, match="floats"):
+        build_manifest(tmp_path, **dict(base, settings={"eta": 0.0}), records=recs)
+    with pytest.raises(FormatError, match="must look like"):
+        build_manifest(tmp_path, **dict(base, shard_paths=["/etc/passwd"]), records=recs)
+
+
+def test_golden_release_vector(tmp_path):
+    alice_pub = load_recipient(VECTORS / "alice.pub")
+    s = verify_release(VECTORS / "release", alice_pub)
+    assert s["counts"] == {"anonymized": 3, "quarantined": 1, "skipped": 1, "total": 5}
+    data = (VECTORS / "release/manifest.json").read_bytes()
+    alice = Identity.from_bytes((VECTORS / "alice.key").read_bytes())
+    assert alice.sign(data) == (VECTORS / "release/manifest.json.sig").read_bytes()  # Ed25519 is deterministic
+    with pytest.raises(IntegrityError):
+        verify_release(VECTORS / "release", load_recipient(VECTORS / "bob.pub"))
+
+
+def test_json_schema_accepts_what_we_write(tmp_path, owner):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    v.validate(json.loads((VECTORS / "release/manifest.json").read_text()))
+    v.validate(make_release(tmp_path, owner))
+
+
+_BASE = (VECTORS / "release/manifest.json").read_bytes()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzz_manifest_parser(data):
+    """Random edits of the vector manifest: parse_manifest raises FormatError or accepts a
+    document that the JSON Schema accepts too (the Python validator is never laxer)."""
+    b = bytearray(_BASE)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "del", "ins"]))
+        pos = data.draw(st.integers(0, len(b) - 1))
+        if op == "set":
+            b[pos] = data.draw(st.integers(0, 255))
+        elif op == "del":
+            del b[pos]
+        else:
+            b.insert(pos, data.draw(st.sampled_from(b'{}[]",:0123456789abcdefnulltrue\\ \n\x00\xff')))
+    try:
+        m = parse_manifest(bytes(b))
+    except FormatError:
+        return
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+
+
+json_leaf = st.none() | st.booleans() | st.integers(-5, 2**40) | st.text(max_size=12)
+json_any = st.recursive(json_leaf, lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=8), k, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["counts", "dataset_id", "envelopes", "model", "recipients", "records", "settings", "shards", "signer", "tool", "version", "format"]), json_any)
+def test_fuzz_manifest_fields(field, value):
+    m = json.loads(_BASE)
+    m[field] = value
+    try:
+        validate_manifest(m)
+    except FormatError:
+        return
+    # accepted only if it is a legal manifest by the schema as well
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(m, json.loads(SCHEMA.read_text()))

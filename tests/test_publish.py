@@ -1,0 +1,100 @@
+"""publish: the exact file set, the upload patterns, refusals. The network call is replaced."""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+
+import pytest
+
+from anondata.errors import AnondataError, InputError
+from anondata.job import publish as pub
+
+
+def _all_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_public_file_set_excludes_keys(release):
+    out = release["dir"]
+    files = pub.public_files(out)
+    shards = [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert files == ["README.md", "manifest.json", "manifest.json.sig", *shards]
+    with_keys = pub.public_files(out, include_envelopes=True)
+    assert with_keys == files + [f"keys/train-0000{i}-of-00003.keys.parquet" for i in range(3)]
+    # the patterns upload_folder gets admit exactly these files from the folder
+    for chosen in (files, with_keys):
+        pats = pub.allow_patterns(chosen)
+        admitted = [f for f in _all_files(out) if any(fnmatch.fnmatch(f, p) for p in pats)]
+        assert admitted == sorted(chosen)
+
+
+def test_publish_calls_upload_once_with_that_set(release):
+    calls = []
+    files = pub.publish(release["dir"], "someone/faces-anon", private=True,
+                        uploader=lambda *a, **k: calls.append((a, k)))
+    assert len(calls) == 1
+    (folder, repo, sent), kw = calls[0]
+    assert repo == "someone/faces-anon" and sent == files and kw["private"] is True
+    assert not any(f.startswith("keys/") for f in sent)
+    assert pub.publish(release["dir"], "someone/x", dry_run=True, uploader=lambda *a, **k: 1 / 0) == files
+
+
+def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            seen["create"] = (repo_id, repo_type, private, exist_ok)
+
+        def upload_folder(self, **kw):
+            seen["upload"] = kw
+            return type("Info", (), {"commit_url": "https://hub/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    files = pub.public_files(release["dir"])
+    assert pub.upload(release["dir"], "me/ds", files, private=False) == "https://hub/commit/1"
+    assert seen["create"] == ("me/ds", "dataset", False, True)
+    up = seen["upload"]
+    assert up["repo_type"] == "dataset" and up["allow_patterns"] == pub.allow_patterns(files)
+    assert "ignore_patterns" not in up
+
+    class Offline(FakeApi):
+        def create_repo(self, *a, **k):
+            raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    with pytest.raises(InputError, match="upload to me/ds failed"):
+        pub.upload(release["dir"], "me/ds", files)
+
+
+def test_refuses_unfinished_tampered_or_bad_repo(release, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(release["dir"], copy)
+    with pytest.raises(InputError, match="USER/NAME"):
+        pub.publish(copy, "not a repo", dry_run=True)
+    (copy / ".anondata-work").mkdir()
+    with pytest.raises(InputError, match="--resume"):
+        pub.public_files(copy)
+    (copy / ".anondata-work").rmdir()
+    shard = copy / "data" / "train-00001-of-00003.parquet"
+    shard.write_bytes(shard.read_bytes() + b"x")
+    with pytest.raises(AnondataError, match="train-00001"):
+        pub.public_files(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(release["dir"], copy)
+    shutil.rmtree(copy / "keys")  # a public copy can be re-published, not with envelopes
+    assert pub.public_files(copy)[-1].startswith("data/")
+    with pytest.raises(InputError, match="keys/"):
+        pub.public_files(copy, include_envelopes=True)
+
+
+def test_glob_characters_in_names_are_escaped():
+    assert pub.allow_patterns(["data/a[1]-*.parquet"]) == ["data/a[[]1]-[*].parquet"]
+    assert fnmatch.fnmatch("data/a[1]-*.parquet", "data/a[[]1]-[*].parquet")
+    assert not fnmatch.fnmatch("data/a1-x.parquet", "data/a[[]1]-[*].parquet")

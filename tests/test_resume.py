@@ -1,0 +1,132 @@
+"""Kill -9 the job process at several points, then --resume: every input record exactly once,
+manifest consistent, verify passes, restore still exact.
+
+The job runs as a subprocess (`python -m anondata.cli anonymize`) that joins the session's Ray
+instance through RAY_ADDRESS. Exact points use the test hook ANONDATA_TEST_CRASH_AT
+(`point:N` -> SIGKILL itself the N-th time it reaches `point`); one case kills it from outside
+at an arbitrary moment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from anondata.images import decode_image
+from conftest import FAST, ROOT, subprocess_env, write_face_parquet
+
+N, CORRUPT, SHARD = 8, {5}, 2
+
+
+def _cmd(src, out, identities, model, *extra):
+    return [
+        sys.executable, "-m", "anondata.cli", "anonymize", str(src), "--out", str(out),
+        "--recipient", identities["owner"][1], "--signing-key", identities["runner"][0], "--model", model,
+        "--steps", str(FAST["steps"]), "--inversion-iters", str(FAST["inversion_iters"]),
+        "--shard-size", str(SHARD), "--batch-size", "1", "--no-progress", *extra,
+    ]
+
+
+def check_exactly_once(out, rows) -> dict:
+    """verify passes; every input id is in exactly one place: a public shard or the quarantine list."""
+    from anondata.manifest import read_manifest, verify_release
+
+    verify_release(out)
+    m = read_manifest(out)
+    assert not (out / ".anondata-work").exists()
+    public = [r["record_id"] for p in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    quarantined = [r["id"] for r in m["records"] if r["status"] == "quarantined"]
+    want = [r["record_id"] for r in rows]
+    assert len(public) == len(set(public)) and not set(public) & set(quarantined)
+    assert sorted(public + quarantined) == sorted(want)
+    assert [r["id"] for r in m["records"]] == want
+    assert quarantined == [want[i] for i in sorted(CORRUPT)]
+    assert m["counts"]["total"] == len(rows)
+    return m
+
+
+@pytest.mark.parametrize("point", ["data:1", "commit:2", "manifest:1", "cleanup:1", "external"])
+def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path):
+    src = tmp_path / "faces.parquet"
+    rows = write_face_parquet(src, N, corrupt=CORRUPT)
+    out = tmp_path / "out"
+    env = subprocess_env(RAY_ADDRESS=ray_address)
+    if point != "external":
+        env["ANONDATA_TEST_CRASH_AT"] = point
+    proc = subprocess.Popen(_cmd(src, out, identities, tiny_model), env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if point == "external":
+        done = out / ".anondata-work" / "done"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (done.is_dir() and any(done.iterdir())):
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere inside the next shard
+        proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    if point == "cleanup:1":  # killed while removing the journal: the release is already complete
+        assert not (out / ".anondata-work" / "plan.json").exists() and (out / ".anondata-work").is_dir()
+        res = subprocess.run(_cmd(src, out, identities, tiny_model, "--resume"),
+                             env=subprocess_env(RAY_ADDRESS=ray_address), cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        check_exactly_once(out, rows)
+        return
+    assert (out / ".anondata-work" / "plan.json").is_file()
+    committed = sorted(p.stem for p in (out / ".anondata-work" / "done").glob("*.json"))
+    if point == "commit:2":
+        assert len(committed) == 2
+    if point == "manifest:1":
+        assert (out / "manifest.json").is_file() and len(committed) == N // SHARD
+
+    # Without --resume the folder is refused, with a pointer to --resume.
+    again = subprocess.run(_cmd(src, out, identities, tiny_model), env=subprocess_env(RAY_ADDRESS=ray_address),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    before = {n: (out / "data" / f"{n}.parquet").read_bytes() for n in committed}
+    res = subprocess.run(_cmd(src, out, identities, tiny_model, "--resume"), env=subprocess_env(RAY_ADDRESS=ray_address),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_exactly_once(out, rows)
+    for n, data in before.items():  # committed shards are kept as they were, not redone
+        assert (out / "data" / f"{n}.parquet").read_bytes() == data
+
+    if point == "commit:2":  # keys from before and after the crash both still restore exactly
+        from anondata.job.restore import run_restore
+
+        ids = [rows[0]["record_id"], rows[N - 1]["record_id"]]
+        run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=ids, model=tiny_model, progress=False)
+        got = [r for p in sorted((tmp_path / "r" / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+        by_id = {r["record_id"]: r for r in rows}
+        for g in got:
+            want = decode_image(by_id[g["record_id"]]["image"]["bytes"], "x")[0]
+            assert np.array_equal(decode_image(g["image"]["bytes"], "x")[0], want)
+        assert len(got) == 2
+
+
+def test_resume_checks_it_is_the_same_job(identities, tiny_model, tmp_path):
+    """--resume refuses another source or other keys (no Ray needed: checked before any work)."""
+    from anondata.errors import InputError
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, make_plan, run_anonymize
+    from anondata.identity import load_identity, load_recipient
+    from anondata.job.sources import open_source
+
+    write_face_parquet(tmp_path / "a.parquet", 4)
+    write_face_parquet(tmp_path / "b.parquet", 5)
+    opts = JobOptions(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
+                      signing_key=identities["runner"][0], model=tiny_model, shard_size=2, progress=False)
+    plan = make_plan(open_source(opts.source), opts, [load_recipient(identities["owner"][1])],
+                     load_identity(identities["runner"][0]))
+    Journal(opts.out).create(plan)
+    with pytest.raises(InputError, match="source does not match"):
+        run_anonymize(JobOptions(**{**opts.__dict__, "source": str(tmp_path / "b.parquet"), "resume": True}))
+    with pytest.raises(InputError, match="--recipient"):
+        run_anonymize(JobOptions(**{**opts.__dict__, "recipients": [identities["stranger"][1]], "resume": True}))
+    assert os.path.isfile(tmp_path / "out" / ".anondata-work" / "plan.json")

@@ -1,0 +1,223 @@
+"""Sources (every local form + the Hub path through a stand-in filesystem), shard tables and
+the dataset card. No Ray, no model: fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anondata.errors import InputError
+from anondata.job import sources as src_mod
+from anondata.job.shards import build_public_table, output_schema, shard_name
+from anondata.job.sources import derived_id, image_bytes, open_source
+from conftest import encode, synthetic_faces, write_face_parquet
+
+
+def test_parquet_file_keeps_schema_and_reads_ranges(tmp_path):
+    rows = write_face_parquet(tmp_path / "faces.parquet", 8)
+    s = open_source(str(tmp_path / "faces.parquet"))
+    assert s.kind == "parquet" and [(x.name, x.rows) for x in s.splits] == [("train", 8)]
+    assert s.id_column == "record_id"
+    assert s.ids("train") == [r["record_id"] for r in rows]
+    # a range across row groups (row_group_size=3) gives exactly those rows, with HF metadata
+    t = s.read("train", 2, 7)
+    assert t.column("record_id").to_pylist() == [r["record_id"] for r in rows[2:7]]
+    assert b"huggingface" in t.schema.metadata
+    assert s.read("train", 5, 6, ["caption"]).to_pylist() == [{"caption": "row 5"}]
+
+
+def test_parquet_folder_hub_layout_splits_and_file_boundaries(tmp_path):
+    d = tmp_path / "ds" / "data"
+    a = write_face_parquet(d / "train-00000-of-00002.parquet", 4, seed=1)
+    b = write_face_parquet(d / "train-00001-of-00002.parquet", 3, seed=2)
+    for r in b:
+        r["record_id"] = r["record_id"].replace("rec", "b")
+    import datasets
+
+    schema = pq.read_schema(d / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(b, schema=schema), d / "train-00001-of-00002.parquet")
+    write_face_parquet(d / "test-00000-of-00001.parquet", 2, seed=3)
+    s = open_source(str(tmp_path / "ds"))
+    assert [(x.name, x.rows) for x in s.splits] == [("train", 7), ("test", 2)]
+    ids = s.read("train", 2, 6, ["record_id"]).column(0).to_pylist()
+    assert ids == [a[2]["record_id"], a[3]["record_id"], b[0]["record_id"], b[1]["record_id"]]
+    assert [x.name for x in open_source(str(tmp_path / "ds"), splits=["test"]).splits] == ["test"]
+    with pytest.raises(InputError, match="validation"):
+        open_source(str(tmp_path / "ds"), splits=["validation"])
+    assert datasets  # the layout is the one datasets itself writes
+
+
+def test_split_from_file_name_word(tmp_path):
+    write_face_parquet(tmp_path / "d" / "faces-validation.parquet", 2)
+    assert [x.name for x in open_source(str(tmp_path / "d")).splits] == ["validation"]
+
+
+def test_limit_split_name_and_missing_columns(tmp_path):
+    write_face_parquet(tmp_path / "f.parquet", 6)
+    s = open_source(str(tmp_path / "f.parquet"), splits=["dev"], limit=4)
+    assert [(x.name, x.rows) for x in s.splits] == [("dev", 4)]
+    assert s.read("dev", 2, 10).num_rows == 2  # clipped at the limit
+    with pytest.raises(InputError, match="--image-column"):
+        open_source(str(tmp_path / "f.parquet"), image_column="photo")
+    with pytest.raises(InputError, match="--id-column"):
+        open_source(str(tmp_path / "f.parquet"), id_column="nope")
+    with pytest.raises(InputError, match="not images"):
+        open_source(str(tmp_path / "f.parquet"), image_column="caption")
+    with pytest.raises(InputError, match="does not exist"):
+        open_source(str(tmp_path / "missing.parquet"))
+    with pytest.raises(InputError, match="--limit"):
+        open_source(str(tmp_path / "f.parquet"), limit=0)
+
+
+def test_derived_ids_without_id_column(tmp_path):
+    write_face_parquet(tmp_path / "f.parquet", 3, id_column=None)
+    s = open_source(str(tmp_path / "f.parquet"))
+    assert s.id_column is None
+    assert s.ids("train") == ["train-000000", "train-000001", "train-000002"] == [derived_id("train", i) for i in range(3)]
+
+
+def test_image_folder_sorted_with_derived_ids(tmp_path):
+    imgs = synthetic_faces(3)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "imgs" / "b.png").write_bytes(encode(imgs[1]))
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode(imgs[0], "JPEG"))
+    (tmp_path / "imgs" / "sub" / "c.png").write_bytes(encode(imgs[2]))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / ".hidden.png").write_bytes(b"x")
+    s = open_source(str(tmp_path / "imgs"))
+    assert s.kind == "imagefolder" and s.splits[0].rows == 3 and s.id_column is None
+    t = s.read("train", 0, 3)
+    assert [c["bytes"] for c in t.column("image").to_pylist()] == [
+        (tmp_path / "imgs" / p).read_bytes() for p in ("a.jpg", "b.png", "sub/c.png")
+    ]
+    with pytest.raises(InputError, match="no Parquet files"):
+        (tmp_path / "empty").mkdir()
+        open_source(str(tmp_path / "empty"))
+
+
+def test_save_to_disk_dataset_and_dict(tmp_path):
+    import datasets
+
+    imgs = synthetic_faces(4)
+    feats = datasets.Features({"record_id": datasets.Value("string"), "image": datasets.Image(),
+                               "score": datasets.Value("float32")})
+    ds = datasets.Dataset.from_dict(
+        {"record_id": [f"x{i}" for i in range(4)], "image": [{"bytes": encode(a), "path": None} for a in imgs],
+         "score": [0.5, 1.5, 2.5, 3.5]}, features=feats)
+    ds.save_to_disk(str(tmp_path / "one"))
+    s = open_source(str(tmp_path / "one"))
+    assert s.kind == "arrow" and s.splits[0].rows == 4
+    t = s.read("train", 1, 3)
+    assert t.column("record_id").to_pylist() == ["x1", "x2"] and t.schema.field("score").type == pa.float32()
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    s2 = open_source(str(tmp_path / "dict"))
+    assert [(x.name, x.rows) for x in s2.splits] == [("train", 4), ("test", 1)]
+
+
+def test_path_only_image_cells_are_read_from_disk(tmp_path):
+    img = encode(synthetic_faces(1)[0])
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "p.png").write_bytes(img)
+    s = open_source(str(tmp_path / "pics"))
+    assert image_bytes(s, {"bytes": None, "path": "p.png"}) == (img, None)
+    assert image_bytes(s, {"bytes": None, "path": str(tmp_path / "pics" / "p.png")}) == (img, None)
+    data, err = image_bytes(s, {"bytes": None, "path": "gone.png"})
+    assert data is None and "gone.png" in err
+    assert image_bytes(s, None)[0] is None and image_bytes(s, b"abc") == (b"abc", None)
+
+
+class _LocalHub:
+    """Stands in for HfFileSystem: 'datasets/USER/NAME/...' maps to a local folder."""
+
+    root: Path
+
+    def glob(self, pattern):
+        base = "datasets/user/faces"
+        assert pattern.startswith(base)
+        return [f"{base}/{p.relative_to(self.root).as_posix()}" for p in sorted(self.root.rglob("*.parquet"))]
+
+    def open(self, path, mode="rb"):
+        return open(self.root / path.split("/", 3)[3], mode)
+
+
+def test_hub_id_uses_hffilesystem(tmp_path, monkeypatch):
+    rows = write_face_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", 3)
+    import huggingface_hub
+
+    _LocalHub.root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", _LocalHub)
+    s = open_source("user/faces")
+    assert s.kind == "hub" and s.splits[0].rows == 3
+    assert s.read("train", 0, 3, ["record_id"]).column(0).to_pylist() == [r["record_id"] for r in rows]
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    class Offline:
+        def glob(self, pattern):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", Offline)
+    with pytest.raises(InputError, match="cannot read Hub dataset 'user/faces'.*download"):
+        open_source("user/faces")
+
+
+def test_public_table_keeps_columns_types_and_adds_derived_id(tmp_path):
+    import datasets
+
+    write_face_parquet(tmp_path / "f.parquet", 4, id_column=None)
+    s = open_source(str(tmp_path / "f.parquet"))
+    schema = output_schema(s.schema, "image", add_id=True)
+    assert schema.names == ["record_id", "image", "label", "caption"]
+    base = s.read("train", 0, 4, ["label", "caption"])
+    new = [encode(np.zeros((9, 9, 3), np.uint8)) for _ in range(3)]
+    t = build_public_table(base, schema, "image", new, [True, False, True, True], s.ids("train"))
+    assert t.column("record_id").to_pylist() == ["train-000000", "train-000002", "train-000003"]
+    assert t.column("label").to_pylist() == [0, 2, 0]
+    assert [c["bytes"] for c in t.column("image").to_pylist()] == new
+    assert all(c["path"] is None for c in t.column("image").to_pylist())  # no input file names leak
+    out = tmp_path / "rel" / "data"
+    out.mkdir(parents=True)
+    pq.write_table(t, out / "train-00000-of-00001.parquet")
+    ds = datasets.load_dataset(str(tmp_path / "rel"), split="train")
+    assert ds.column_names == ["record_id", "image", "label", "caption"]
+    assert ds[0]["image"].size == (9, 9)
+
+
+def test_card_yaml_and_shard_names():
+    from anondata.job.card import dataset_card
+
+    plan = {"splits": [{"name": "train", "rows": 3, "shards": [{}]}, {"name": "test", "rows": 1, "shards": [{}]}],
+            "options": {"faces": {"mode": "aligned", "box": None, "on_no_face": "quarantine"}},
+            "source": {"kind": "parquet", "image_column": "image", "id_column": "record_id"},
+            "dataset_id": "0" * 32, "signer": "f" * 32}
+    text = dataset_card(plan, {"model": {"name": "m", "sha256": "a" * 64}, "settings": {"steps": 4}},
+                        {"anonymized": 3, "quarantined": 1}, license="cc-by-4.0")
+    head = text.split("---")[1]
+    import yaml
+
+    meta = yaml.safe_load(head)
+    assert meta["license"] == "cc-by-4.0"
+    assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"},
+                                                {"split": "test", "path": "data/test-*"}]
+    assert "quarantined records: 1" in text and "a" * 64 in text
+    assert shard_name("train", 3, 12) == "train-00003-of-00012"
+    assert json.dumps(meta)
+
+
+def test_binary_image_column_stays_binary(tmp_path):
+    """A plain binary column of encoded images (no datasets metadata) keeps its Arrow type."""
+    imgs = [encode(a) for a in synthetic_faces(2)]
+    pq.write_table(pa.table({"id": pa.array([7, 9]), "img": pa.array(imgs, pa.large_binary())}), tmp_path / "b.parquet")
+    s = open_source(str(tmp_path / "b.parquet"), image_column="img", id_column="id")
+    assert s.ids("train") == ["7", "9"]
+    schema = output_schema(s.schema, "img", add_id=False)
+    assert schema.field("img").type == pa.large_binary()
+    t = build_public_table(s.read("train", 0, 2, ["id"]), schema, "img", [b"new"], [False, True], None)
+    assert t.to_pylist() == [{"id": 9, "img": b"new"}]

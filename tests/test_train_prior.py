@@ -1,0 +1,148 @@
+"""jobs/train_prior.py on a tiny synthetic Parquet: trains, saves a loadable diffusers folder
+(fp16 safetensors, sharded), resumes exactly where it stopped, logs the loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("train_prior", ROOT / "jobs" / "train_prior.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_parquet(path: Path, n: int = 12, size: int = 20) -> Path:
+    """datasets.Image-style struct column; 20 px images so the job's resize path runs too."""
+    rng = np.random.default_rng(0)
+    cells = []
+    for _ in range(n):
+        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array(cells, type=image_t)}), path)
+    return path
+
+
+TINY = ["--resolution", "16", "--channels", "32,64", "--attn-levels", "1", "--norm-groups", "8",
+        "--head-dim", "8", "--batch-size", "2", "--threads", "1", "--log-every", "1", "--device", "cpu",
+        "--shard-mb", "1", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    job = _load_job()
+    tmp = tmp_path_factory.mktemp("prior")
+    data = _tiny_parquet(tmp / "faces.parquet")
+    run = tmp / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "3", *TINY]) == 0
+    first = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "5", *TINY]) == 0
+    return job, data, run, first
+
+
+def test_resume_continues_from_checkpoint(trained):
+    _job, _data, run, first = trained
+    assert first["step"] == 3
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5
+    steps = [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # resumed at 4, not from scratch
+    losses = [json.loads(line)["loss"] for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses))
+    # The resumed run really trained: weights moved after step 3.
+    assert any(not torch.equal(first["model"][n], ck["model"][n]) for n in ck["model"])
+    assert ck["opt"]["state"], "optimizer state must be restored and carried on" 
+
+
+def test_latest_is_a_loadable_fp16_sharded_diffusers_folder(trained):
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from safetensors import safe_open
+
+    _job, _data, run, _first = trained
+    latest = run / "latest"
+    assert latest.is_symlink() and latest.resolve().name == "step-0000005"
+    files = sorted((latest / "unet").glob("*.safetensors"))
+    assert len(files) >= 2, "expected shards with --shard-mb 1"
+    assert (latest / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    for f in files:
+        assert f.stat().st_size <= 1_000_000 + 64_000  # shard limit (+ header slack)
+        with safe_open(str(f), framework="pt") as sf:
+            assert {sf.get_tensor(k).dtype for k in sf.keys()} == {torch.float16}
+    unet = UNet2DModel.from_pretrained(str(latest / "unet"))
+    assert unet.config.sample_size == 16 and tuple(unet.config.block_out_channels) == (32, 64)
+    x = torch.zeros(1, 3, 16, 16, dtype=unet.dtype)
+    assert unet(x, torch.tensor([10])).sample.shape == (1, 3, 16, 16)
+    ddim = DDIMScheduler.from_pretrained(str(latest / "scheduler"))
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    assert ddim.config.prediction_type == "epsilon" and not ddim.config.clip_sample
+    assert torch.allclose(ddim.alphas_cumprod, ref.alphas_cumprod)
+    meta = json.loads((latest / "train_meta.json").read_text())
+    assert meta["step"] == 5
+
+
+def test_snapshot_holds_the_ema_weights(trained):
+    from diffusers import UNet2DModel
+
+    _job, _data, run, _first = trained
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    unet = UNet2DModel.from_pretrained(str(run / "latest" / "unet"), torch_dtype=torch.float32)
+    sd = unet.state_dict()
+    for name, w in ck["ema"].items():
+        assert torch.allclose(sd[name], w.half().float()), name
+
+
+def test_architecture_mismatch_on_resume_is_a_clear_error(trained, capsys):
+    job, data, run, _first = trained
+    other = [a if a != "32,64" else "16,32" for a in TINY]
+    with pytest.raises(SystemExit, match="architecture flags"):
+        job.main(["--data", str(data), "--run", str(run), "--max-steps", "6", *other])
+
+
+def test_parquet_without_image_bytes_is_rejected(tmp_path):
+    job = _load_job()
+    image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    path = tmp_path / "paths_only.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "a.jpg"}], type=image_t)}), path)
+    with pytest.raises(SystemExit, match="no image bytes"):
+        job.load_images(str(path), 16)
+
+
+EMBEDDED = ROOT / "anondata" / "models" / "embedded"
+
+
+@pytest.mark.skipif(not (EMBEDDED / "unet" / "config.json").is_file(), reason="embedded prior not shipped yet")
+def test_shipped_embedded_prior_is_small_sharded_fp16_and_loads_offline(monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    weights = sorted((EMBEDDED / "unet").glob("*.safetensors"))
+    assert weights and all(p.stat().st_size <= 16 * 2**20 for p in weights)
+    for f in weights:
+        with safe_open(str(f), framework="pt") as sf:
+            assert {sf.get_tensor(k).dtype for k in sf.keys()} == {torch.float16}
+    assert (EMBEDDED / "scheduler" / "scheduler_config.json").is_file()
+    card = (EMBEDDED / "MODEL_CARD.md").read_text()
+    assert "research" in card.lower() and "CelebA" in card and "jobs/train_prior.py" in card
+    from anondata.anonymizer import Anonymizer
+
+    anon = Anonymizer.from_pretrained("embedded", device="cpu", steps=2, inversion_iters=0)
+    assert anon.resolution == 64
+    assert anon.model_info["name"] == "embedded"

@@ -1,0 +1,38 @@
+"""Regenerate tests/vectors/keystream.json (known-answer vectors of keystream v1, docs/FORMAT.md).
+The expected values were checked once against an independent computation (test_keystream.py
+recomputes them with HKDF + ChaCha20 from `cryptography` step by step)."""
+
+import json
+from pathlib import Path
+
+from anondata.keystream import face_key, keystream, signs
+
+CASES = [
+    {"key": bytes(range(32)), "shape": [3, 4, 4]},
+    {"key": bytes(32), "shape": [1, 2, 5]},
+    {"key": bytes([0xFF] * 32), "shape": [3, 8, 8]},
+]
+
+
+def main():
+    out = []
+    for c in CASES:
+        n = 1
+        for d in c["shape"]:
+            n *= d
+        s = signs(c["key"], tuple(c["shape"]))
+        out.append({
+            "key_hex": c["key"].hex(),
+            "shape": c["shape"],
+            "keystream_hex": keystream(c["key"], (n + 7) // 8).hex(),
+            "signs": "".join("+" if v > 0 else "-" for v in s.reshape(-1)),
+            "face_key_0_hex": face_key(c["key"], 0).hex(),
+            "face_key_7_hex": face_key(c["key"], 7).hex(),
+        })
+    path = Path(__file__).with_name("keystream.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
