@@ -6,8 +6,9 @@ batching, and what 8-bit storage loses. Restore always starts from the uint8 ima
 8-bit storage: generated pixels can leave [-1, 1]; clipping them would break restore (the
 inversion starts from the wrong image). The clipped-off part (`overflow`, integer levels) goes
 into the restore record, so restore starts from the generated image up to rounding.
-Lossless mode adds the residual original - key-only restore, so restore is bit-exact on the same
-device and dtype; the original's sha256 makes any mismatch elsewhere an error, not a silent change.
+Lossless mode adds the residual original - key-only restore, and each masked value mod 3, so
+restore is bit-exact even where another thread count, batch or device moves a rounded pixel by
+one level; the original's sha256 makes anything larger an error, never a silent change.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from . import keystream, scheme
 from .backends import load_backend
 from .errors import AnondataError, InputError, IntegrityError
-from .restore_record import MAX_BATCH, RestoreRecord, SCHEME, sha256_image
+from .restore_record import MAX_BATCH, RestoreRecord, SCHEME, sha256_image, snap
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -39,7 +40,7 @@ class Anonymizer:
         dtype: str = "float32",
         steps: int | None = None,
         inversion_iters: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
     ) -> "Anonymizer":
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -52,6 +53,8 @@ class Anonymizer:
             )
         except ValueError as e:
             raise InputError(str(e)) from None
+        if batch_size is None:  # one image per call on a CPU (no gain from more), a full batch on a GPU
+            batch_size = 1 if backend.device.type == "cpu" else 16
         return cls(backend, sampler, batch_size=batch_size)
 
     def to(self, device=None) -> "Anonymizer":
@@ -161,7 +164,8 @@ class Anonymizer:
         if lossless:
             restored = self._restore_levels(stored, keys, records)
             for i, rec in enumerate(records):
-                rec.residual = (images[i].astype(np.int16) - restored[i].astype(np.int16))
+                rec.residual = images[i].astype(np.int16) - restored[i].astype(np.int16)
+                rec.snap = (images[i][masks[i]] % 3).reshape(-1)
                 rec.original_sha256 = sha256_image(images[i])
         return stored, records
 
@@ -188,7 +192,8 @@ class Anonymizer:
         out = self._restore_levels(anonymized, keys, records)
         for i, rec in enumerate(records):
             if rec.residual is not None:
-                exact = (out[i].astype(np.int16) + rec.residual)
+                exact = out[i].astype(np.int16) + rec.residual
+                exact[rec.mask] = snap(exact[rec.mask].reshape(-1), rec.snap).reshape(-1, 3)
                 if exact.min() < 0 or exact.max() > 255 or sha256_image(exact.astype(np.uint8)) != rec.original_sha256:
                     raise IntegrityError(
                         f"record {i}: lossless restore does not reproduce the original (hash mismatch): wrong key, "

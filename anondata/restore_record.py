@@ -11,6 +11,10 @@ Canonical JSON (anondata.canonical), sealed inside the record's envelope, never 
   overflow          b64url(zlib(int16 LE R*R*3)): the part of the generated pixels that 8-bit storage
                     clipped, in 1/127.5 units, so restore starts from exactly what was generated (up to rounding)
   residual          null, or b64url(zlib(int16 LE R*R*3)): original - key-only restore (lossless mode)
+  snap              null, or b64url(trits): (original mod 3) of every value inside the mask, in (row, col,
+                    channel) order, 5 trits a byte (t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4, unused trits 0):
+                    restore snaps each value to the one of {v-1, v, v+1} with that residue, so lossless
+                    restore survives the ±1 rounding drift of another thread count, batch or device
   original_sha256   null, or sha256 of the original R*R*3 uint8 crop (lossless mode): restore checks it
 Readers reject unknown or missing fields, wrong types, and payloads that do not decompress to the exact size.
 """
@@ -31,7 +35,7 @@ SCHEME = "anondata-signflip/1"
 DTYPES = ("float32", "float64")
 _FIELDS = {
     "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
-    "mask", "overflow", "residual", "original_sha256",
+    "mask", "overflow", "residual", "snap", "original_sha256",
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_RESOLUTION = 4096
@@ -66,6 +70,7 @@ class RestoreRecord:
     mask: np.ndarray  # (R, R) bool
     overflow: np.ndarray  # (R, R, 3) int16
     residual: np.ndarray | None = None  # (R, R, 3) int16
+    snap: np.ndarray | None = None  # (mask.sum() * 3,) uint8 in 0..2
     original_sha256: str | None = None
 
     def to_bytes(self) -> bytes:
@@ -82,6 +87,7 @@ class RestoreRecord:
             "mask": canonical.b64e(zlib.compress(bits.tobytes(), 9)),
             "overflow": _pack_i16(self.overflow),
             "residual": None if self.residual is None else _pack_i16(self.residual),
+            "snap": None if self.snap is None else canonical.b64e(pack_trits(self.snap)),
             "original_sha256": self.original_sha256,
         })
 
@@ -107,8 +113,8 @@ class RestoreRecord:
         for k in ("model_sha256",) + (("original_sha256",) if d["original_sha256"] is not None else ()):
             if not isinstance(d[k], str) or not _HEX64.fullmatch(d[k]):
                 raise FormatError(f"restore record: {k} must be 64 lowercase hex digits")
-        if (d["residual"] is None) != (d["original_sha256"] is None):
-            raise FormatError("restore record: residual and original_sha256 go together")
+        if not (d["residual"] is None) == (d["snap"] is None) == (d["original_sha256"] is None):
+            raise FormatError("restore record: residual, snap and original_sha256 go together")
         nbits = r * r
         bits = _unpack(d["mask"], ((nbits + 7) // 8,), "u1", "mask")
         if nbits % 8 and bits[-1] >> (nbits % 8):
@@ -124,9 +130,33 @@ class RestoreRecord:
             mask=mask,
             overflow=_unpack(d["overflow"], (r, r, 3), "<i2", "overflow").astype(np.int16),
             residual=None if d["residual"] is None else _unpack(d["residual"], (r, r, 3), "<i2", "residual").astype(np.int16),
+            snap=None if d["snap"] is None else unpack_trits(canonical.b64d(d["snap"], "snap"), int(mask.sum()) * 3),
             original_sha256=d["original_sha256"],
         )
 
 
 def sha256_image(img: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(img, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def pack_trits(t: np.ndarray) -> bytes:
+    """Values 0..2, five to a byte, little-endian base 3."""
+    t = np.asarray(t, dtype=np.uint8).reshape(-1)
+    padded = np.zeros(-(-len(t) // 5) * 5, np.uint8)
+    padded[: len(t)] = t
+    return (padded.reshape(-1, 5).astype(np.uint16) @ np.array([1, 3, 9, 27, 81], np.uint16)).astype(np.uint8).tobytes()
+
+
+def unpack_trits(data: bytes, n: int) -> np.ndarray:
+    b = np.frombuffer(data, np.uint8)
+    if len(b) != -(-n // 5) or (b >= 243).any():
+        raise FormatError(f"restore record: snap must be {-(-n // 5)} bytes of 5 trits each")
+    t = (b[:, None] // np.array([1, 3, 9, 27, 81], np.uint8)[None] % 3).reshape(-1)
+    if t[n:].any():
+        raise FormatError("restore record: snap has non-zero padding trits")
+    return t[:n].astype(np.uint8)
+
+
+def snap(estimate: np.ndarray, trits: np.ndarray) -> np.ndarray:
+    """The value in {estimate-1, estimate, estimate+1} whose residue mod 3 is `trits` (int16 in, int16 out)."""
+    return estimate + ((trits.astype(np.int16) - estimate + 1) % 3) - 1

@@ -57,10 +57,9 @@ class JobOptions:
     gpus: int | None = None  # None: every GPU the cluster has
     workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
     batch_size: int = 8  # records per actor call
-    # Crops per model forward. 1 because the core's lossless restore is only bit-exact when
-    # restore runs each crop in the same batch composition as anonymize did (float kernels
-    # differ with batch size); restore uses 1 as well.
-    model_batch: int = 1
+    # Crops per model call (the core pads every call to this shape and records it, so restore
+    # recomputes each crop exactly as it was made). None: 1 on CPU actors, batch_size on GPUs.
+    model_batch: int | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     resume: bool = False
     license: str = "other"
@@ -117,7 +116,7 @@ def _precheck(opts: JobOptions) -> None:
 
     spec = _face_spec(opts)
     FaceSpec(**{**spec, "box": tuple(spec["box"]) if spec["box"] else None})
-    if opts.batch_size < 1 or opts.model_batch < 1:
+    if opts.batch_size < 1 or (opts.model_batch is not None and opts.model_batch < 1):
         raise InputError("--batch-size must be at least 1")
     if opts.model == "embedded":
         from ..backends import EMBEDDED_DIR
@@ -282,7 +281,7 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
             "device": device,
             "steps": opts.steps,
             "inversion_iters": opts.inversion_iters,
-            "model_batch": opts.model_batch,
+            "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
             "face_spec": _face_spec(opts),
             "lossless": opts.lossless,
             "recipients": [r.to_bytes() for r in recipients],

@@ -25,8 +25,6 @@ from ..errors import InputError
 from .journal import atomic_write
 from .shards import ROW_GROUP_SIZE, image_array
 
-THREADS = 1  # as the anonymize job's actors (see run_restore)
-MODEL_BATCH = 1  # as the anonymize job: lossless restore is exact only in the same batch composition
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -106,18 +104,11 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     for rid in wanted:
         per_shard.setdefault(by_id[rid]["shard"], []).append(rid)
 
-    import torch
-
+    # Each crop is recomputed at the batch shape recorded in its restore record, and lossless
+    # records snap the ±1 drift of another thread count or device: no need to copy the actors' setup.
     anon = _load_model(model, m, _device(device, extra.get("device", "cpu")))
-    threads = torch.get_num_threads()
-    # The actors anonymize with one torch thread; CPU float kernels split work differently
-    # with more threads, and the lossless check needs the very same arithmetic.
-    torch.set_num_threads(THREADS)
-    try:
-        return _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
-                             png, batch_size, progress, dataset_id)
-    finally:
-        torch.set_num_threads(threads)
+    return _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
+                         png, batch_size, progress, dataset_id)
 
 
 def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
@@ -193,7 +184,6 @@ def _load_model(model: str | None, m: dict, device: str = "cpu"):
         return Anonymizer.from_pretrained(
             name, device=device, steps=s.get("steps"), inversion_iters=s.get("inversion_iters"),
             dtype=s.get("dtype", "float32"),
-            batch_size=MODEL_BATCH,
         )
     except InputError as e:
         if model:

@@ -1,0 +1,233 @@
+"""anondata eval: metrics on the tiny model and sample photos, the report, the schema, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FAST, subprocess_env
+
+pytest.importorskip("dlib")
+pytest.importorskip("face_recognition_models")
+
+SIZE = 32  # the tiny model's resolution: no resize, so restore numbers measure the scheme itself
+
+
+@pytest.fixture(scope="module")
+def anon(tiny_model):
+    from anondata.anonymizer import Anonymizer
+
+    return Anonymizer.from_pretrained(tiny_model, batch_size=1, **FAST)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from PIL import Image
+
+    from anondata.testing import sample_images
+
+    return [np.array(Image.fromarray(im).resize((SIZE, SIZE), Image.BICUBIC)) for im in sample_images()]
+
+
+@pytest.fixture(scope="module")
+def evaluated(anon, photos):
+    """Anonymize the four sample photos (aligned, lossless) and evaluate everything."""
+    import torch
+
+    from anondata.eval.run import EvalInput, EvalOptions, evaluate
+    from anondata.faces import FaceSpec, anonymize_photos
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(7)
+    keys = [rng.bytes(32) for _ in photos]  # fixed test keys: the numbers below are repeatable
+    res = anonymize_photos(anon, photos, keys, FaceSpec(mode="aligned"), lossless=True)
+    inp = EvalInput(
+        ids=[f"rec-{i}" for i in range(len(photos))], originals=photos, anonymized=[r.image for r in res],
+        identities=[0, 0, 1, 1], keys=keys, records=[r.record for r in res],
+        gallery=[("extra-0", 0, photos[0][:, ::-1].copy()), ("extra-1", 1, photos[3][:, ::-1].copy())], gallery_size=2,
+        info={"source": "sample images"},
+    )
+    opts = EvalOptions(wrong_bits=(1, 8), leakage_p=(0.5, 0.9, 1.0), attack_sample=2, grid_sample=4, progress=False)
+    return evaluate(anon, inp, opts), inp
+
+
+def _walk(v, path=""):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from _walk(x, f"{path}.{k}")
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _walk(x, f"{path}[{i}]")
+    else:
+        yield path, v
+
+
+def test_every_metric_is_computed(evaluated):
+    m = evaluated[0].metrics
+    for section in ("restore", "wrong_key", "leakage"):
+        assert m[section] is not None
+    assert set(m["identity"]["reidentification"]) == {"original", "anonymized", "restored", "key_only", "wrong_key"}
+    # null only where a number is undefined: PSNR of identical images, a threshold with no impostor to spare
+    allowed = re.compile(r"\.restore\.restored\.psnr_face\.|\.threshold_at_far$|\.info\.")
+    missing = [p for p, v in _walk(m) if v is None and not allowed.search(p)]
+    assert not missing, missing
+    assert m["faces"]["evaluated"] == 4 and m["faces"]["attack_sample"] == 2
+    assert [b["bits"] for b in m["wrong_key"]["bits"]] == [1, 8]
+    assert [x["p"] for x in m["leakage"]] == [0.5, 0.9, 1.0]
+    assert m["timing"]["restore_transforms"] == 4 * 3 + 2 * (2 + 2)
+
+
+def test_restore_and_wrong_keys(evaluated):
+    m = evaluated[0].metrics
+    r = m["restore"]
+    assert r["lossless_failures"] == []
+    assert r["restored"]["bit_exact_share"] == 1.0  # lossless release: restore is the original
+    assert r["restored"]["identity_distance"]["max"] == 0.0
+    ko = r["key_only"]["psnr_face"]["mean"]
+    wrong = m["wrong_key"]["random"]
+    assert wrong["bit_exact_share"] == 0.0
+    # the tiny model at 4 steps restores only roughly without the residual (about 20 dB), but a
+    # wrong key is clearly worse, and a key one bit off is as wrong as a random key
+    assert wrong["psnr_face"]["mean"] < ko - 2
+    for b in m["wrong_key"]["bits"]:
+        assert b["bit_exact_share"] == 0.0 and b["psnr_face"]["mean"] < ko - 2
+    # the leakage curve ends at the key-only restore and starts near the wrong-key level
+    leak = {x["p"]: x for x in m["leakage"]}
+    assert leak[1.0]["psnr_face"]["mean"] == pytest.approx(
+        np.mean([f["key_only"]["psnr"] for f in evaluated[0].per_face[:2]]))
+    assert leak[0.5]["psnr_face"]["mean"] < leak[1.0]["psnr_face"]["mean"] - 1
+
+
+def test_guess_with_all_signs_right_is_the_key_only_restore(anon, evaluated):
+    from anondata.eval import attacks
+    from anondata.faces import restore_photos
+
+    _, inp = evaluated
+    rec = attacks.key_only(inp.records[0])
+    plain = restore_photos(anon, inp.anonymized[:1], inp.keys[:1], [rec])[0]
+    guess = restore_photos(attacks.GuessAnonymizer(anon, 1.0), inp.anonymized[:1], inp.keys[:1], [rec])[0]
+    assert np.array_equal(plain, guess)
+    g = attacks.GuessAnonymizer(anon, 0.75, seed=3)
+    from anondata.keystream import signs
+
+    s_true, s_guess = signs(inp.keys[0], (3, 32, 32)), g.guess(inp.keys[0], (3, 32, 32))
+    assert np.mean(s_true == s_guess) == pytest.approx(0.75, abs=1 / s_true.size)
+    assert np.array_equal(s_guess, g.guess(inp.keys[0], (3, 32, 32)))  # repeatable
+
+
+def test_attack_helpers():
+    from anondata import canonical
+    from anondata.eval import attacks
+    from anondata.keystream import new_key
+
+    rng = np.random.default_rng(0)
+    key = new_key()
+    for k in (1, 8, 64):
+        other = attacks.flip_bits(key, k, rng)
+        diff = np.unpackbits(np.frombuffer(key, np.uint8) ^ np.frombuffer(other, np.uint8)).sum()
+        assert len(other) == 32 and diff == k
+    with pytest.raises(ValueError):
+        attacks.GuessAnonymizer.__init__(object.__new__(attacks.GuessAnonymizer), None, 1.5)
+    assert canonical is not None
+
+
+def test_key_only_strips_every_lossless_part(evaluated):
+    from anondata import canonical
+    from anondata.eval.attacks import key_only
+    from anondata.restore_record import RestoreRecord
+
+    rec = evaluated[1].records[0]
+    d = canonical.loads(key_only(rec))
+    assert d["lossless"] is None
+    core = RestoreRecord.from_bytes(canonical.b64d(d["faces"][0]["core"]))
+    assert core.residual is None and core.original_sha256 is None and getattr(core, "snap", None) is None
+    assert canonical.loads(rec)["lossless"] is not None
+
+
+def test_reidentification_protocol():
+    from anondata.eval.metrics import reidentification
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (5, 128))
+    gal = np.repeat(centres, 4, 0) + rng.normal(0, 0.01, (20, 128))
+    gid = np.repeat(np.arange(5), 4)
+    gkeys = [f"g{i}" for i in range(20)]
+    # probes are gallery photos themselves: their own photo must not count as a match
+    r = reidentification(gal[::4], gid[::4], gkeys[::4], gal, gid, gkeys)
+    assert r["rank1"] == 1.0 and r["tar_at_far"] == 1.0 and r["genuine_pairs"] == 5 * 3
+    assert r["impostor_pairs"] == 5 * 16
+    # probes unrelated to anyone: chance-level rank-1, TAR about FAR
+    r = reidentification(rng.normal(0, 1, (5, 128)), np.arange(5), ["p"] * 5, gal, gid, gkeys)
+    assert r["tar_at_far"] <= 0.2
+    # a single-photo identity has no mate and is left out of rank-1
+    r = reidentification(gal[:1], [9], ["x"], gal, gid, gkeys)
+    assert r["probes_with_mates"] == 0 and r["rank1"] is None
+
+
+def test_utility_and_identity_numbers(evaluated):
+    m = evaluated[0].metrics
+    u = m["utility"]
+    assert 0 <= u["detection_rate_anonymized"] <= 1 and u["landmark_displacement"]["n"] == 4
+    d = m["identity"]["original_vs_anonymized"]
+    assert d["n"] == 4 and d["min"] > 0  # every face changed
+    reid = m["identity"]["reidentification"]
+    assert reid["original"]["gallery"] == 2 + 4
+
+
+def test_report_files_and_schema(evaluated, tmp_path):
+    from anondata.errors import InputError
+    from anondata.eval.report import validate, write_report
+
+    res = evaluated[0]
+    files = write_report(res, str(tmp_path / "out"))
+    html = (tmp_path / "out" / "report.html").read_text()
+    refs = re.findall(r"src='([^']+)'", html)
+    assert set(refs) == {"distances.png", "leakage.png", "grid.png"}
+    for ref in refs:
+        data = (tmp_path / "out" / ref).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http" not in html.replace("https://json-schema", "")  # nothing fetched when opened
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    validate(m)
+    assert m == json.loads(json.dumps(res.metrics))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "grid.png").size == (4 * 128, 4 * 128)
+    with pytest.raises(InputError, match="not empty"):
+        write_report(res, str(tmp_path / "out"))
+    bad = json.loads(json.dumps(res.metrics))
+    bad["identity"]["original_vs_anonymized"]["share_beyond_0_6"] = 2
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+    assert files["images"] == ["distances.png", "leakage.png", "grid.png"]
+
+
+def test_cli_on_a_release(release, identities, tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "anondata.cli", "eval", str(release["dir"]), "--source", str(release["source"]),
+           "--identity", identities["owner"][0], "--identity-column", "label", "--report", str(out),
+           "--attack-sample", "1", "--wrong-bits", "1", "--leakage-p", "0.5,1", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "faces:" in p.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    from anondata.eval.report import validate
+
+    validate(m)
+    assert m["faces"]["evaluated"] == 6  # 7 rows, one quarantined
+    assert m["restore"]["restored"]["bit_exact_share"] == 1.0
+    assert m["identity"]["reidentification"]["anonymized"]["probes"] == 6
+    # a stranger holds no envelope: a clear error, no traceback
+    p = subprocess.run(cmd[:8] + [identities["stranger"][0], "--report", str(tmp_path / "r2"), "--no-progress"],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "error" in p.stderr
+    # a source that is not the release's
+    p = subprocess.run(cmd[:5] + [str(tmp_path / "nope.parquet"), "--report", str(tmp_path / "r3")],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert p.returncode == 2 and "does not exist" in p.stderr
