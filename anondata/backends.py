@@ -108,8 +108,8 @@ class PixelBackend(_Schedule):
     @torch.no_grad()
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted noise at integer timestep `t` (v-prediction converted to epsilon)."""
-        ts = torch.full((1,), t, device=z.device, dtype=torch.long)
-        return self._to_eps(_each(lambda zi: self.unet(zi, ts).sample, z), z, t)
+        ts = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        return self._to_eps(self.unet(z, ts).sample, z, t)
 
 
 class LatentBackend(_Schedule):
@@ -199,19 +199,16 @@ class LatentBackend(_Schedule):
     # -- autoencoder ----------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent (VQ: before quantization; KL: the posterior mean)."""
-        def one(xi):
-            enc = self.vae.encode(xi)
-            return enc.latents if self.is_vq else enc.latent_dist.mode()
-
         with torch.no_grad():
-            h = _each(one, x)
+            enc = self.vae.encode(x)
+            h = enc.latents if self.is_vq else enc.latent_dist.mode()
         return (h - self.shift_factor) * self.scaling_factor
 
     def _decode(self, z: torch.Tensor, quantize: bool) -> torch.Tensor:
         h = z / self.scaling_factor + self.shift_factor
         if self.is_vq:
-            return _each(lambda hi: self.vae.decode(hi, force_not_quantize=not quantize).sample, h)
-        return _each(lambda hi: self.vae.decode(hi).sample, h)
+            return self.vae.decode(h, force_not_quantize=not quantize).sample
+        return self.vae.decode(h).sample
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -267,32 +264,23 @@ class LatentBackend(_Schedule):
 
     @torch.no_grad()
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        ts = torch.full((1,), t, device=z.device, dtype=torch.long)
+        # Batched: the anonymizer calls the model at one fixed batch shape (see Anonymizer._run),
+        # so an image's floats do not depend on its batch-mates.
+        ts = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
         if self.cross_attention_dim is None:
-            out = _each(lambda zi: self.unet(zi, ts).sample, z)
+            out = self.unet(z, ts).sample
         else:
             # unconditional use of a text-conditioned UNet: one zero token of the configured width
-            ctx = torch.zeros(1, 1, int(self.cross_attention_dim), device=z.device, dtype=z.dtype)
+            ctx = torch.zeros(z.shape[0], 1, int(self.cross_attention_dim), device=z.device, dtype=z.dtype)
             if self.controlnet is None:
-                out = _each(lambda zi: self.unet(zi, ts, encoder_hidden_states=ctx).sample, z)
+                out = self.unet(z, ts, encoder_hidden_states=ctx).sample
             else:
                 if self._hint is None or self._hint.shape[0] != z.shape[0]:
                     raise RuntimeError("ControlNet backend used without a mask: call prepare() first")
-
-                def one(zi, hi):
-                    down, mid = self.controlnet(zi, ts, encoder_hidden_states=ctx, controlnet_cond=hi, return_dict=False)
-                    return self.unet(zi, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                                     mid_block_additional_residual=mid).sample
-
-                out = _each(one, z, self._hint)
+                down, mid = self.controlnet(z, ts, encoder_hidden_states=ctx, controlnet_cond=self._hint, return_dict=False)
+                out = self.unet(z, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid).sample
         return self._to_eps(out, z, t)
-
-
-def _each(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """fn one image at a time. Batched kernels round differently with the batch size (measured:
-    ~1e-6 on CPU, enough to move a pixel by one level), and lossless restore compares hashes, so a
-    face must not depend on its batch-mates."""
-    return torch.cat([fn(*(t[i : i + 1] for t in tensors)) for i in range(tensors[0].shape[0])])
 
 
 # -- identity -----------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def fidelity(root: Path, ae_steps: int, unet_steps: int, iters_list: list[int], 
                     "max_overflow_levels": int(max(np.abs(rc.overflow).max() for rc in recs)),
                     "s_anonymize_plus_2_restores": round(time.perf_counter() - t, 1),
                 }
+                print(kind, f"quantize={int(quantize)} decinv={iters}", res[f"quantize={int(quantize)} decinv={iters}"], flush=True)
         out[kind] = res
     return out
 

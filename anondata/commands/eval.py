@@ -21,7 +21,7 @@ output (OUT, a new folder; it shows real faces, keep it private):
 examples:
   anondata eval release --source faces.parquet --report eval-out
   anondata eval release --source faces.parquet --identity owner.key --identity-column identity \\
-      --limit 50 --attack-sample 20 --report eval-out
+      --limit 50 --restore-sample 20 --attack-sample 8 --report eval-out
 """
 
 
@@ -75,8 +75,10 @@ def register(sub) -> None:
                    help="source column naming the person: enables re-identification (rank-1, TAR@FAR)")
     p.add_argument("--model", default=None, help="model folder if the manifest's model name is not loadable here")
     p.add_argument("--limit", type=_positive, default=None, metavar="N", help="evaluate only the first N records")
+    p.add_argument("--restore-sample", type=_positive, default=None, metavar="N",
+                   help="restore (right key, random wrong key) only the first N evaluated faces (default: all)")
     p.add_argument("--attack-sample", type=_positive, default=None, metavar="N",
-                   help="faces for the bit-flip and leakage restores (default: all evaluated faces)")
+                   help="faces for the bit-flip and leakage restores (default: all restored faces)")
     p.add_argument("--gallery-limit", type=_positive, default=None, metavar="N",
                    help="at most N other source photos in the re-identification gallery (default: all)")
     p.add_argument("--wrong-bits", type=_bits, default=(1, 8, 64), metavar="K,...", help="default: 1,8,64")
@@ -98,7 +100,8 @@ def run(args) -> int:
     out = Path(args.report)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--report {args.report}: folder is not empty; choose a new one")
-    opts = EvalOptions(wrong_bits=args.wrong_bits, leakage_p=args.leakage_p, attack_sample=args.attack_sample,
+    opts = EvalOptions(wrong_bits=args.wrong_bits, leakage_p=args.leakage_p, restore_sample=args.restore_sample,
+                       attack_sample=args.attack_sample,
                        grid_sample=args.grid, seed=args.seed, progress=not args.no_progress)
     result = evaluate_release(args.dir, args.source, identity_path=args.identity, keys=args.keys,
                               identity_column=args.identity_column, model=args.model, limit=args.limit,

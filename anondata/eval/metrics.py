@@ -134,3 +134,13 @@ def summary(values) -> dict:
     if v.size == 0:
         return {"n": 0, "mean": None, "median": None, "min": None, "max": None}
     return {"n": int(v.size), "mean": _f(v.mean()), "median": _f(np.median(v)), "min": _f(v.min()), "max": _f(v.max())}
+
+
+def wilson(share: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a share observed on n faces (small samples: say how sure)."""
+    if share is None or n == 0:
+        return None
+    c = z * z
+    centre = (share + c / (2 * n)) / (1 + c / n)
+    half = z * math.sqrt(share * (1 - share) / n + c / (4 * n * n)) / (1 + c / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

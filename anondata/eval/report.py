@@ -87,6 +87,7 @@ def _leakage(result: EvalResult, out_dir: Path) -> str:
     ax.axhline(SAME_PERSON, color="k", ls="--", lw=1, label="same-person threshold 0.6")
     ax.set_xlabel("share p of the face's sign flips guessed right (0.5 = random key, 1 = the key)")
     ax.set_ylabel("dlib distance")
+    ax.set_ylim(0, max(0.8, max(v for v in mean if v is not None) * 1.1))
     ax2 = ax.twinx()
     ax2.plot(p, share, "s:", color="tab:red", label="share of faces beyond 0.6")
     ax2.set_ylim(-0.02, 1.02)
@@ -151,7 +152,7 @@ def _verdicts(m: dict) -> list[tuple[str, str, str]]:
     d = m["identity"]["original_vs_anonymized"]
     share = d["share_beyond_0_6"]
     out.append(("anonymized faces are other people to dlib (distance > 0.6)",
-                f"{_fmt(share, True)} of {d['n']} faces; mean distance {_fmt(d['mean'])}",
+                f"{_fmt(share, True)} of {d['n']} faces{_ci(share, d['n'])}; mean distance {_fmt(d['mean'])}",
                 "pass" if share is not None and share >= 0.95 else "FAIL"))
     reid = m["identity"]["reidentification"]
     if reid and "anonymized" in reid:
@@ -172,7 +173,8 @@ def _verdicts(m: dict) -> list[tuple[str, str, str]]:
         bits = ", ".join(f"{b['bits']} bit(s): {_fmt(b['identity_distance']['share_beyond_0_6'], True)}"
                          for b in m["wrong_key"]["bits"])
         out.append(("a wrong key does not restore the person",
-                    f"random key: {_fmt(w['share_beyond_0_6'], True)} beyond 0.6; key off by {bits}",
+                    f"random key: {_fmt(w['share_beyond_0_6'], True)} beyond 0.6{_ci(w['share_beyond_0_6'], w['n'])}; "
+                    f"key off by {bits}",
                     "pass" if (w["share_beyond_0_6"] or 0) >= 0.95 else "FAIL"))
     return out
 
@@ -193,7 +195,8 @@ def _html(m: dict, images: list[str]) -> str:
             ["dataset id", info.get("dataset_id", "")],
             ["faces evaluated", m["faces"]["evaluated"]],
             ["distinct people", _fmt(m["faces"]["identities"])],
-            ["faces in wrong-key/leakage runs", m["faces"]["attack_sample"]],
+            ["faces restored (right key, random wrong key)", m["faces"]["restore_sample"]],
+            ["faces in bit-flip/leakage runs", m["faces"]["attack_sample"]],
             ["model", f"{info.get('model', {}).get('name', '')} sha256 {str(info.get('model', {}).get('sha256', ''))[:16]}…"],
             ["settings", json.dumps(info.get("settings", {}), sort_keys=True)],
             ["tool", f"anondata {m['tool']['version']}"],
@@ -216,7 +219,7 @@ def _html(m: dict, images: list[str]) -> str:
                   "<p><small>Probe: the evaluated photo in each version; gallery: the originals of the other photos "
                   "(never the probe's own photo), other people as distractors. TAR@FAR: threshold set on this "
                   "probe set's impostor pairs.</small></p>",
-                  _table(["probes", "rank-1", "TAR@FAR=0.1%", "TAR at 0.6", "FAR at 0.6", "genuine pairs",
+                  _table(["probe version", "rank-1", "TAR@FAR=0.1%", "TAR at 0.6", "FAR at 0.6", "genuine pairs",
                           "impostor pairs", "gallery"],
                          [[k, _fmt(v["rank1"], True), _fmt(v["tar_at_far"], True), _fmt(v["tar_at_0_6"], True),
                            _fmt(v["far_at_0_6"], True), v["genuine_pairs"], v["impostor_pairs"], v["gallery"]]
@@ -258,6 +261,8 @@ def _html(m: dict, images: list[str]) -> str:
          " / ".join(f"{u['colour_shift_mean'][c]:+.1f}" for c in ("r", "g", "b", "luma"))],
         ["mean |colour shift| per face R/G/B/luma",
          " / ".join(f"{u['colour_shift_mean_abs'][c]:.1f}" for c in ("r", "g", "b", "luma"))],
+        ["share of the photo's pixels changed (mean / max)",
+         f"{_fmt(u['changed_pixel_share']['mean'], True)} / {_fmt(u['changed_pixel_share']['max'], True)}"],
         ["detector / landmarks", f"{u['detector']}; {u['landmark_predictor']}"],
     ])]
     cols = " | ".join(c.replace("_", " ") for c in COLUMNS if c != "restored" or m["restore"])
@@ -266,6 +271,13 @@ def _html(m: dict, images: list[str]) -> str:
     parts += ["<h2>Sample</h2>", f"<p>{html.escape(cols)}</p>", "<img src='grid.png' alt='sample grid'>",
               "<p><small>All numbers: metrics.json (schema schemas/metrics.schema.json).</small></p></body></html>"]
     return "\n".join(parts)
+
+
+def _ci(share, n) -> str:
+    from .metrics import wilson
+
+    ci = wilson(share, n)
+    return "" if ci is None else f" (95% CI {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)"
 
 
 def _dist_table(m: dict) -> str:

@@ -31,7 +31,8 @@ FORMAT = "anondata-eval"
 class EvalOptions:
     wrong_bits: tuple[int, ...] = (1, 8, 64)
     leakage_p: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-    attack_sample: int | None = None  # faces for the bit-flip and leakage runs (None: all)
+    restore_sample: int | None = None  # faces restored with the key and a random key (None: all)
+    attack_sample: int | None = None  # of those, faces for the bit-flip and leakage runs (None: all)
     grid_sample: int = 8  # photos shown in the report's grid
     far: float = 1e-3
     seed: int = 0  # wrong keys and guesses: an evaluation is repeatable, the keys are not record keys
@@ -90,9 +91,10 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
     if keyed and anon is None:
         raise InputError("eval: restoring needs the release's model")
     rng = np.random.default_rng(opts.seed)
-    attack_idx = list(range(n if opts.attack_sample is None else min(n, opts.attack_sample)))
+    n_r = n if opts.restore_sample is None else min(n, opts.restore_sample)
+    attack_idx = list(range(n_r if opts.attack_sample is None else min(n_r, opts.attack_sample)))
     p_guess = [p for p in opts.leakage_p if p < 1.0]
-    restores = n * 3 + len(attack_idx) * (len(opts.wrong_bits) + len(p_guess)) if keyed else 0
+    restores = n_r * 3 + len(attack_idx) * (len(opts.wrong_bits) + len(p_guess)) if keyed else 0
     bar = tqdm(total=n + restores + inp.gallery_size, unit="step", desc="eval", disable=not opts.progress,
                file=sys.stderr, dynamic_ncols=True)
     threads = torch.get_num_threads()
@@ -113,6 +115,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
                 "detected_anonymized": bool(ident.detect(a)),
                 "landmark_displacement": M.landmark_displacement(lo, la),
                 "colour_shift": M.colour_shift(M.crop(o, box), M.crop(a, box)),
+                "changed_pixels": float(np.any(o != a, axis=-1).mean()),
             })
             E.setdefault("original", []).append(ident.embed(o, box))
             E.setdefault("anonymized", []).append(ident.embed(a, box))
@@ -121,7 +124,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
         for f, d in zip(faces, d_anon):
             f["distance_anonymized"] = float(d)
 
-        grid_n = min(n, opts.grid_sample)
+        grid_n = min(n_r if keyed else n, opts.grid_sample)
         grid = [{"id": inp.ids[i], "box": boxes[i], "original": inp.originals[i], "anonymized": inp.anonymized[i]}
                 for i in range(grid_n)]
 
@@ -145,7 +148,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
                         "ssim": M.ssim(o, c), "exact": bool(np.array_equal(img, inp.originals[i]))}
 
             lossless_failures = []
-            for i in range(n):
+            for i in range(n_r):
                 rid, a_img, key, rec = inp.ids[i], inp.anonymized[i], inp.keys[i], inp.records[i]
                 stripped = attacks.key_only(rec)
                 try:
@@ -214,8 +217,9 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             reid = {}
             for name in ("original", "anonymized", "restored", "key_only", "wrong_key"):
                 if name in E:
-                    reid[name] = M.reidentification(np.stack(E[name]), inp.identities, inp.ids, g, g_ids, g_keys,
-                                                     far=opts.far)
+                    k = len(E[name])  # the restored variants cover the first restore_sample faces
+                    reid[name] = M.reidentification(np.stack(E[name]), inp.identities[:k], inp.ids[:k], g, g_ids,
+                                                     g_keys, far=opts.far)
     finally:
         torch.set_num_threads(threads)
         bar.close()
@@ -230,6 +234,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             "evaluated": n,
             "detected_on_original": int(sum(f["detected_original"] for f in faces)),
             "identities": len(set(inp.identities)) if inp.identities is not None else None,
+            "restore_sample": n_r if keyed else 0,
             "attack_sample": len(attack_idx) if keyed else 0,
         },
         "identity": {
@@ -249,6 +254,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             "colour_shift_mean": {c: float(np.mean([f["colour_shift"][c] for f in faces])) for c in ("r", "g", "b", "luma")},
             "colour_shift_mean_abs": {c: float(np.mean([abs(f["colour_shift"][c]) for f in faces]))
                                       for c in ("r", "g", "b", "luma")},
+            "changed_pixel_share": M.summary([f["changed_pixels"] for f in faces]),
         },
         "timing": {"seconds": round(time.time() - t0, 1), "restore_transforms": transforms},
     }
