@@ -63,11 +63,10 @@ def _histogram(result: EvalResult, out_dir: Path) -> str:
     bins = np.linspace(0, top, 41)
     for label, vals in series:
         ax.hist(vals, bins=bins, alpha=0.55, label=f"{label} (n={len(vals)})")
-    ax.axvline(SAME_PERSON, color="k", ls="--", lw=1)
-    ax.text(SAME_PERSON, ax.get_ylim()[1] * 0.95, " dlib same-person threshold 0.6", va="top", fontsize=8)
+    ax.axvline(SAME_PERSON, color="k", ls="--", lw=1, label="dlib same-person threshold 0.6")
     ax.set_xlabel("dlib face embedding distance to the original photo")
     ax.set_ylabel("faces")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     name = "distances.png"
     fig.savefig(out_dir / name)
@@ -193,6 +192,9 @@ def _html(m: dict, images: list[str]) -> str:
         _table(["", ""], [
             ["release", info.get("release", "(in memory)")], ["source", info.get("source", "")],
             ["dataset id", info.get("dataset_id", "")],
+            ["release check", info.get("release_verified", "n/a")],
+            ["records in release / quarantined", f"{info.get('records_in_release', 'n/a')} / "
+                                                 f"{info.get('quarantined_in_release', 'n/a')}"],
             ["faces evaluated", m["faces"]["evaluated"]],
             ["distinct people", _fmt(m["faces"]["identities"])],
             ["faces restored (right key, random wrong key)", m["faces"]["restore_sample"]],
@@ -213,12 +215,18 @@ def _html(m: dict, images: list[str]) -> str:
         _dist_table(m),
         f"<img src='{images[0]}' alt='distance histograms'>",
     ]
+    close = [f for f in m["per_face"] if f["distance_anonymized"] <= SAME_PERSON]
+    parts.append("<p>Anonymized faces dlib still calls the same person (inspect these records): "
+                 + (html.escape(", ".join(f"{f['id']} ({f['distance_anonymized']:.3f})" for f in close)) or "none")
+                 + "</p>")
     reid = m["identity"]["reidentification"]
     if reid:
         parts += ["<h3>Re-identification against other photos of each person</h3>",
                   "<p><small>Probe: the evaluated photo in each version; gallery: the originals of the other photos "
                   "(never the probe's own photo), other people as distractors. TAR@FAR: threshold set on this "
-                  "probe set's impostor pairs.</small></p>",
+                  "probe set's impostor pairs. The restored, key-only and wrong-key rows cover only the "
+                  f"{m['faces']['restore_sample']} restored faces, so compare them with each other rather than with "
+                  "the original row.</small></p>",
                   _table(["probe version", "rank-1", "TAR@FAR=0.1%", "TAR at 0.6", "FAR at 0.6", "genuine pairs",
                           "impostor pairs", "gallery"],
                          [[k, _fmt(v["rank1"], True), _fmt(v["tar_at_far"], True), _fmt(v["tar_at_0_6"], True),

@@ -257,8 +257,18 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             "changed_pixel_share": M.summary([f["changed_pixels"] for f in faces]),
         },
         "timing": {"seconds": round(time.time() - t0, 1), "restore_transforms": transforms},
+        "per_face": [_face_row(f) for f in faces],
     }
     return EvalResult(metrics, faces, grid)
+
+
+def _face_row(f: dict) -> dict:
+    """The per-photo numbers kept in metrics.json (record ids only, no pixels)."""
+    row = {"id": f["id"], "detected_original": f["detected_original"], "detected_anonymized": f["detected_anonymized"],
+           "distance_anonymized": f["distance_anonymized"], "landmark_displacement": f["landmark_displacement"]}
+    for k in ("restored", "key_only", "wrong_key"):
+        row[f"distance_{k}"] = f[k]["distance"] if k in f else None
+    return row
 
 
 def _pkey(p: float) -> str:
@@ -396,6 +406,7 @@ def evaluate_release(release: str, source: str, *, identity_path: str | None = N
         gallery_box=box,
         info={
             "release": str(root),
+            "release_verified": "signature and file hashes checked (signer not pinned)",
             "source": str(source),
             "dataset_id": m["dataset_id"],
             "records_in_release": m["counts"]["anonymized"],
