@@ -65,8 +65,7 @@ def _key_only(record: bytes) -> bytes:
     d["lossless"] = None
     for f in d["faces"]:
         core = RestoreRecord.from_bytes(canonical.b64d(f["core"]))
-        core.residual, core.original_sha256 = None, None
-        f["core"] = canonical.b64e(core.to_bytes())
+        f["core"] = canonical.b64e(core.key_only().to_bytes())
     return canonical.dumps(d)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -72,6 +72,10 @@ class RestoreRecord:
     residual: np.ndarray | None = None  # (R, R, 3) int16
     snap: np.ndarray | None = None  # (mask.sum() * 3,) uint8 in 0..2
     original_sha256: str | None = None
+
+    def key_only(self) -> "RestoreRecord":
+        """This record without its lossless part: what restore computes from the key alone."""
+        return replace(self, residual=None, snap=None, original_sha256=None)
 
     def to_bytes(self) -> bytes:
         bits = np.packbits(self.mask.astype(bool).reshape(-1), bitorder="little")
