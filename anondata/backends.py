@@ -92,7 +92,7 @@ class PixelBackend(_Schedule):
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "PixelBackend":
-        self.unet.to(device=device, dtype=dtype)
+        self.unet.to(**_to_args(device, dtype))
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,7 @@ class LatentBackend(_Schedule):
     def to(self, device=None, dtype=None) -> "LatentBackend":
         for m in (self.vae, self.unet, self.controlnet):
             if m is not None:
-                m.to(device=device, dtype=dtype)
+                m.to(**_to_args(device, dtype))
         return self
 
     # -- autoencoder ----------------------------------------------------------------------------
@@ -281,6 +281,11 @@ class LatentBackend(_Schedule):
                 out = self.unet(z, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down,
                                 mid_block_additional_residual=mid).sample
         return self._to_eps(out, z, t)
+
+
+def _to_args(device, dtype) -> dict:
+    # Passing dtype=None still makes diffusers warn about float32 modules: pass only what is set.
+    return {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -404,7 +409,8 @@ def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype):
             f"anondata supports {', '.join(sorted(cls_by_name))}"
         )
     try:
-        return cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype)
+        # low_cpu_mem_usage=False: without `accelerate` installed diffusers would warn on every load.
+        return cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
         raise InputError(f"--model {name}: could not load the {what}: {e}") from None
 
