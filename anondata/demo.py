@@ -55,27 +55,13 @@ def sample_photos() -> dict[str, bytes]:
     return out
 
 
-def _key_only(record: bytes) -> bytes:
-    """The photo record without its lossless part: what restore computes from a key alone.
-    A wrong key must give a wrong face, not the lossless check's error, to be seen."""
-    from . import canonical
-    from .restore_record import RestoreRecord
-
-    d = canonical.loads(record, "photo record")
-    d["lossless"] = None
-    for f in d["faces"]:
-        core = RestoreRecord.from_bytes(canonical.b64d(f["core"]))
-        f["core"] = canonical.b64e(core.key_only().to_bytes())
-    return canonical.dumps(d)
-
-
 def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | None = None,
              inversion_iters: int | None = None, progress: bool = True, log=print) -> DemoResult:
     from PIL import Image
 
     from .anonymizer import Anonymizer
     from .envelope import open_records
-    from .faces import restore_photos
+    from .faces import key_only_record, restore_photos
     from .identity import generate_identity, load_identity
     from .images import decode_image
     from .job.pipeline import JobOptions, run_anonymize
@@ -137,7 +123,7 @@ def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | N
         restored = decode_image(back[rid], rid)[0]
         exact &= bool(np.array_equal(restored, original))
         key, record = opened[rid]
-        wrong = restore_photos(anon, [anonymized], [new_key()], [_key_only(record)], ids=[rid])[0]
+        wrong = restore_photos(anon, [anonymized], [new_key()], [key_only_record(record)], ids=[rid])[0]
         rows.append([original, anonymized, restored, wrong])
     if not rows:
         raise InputError("no face was found in the sample photos, so there is nothing to show")

@@ -409,6 +409,19 @@ def _make_record(W, H, r, mask, anon, places, cores, fixes, lossless) -> bytes:
     })
 
 
+def key_only_record(record: bytes) -> bytes:
+    """The photo record without its lossless parts (the photo residual, and each face's core
+    residual, snap and hash): what the key alone restores. For demos and evaluations, where a
+    wrong key must show a wrong face rather than the lossless check's error."""
+    from .restore_record import RestoreRecord
+
+    d, _, cores, _ = _parse_record(record, "photo record")
+    d["lossless"] = None
+    for f, core in zip(d["faces"], cores):
+        f["core"] = canonical.b64e(RestoreRecord.from_bytes(core).key_only().to_bytes())
+    return canonical.dumps(d)
+
+
 # -- the two operations ----------------------------------------------------------------------------
 def _check_photo(img, i: int) -> np.ndarray:
     a = np.asarray(img)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import InputError
+from ._args import count, positive
 
 EPILOG = """\
 sources:
@@ -40,26 +41,6 @@ def _box(text: str) -> tuple[int, int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
-    return v
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "anonymize",
@@ -80,11 +61,11 @@ def register(sub) -> None:
                    help="column with unique record ids (default: record_id when present, else {split}-{row})")
     g.add_argument("--split", default=None, metavar="NAME[,NAME]",
                    help="only these splits; for a source with one unnamed split, its name (default: train)")
-    g.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N records of each split")
+    g.add_argument("--limit", type=positive, default=None, metavar="N", help="only the first N records of each split")
     g = p.add_argument_group("anonymization")
     g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
-    g.add_argument("--steps", type=_positive, default=None, help="sampler steps (default: the model's)")
-    g.add_argument("--inversion-iters", type=_count, default=None, help="fixed-point inversion iterations")
+    g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: the model's)")
+    g.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations")
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
     g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
@@ -95,10 +76,10 @@ def register(sub) -> None:
                    help="omit the lossless residual: smaller keys, restore is close but not bit-exact")
     g.add_argument("--license", default="other", help="licence for the dataset card (default: other)")
     g = p.add_argument_group("execution")
-    g.add_argument("--gpus", type=_count, default=None, help="GPUs to use, one actor each (default: all in the cluster)")
-    g.add_argument("--workers", type=_positive, default=None, help="CPU actors when no GPU is used (default: CPUs - 1)")
-    g.add_argument("--batch-size", type=_positive, default=8, help="records per actor call (default: 8)")
-    g.add_argument("--shard-size", type=_positive, default=1000, help="records per output shard (default: 1000)")
+    g.add_argument("--gpus", type=count, default=None, help="GPUs to use, one actor each (default: all in the cluster)")
+    g.add_argument("--workers", type=positive, default=None, help="CPU actors when no GPU is used (default: CPUs - 1)")
+    g.add_argument("--batch-size", type=positive, default=8, help="records per actor call (default: 8)")
+    g.add_argument("--shard-size", type=positive, default=1000, help="records per output shard (default: 1000)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
                         "output options are taken from the job's plan); finished shards are kept")

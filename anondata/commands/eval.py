@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from ._args import positive
 
 EPILOG = """\
 what it measures:
@@ -23,16 +24,6 @@ examples:
   anondata eval release --source faces.parquet --identity owner.key --identity-column identity \\
       --limit 50 --restore-sample 20 --attack-sample 8 --report eval-out
 """
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
 
 
 def _bits(text: str) -> tuple[int, ...]:
@@ -74,17 +65,17 @@ def register(sub) -> None:
     p.add_argument("--identity-column", default=None, metavar="COLUMN",
                    help="source column naming the person: enables re-identification (rank-1, TAR@FAR)")
     p.add_argument("--model", default=None, help="model folder if the manifest's model name is not loadable here")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="evaluate only the first N records")
-    p.add_argument("--restore-sample", type=_positive, default=None, metavar="N",
+    p.add_argument("--limit", type=positive, default=None, metavar="N", help="evaluate only the first N records")
+    p.add_argument("--restore-sample", type=positive, default=None, metavar="N",
                    help="restore (right key, random wrong key) only the first N evaluated faces (default: all)")
-    p.add_argument("--attack-sample", type=_positive, default=None, metavar="N",
+    p.add_argument("--attack-sample", type=positive, default=None, metavar="N",
                    help="faces for the bit-flip and leakage restores (default: all restored faces)")
-    p.add_argument("--gallery-limit", type=_positive, default=None, metavar="N",
+    p.add_argument("--gallery-limit", type=positive, default=None, metavar="N",
                    help="at most N other source photos in the re-identification gallery (default: all)")
     p.add_argument("--wrong-bits", type=_bits, default=(1, 8, 64), metavar="K,...", help="default: 1,8,64")
     p.add_argument("--leakage-p", type=_ps, default=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), metavar="P,...",
                    help="default: 0.5,0.6,0.7,0.8,0.9,0.95,1")
-    p.add_argument("--grid", type=_positive, default=8, metavar="N", help="photos in the sample grid (default: 8)")
+    p.add_argument("--grid", type=positive, default=8, metavar="N", help="photos in the sample grid (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the wrong keys and guesses (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -18,29 +18,9 @@ import hashlib
 
 import numpy as np
 
-from .. import canonical
 from ..anonymizer import Anonymizer
+from ..faces import key_only_record as key_only  # noqa: F401  (re-exported: the photo layer owns its record)
 from ..keystream import check_key, signs
-from ..restore_record import RestoreRecord
-
-
-LOSSLESS_CORE_FIELDS = ("residual", "snap", "original_sha256")  # core record fields only lossless mode fills
-
-
-def key_only(photo_record: bytes) -> bytes:
-    """The photo record without the lossless parts (photo residual, and the residual, snap and
-    hash of every core record): what the key alone restores."""
-    d = canonical.loads(photo_record, "photo record")
-    d["lossless"] = None
-    for f in d["faces"]:
-        core = canonical.loads(canonical.b64d(f["core"], "core"), "core restore record")
-        for k in LOSSLESS_CORE_FIELDS:
-            if k in core:
-                core[k] = None
-        data = canonical.dumps(core)
-        RestoreRecord.from_bytes(data)  # still a valid record
-        f["core"] = canonical.b64e(data)
-    return canonical.dumps(d)
 
 
 def flip_bits(key: bytes, k: int, rng: np.random.Generator) -> bytes:
