@@ -42,10 +42,20 @@ DECODER_INVERSION_LR = 0.05
 
 
 class _Schedule:
-    """What every backend shares: the training noise schedule and the prediction-type conversion."""
+    """What every backend shares: the training noise schedule, the prediction-type conversion,
+    and where its denoiser lives (`device`, `dtype`)."""
 
     alphas_cumprod: torch.Tensor
     prediction_type: str
+    unet: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     def _check_prediction_type(self, prediction_type: str) -> None:
         if prediction_type not in PREDICTION_TYPES:
@@ -82,14 +92,6 @@ class PixelBackend(_Schedule):
     @property
     def settings(self) -> dict:
         return {}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "PixelBackend":
         self.unet.to(**_to_args(device, dtype))
@@ -181,14 +183,6 @@ class LatentBackend(_Schedule):
             "decoder_inversion_iters": self.decoder_inversion_iters,
             "controlnet": int(self.controlnet is not None),
         }
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "LatentBackend":
         for m in (self.vae, self.unet, self.controlnet):
