@@ -119,6 +119,101 @@ def train_tiny(out: str, steps: int = 1500, resolution: int = 32, seed: int = 0)
     sched.save_pretrained(Path(out) / "scheduler")
 
 
+
+RES = 32
+
+
+# -- tiny latent models (tests/test_backends.py, benchmarks/backend_cost.py) --------------------
+def faces32(res: int = RES):
+    """The sample images at res x res, uint8 (N, res, res, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BILINEAR)) for im in sample_images()])
+
+
+def _autoencoder(kind: str, res: int):
+    from diffusers import AutoencoderKL, VQModel
+
+    common = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=res,
+    )
+    if kind == "vq":  # like CompVis/ldm-celebahq-256: VQ-f4, 3 latent channels, scaling_factor in config
+        return VQModel(latent_channels=3, num_vq_embeddings=256, scaling_factor=1.0, **common)
+    return AutoencoderKL(latent_channels=4, scaling_factor=0.5, **common)
+
+
+def _latent_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0015, beta_end=0.0195,
+                         prediction_type=prediction_type)
+
+
+def tiny_latent_unet(kind: str, latent_channels: int, latent_size: int):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if kind == "controlnet":
+        return UNet2DConditionModel(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=8, attention_head_dim=4,
+        )
+    return UNet2DModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8, attention_head_dim=None,
+    )
+
+
+def build_tiny_latent(root, kind: str, seed: int = 0, res: int = RES, unet_state: dict | None = None,
+                      zero_out: bool = False, prediction_type: str = "epsilon") -> str:
+    """A pipeline folder: vqvae/ (kind "vq", as CompVis/ldm-celebahq-256) or vae/ (AutoencoderKL),
+    unet/, scheduler/, and for kind "controlnet" a UNet2DConditionModel + controlnet/ (4-channel
+    latent, as the paper's FFHQ model; its zero convolutions are randomised so the hint matters).
+
+    The VQ codebook is set to encoder latents of the sample images (a random codebook sits near 0
+    and decodes every latent to the same grey). zero_out=True zeroes the UNet's output layer: eps is
+    then 0 and DDIM is a pure rescaling, which keeps generations bounded (an untrained UNet's
+    explode), so round trips test the latent plumbing. unet_state: weights of a trained UNet."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    ae = _autoencoder("vq" if kind == "vq" else "kl", res)
+    if kind == "vq":
+        with torch.no_grad():
+            x = torch.from_numpy(faces32(res)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            h = ae.encode(x).latents.permute(0, 2, 3, 1).reshape(-1, 3)
+            idx = torch.randperm(len(h), generator=torch.Generator().manual_seed(seed))
+            codes = h[idx[: ae.quantize.n_e] % len(h)] + 0.01 * torch.randn(ae.quantize.n_e, 3)
+            ae.quantize.embedding.weight.copy_(codes)
+    lc = int(ae.config.latent_channels)
+    unet = tiny_latent_unet(kind, lc, res // 4)
+    if unet_state is not None:
+        unet.load_state_dict(unet_state)
+    if zero_out:
+        torch.nn.init.zeros_(unet.conv_out.weight)
+        torch.nn.init.zeros_(unet.conv_out.bias)
+    tag = f"{kind}-{res}-s{seed}{'-zero' if zero_out else ''}{'-trained' if unet_state is not None else ''}-{prediction_type}"
+    path = Path(root) / f"tiny-latent-{tag}"
+    if path.exists():
+        return str(path)
+    ae.save_pretrained(path / ("vqvae" if kind == "vq" else "vae"))
+    unet.save_pretrained(path / "unet")
+    _latent_scheduler(prediction_type).save_pretrained(path / "scheduler")
+    if kind == "controlnet":
+        cn = ControlNetModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(8, 8, 16))
+        with torch.no_grad():  # fresh zero convs make the ControlNet a no-op; give them weights
+            for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+                conv.weight.normal_(0, 0.05)
+        cn.save_pretrained(path / "controlnet")
+    return str(path)
+
+
 if __name__ == "__main__":
     import argparse
 

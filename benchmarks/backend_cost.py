@@ -4,7 +4,7 @@
 
 1. Cost: seconds per image per sampler step (one eps call: what anonymize and restore pay
    (steps * (2 + inversion_iters)) times, plus one decode) for the tiny pixel model, the tiny
-   latent models of tests/test_backends.py (VQ, KL, ControlNet), and the 256px
+   latent models of anondata/testing.py (VQ, KL, ControlNet), and the 256px
    google/ddpm-celebahq-256 UNet2DModel architecture with random weights; and seconds per image
    per decoder-inversion iteration for the latent ones.
 2. Fidelity: a tiny AutoencoderKL / VQModel and a tiny latent UNet trained briefly here on the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anondata import Anonymizer  # noqa: E402
 from anondata.backends import load_backend  # noqa: E402
 from anondata.scheme import Sampler  # noqa: E402
-from tests.test_backends import build_tiny_latent, faces32, tiny_latent_unet  # noqa: E402
+from anondata.testing import build_tiny_latent, faces32, tiny_latent_unet  # noqa: E402
 
 CELEBAHQ_256 = dict(
     sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
