@@ -23,3 +23,18 @@ def positive(text: str) -> int:
 def count(text: str) -> int:
     """0, 1, 2, ..."""
     return _int_at_least(0, text)
+
+
+def number_list(convert, lo, hi, message: str):
+    """A type for 'a,b,c': each converted with `convert` and within lo..hi, else `message`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            v = tuple(convert(x) for x in text.split(","))
+        except ValueError:
+            v = ()
+        if not v or not all(lo <= x <= hi for x in v):
+            raise argparse.ArgumentTypeError(message)
+        return v
+
+    return parse

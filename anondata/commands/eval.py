@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from ._args import positive
+from ._args import number_list, positive
 
 EPILOG = """\
 what it measures:
@@ -26,24 +26,8 @@ examples:
 """
 
 
-def _bits(text: str) -> tuple[int, ...]:
-    try:
-        v = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        v = ()
-    if not v or not all(1 <= x <= 256 for x in v):
-        raise argparse.ArgumentTypeError("--wrong-bits is a comma-separated list of bit counts in 1..256, e.g. 1,8,64")
-    return v
-
-
-def _ps(text: str) -> tuple[float, ...]:
-    try:
-        v = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        v = ()
-    if not v or not all(0.0 <= x <= 1.0 for x in v):
-        raise argparse.ArgumentTypeError("--leakage-p is a comma-separated list of shares in 0..1, e.g. 0.5,0.75,1")
-    return v
+_bits = number_list(int, 1, 256, "--wrong-bits is a comma-separated list of bit counts in 1..256, e.g. 1,8,64")
+_ps = number_list(float, 0.0, 1.0, "--leakage-p is a comma-separated list of shares in 0..1, e.g. 0.5,0.75,1")
 
 
 def register(sub) -> None:
