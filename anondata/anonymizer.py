@@ -5,7 +5,9 @@ batching, and what 8-bit storage loses. Restore always starts from the uint8 ima
 
 8-bit storage: generated pixels can leave [-1, 1]; clipping them would break restore (the
 inversion starts from the wrong image). The clipped-off part (`overflow`, integer levels) goes
-into the restore record, so restore starts from the generated image up to rounding.
+into the restore record, so restore starts from the generated image up to rounding. Latent models
+lose more (decoding is many-to-one): their records carry the generated latent's difference from
+encode(stored image) (backends.LatentBackend.carry).
 Lossless mode adds the residual original - key-only restore, and each masked value mod 3, so
 restore is bit-exact even where another thread count, batch or device moves a rounded pixel by
 one level; the original's sha256 makes anything larger an error, never a silent change.
@@ -119,8 +121,10 @@ class Anonymizer:
         s = np.stack([keystream.signs(k, shape) for k in keys])
         return torch.from_numpy(s).to(self.backend.device)
 
-    def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int) -> np.ndarray:
-        """transform in batches of exactly `batch` images; returns float levels (N, R, R, 3), unrounded.
+    def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
+             carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
+        for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
 
         Why a fixed batch: convolution kernels pick algorithms by shape, so one image's floats
         differ (~1e-6) between batch sizes, enough to flip a rounded pixel now and then. With every
@@ -128,7 +132,8 @@ class Anonymizer:
         depend on which records shared its batch, so restoring one record reproduces exactly what
         anonymizing it in a batch of many computed, and lossless restore stays bit-exact."""
         dev, dt = self.backend.device, self.backend.dtype
-        n, out = len(x), []
+        latent = hasattr(self.backend, "carry")
+        n, out, carries = len(x), [], []
         for i in range(0, n, batch):
             idx = np.minimum(np.arange(i, i + batch), n - 1)  # pad with copies of the last image
             levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
@@ -136,10 +141,15 @@ class Anonymizer:
             m = torch.from_numpy(masks[idx]).to(dev)
             z_shape = tuple(self.backend.encode(xt[:1]).shape[1:])
             signs = self._signs([keys[j] for j in idx], z_shape)
-            y = scheme.transform(self.backend, xt, m, signs, self.sampler)
+            c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
+            y, z = scheme.transform(self.backend, xt, m, signs, self.sampler, carry=c)
             keep = min(batch, n - i)
-            out.append(((y[:keep].double() + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(out)
+            y_levels = (y.double() + 1) * 127.5
+            out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
+            if latent and carry is None:  # what restore will see: rounded levels inside the mask, input outside
+                seen = torch.where(m[:, None], torch.round(y_levels).to(levels.device, levels.dtype), levels)
+                carries.append(self.backend.carry(z, (seen / 127.5 - 1).to(dev, dt), m)[:keep].cpu().numpy())
+        return np.concatenate(out), (np.concatenate(carries) if carries else None)
 
     def anonymize(self, images, keys, masks=None, lossless: bool = False):
         """-> (anonymized uint8 (N, R, R, 3), [RestoreRecord]). Pixels outside the masks are the input's."""
@@ -147,7 +157,8 @@ class Anonymizer:
         n = len(images)
         keys = self._check_keys(keys, n)
         masks = self._check_masks(masks, n)
-        levels = np.round(self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size))
+        levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size)
+        levels = np.round(levels)
         m3 = masks[..., None]
         stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
         overflow = np.where(m3, levels - stored, 0)
@@ -158,6 +169,7 @@ class Anonymizer:
                 model_sha256=self.backend.info["sha256"], resolution=self.resolution,
                 steps=self.sampler.steps, inversion_iters=self.sampler.inversion_iters,
                 dtype=self.dtype_name, batch=self.batch_size, mask=masks[i], overflow=overflow[i].astype(np.int16),
+                carry=None if carries is None else carries[i],
             )
             for i in range(n)
         ]
@@ -175,7 +187,8 @@ class Anonymizer:
             sel = [i for i, r in enumerate(records) if r.batch == batch]
             masks = np.stack([records[i].mask for i in sel])
             overflow = np.stack([records[i].overflow for i in sel])
-            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch))
+            carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 
@@ -207,6 +220,14 @@ class Anonymizer:
             raise InputError(
                 f"record {i} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
                 f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model"
+            )
+        latent_shape = getattr(self.backend, "latent_shape", None)
+        theirs = None if rec.carry is None else tuple(rec.carry.shape)
+        if theirs != latent_shape:
+            space = lambda shape: "pixel space" if shape is None else f"latent space {shape}"  # noqa: E731
+            raise InputError(
+                f"record {i} was made in {space(theirs)}, this model works in {space(latent_shape)}: "
+                "restore with the same --model"
             )
         mine = (self.resolution, self.sampler.steps, self.sampler.inversion_iters, self.dtype_name)
         theirs = (rec.resolution, rec.steps, rec.inversion_iters, rec.dtype)

@@ -14,11 +14,15 @@ a message that says how to pre-download. Folder layouts:
   CompVis/ldm-celebahq-256) or `vae/` (AutoencoderKL or VQModel), optionally `controlnet/`
   (ControlNetModel over a UNet2DConditionModel, conditioned on the face mask as in the paper).
 
-Latent models (`LatentBackend`) need more than encode/decode, because decode(encode(y)) != y:
-restore must find the latent that *generated* the stored image. `prepare` does it by decoder
-inversion (Adam on ||decode(z) - x||^2 over the face mask, from encode(x)), for anonymize and
-restore alike so the transform stays symmetric; the background latent is encoded from the image
-with the face zeroed, so it depends only on pixels that anonymize leaves bit-identical.
+Latent models (`LatentBackend`) need more than encode/decode, because decode(encode(y)) != y and
+decode is many-to-one: the stored image does not determine the latent that generated it
+(benchmarks/backend_cost.py measured key-only restore at 8-10 dB when restore had to find it by
+decoder inversion). So the restore record carries it: `carry` = z - encode(stored image) inside the
+latent mask (fp16), the latent counterpart of the 8-bit overflow. Anonymize starts from the latent of
+the original fitted by decoder inversion (Adam on ||decode(z) - x||^2 over the face mask, from
+encode(x)), which sets the fidelity ceiling of key-only restore; restore starts from encode(stored) +
+carry and decodes with the continuous decoder the inversion fitted. The background latent encodes
+the image with the face zeroed, so it depends only on pixels that anonymize leaves bit-identical.
 """
 
 from __future__ import annotations
@@ -120,9 +124,9 @@ class LatentBackend(_Schedule):
     ControlNetModel whose hint is the face mask (1 inside, 0 outside, at pixel resolution).
 
     Latents are scaled as diffusers' pipelines do: z = (h - shift) * scaling_factor. A VQModel
-    decodes through its quantizer like `LDMPipeline` (`vq_quantize=True`); decoder inversion always
-    fits the continuous decoder (`force_not_quantize=True`), whose output the quantized one equals
-    on codebook latents, so restore lands on the code that was decoded.
+    decodes anonymized faces through its quantizer like `LDMPipeline` (`vq_quantize=True`); decoder
+    inversion fits the continuous decoder (`force_not_quantize=True`), so restored faces decode
+    through that one (quantizing the fitted latent would lose what the fit gained).
     """
 
     def __init__(
@@ -173,10 +177,16 @@ class LatentBackend(_Schedule):
             self.hint_size = self.latent_size * 2 ** (len(emb) - 1)
             self.hint_channels = int(controlnet.config.conditioning_channels)
         self._hint = None  # set on the mask-bound copy made by `prepare`
+        self._restoring = False  # likewise: decode restored latents without the VQ quantizer
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_size, self.latent_size)
 
     @property
     def settings(self) -> dict:
-        """What restore must reproduce besides model and sampler (goes into the manifest)."""
+        """How anonymize ran, besides model and sampler (goes into the manifest). Restore needs none of
+        it: the records carry the generated latents, and restored faces decode without quantizer."""
         return {
             "latent": "vq" if self.is_vq else "kl",
             "vq_quantize": int(self.vq_quantize),
@@ -205,26 +215,41 @@ class LatentBackend(_Schedule):
         return self.vae.decode(h).sample
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Anonymized faces decode as the model's pipeline does (VQ: through the quantizer); restored
+        ones through the continuous decoder, which anonymize's decoder inversion fitted."""
         with torch.no_grad():
-            return self._decode(z, self.vq_quantize)
+            return self._decode(z, self.vq_quantize and not self._restoring)
 
     def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, H, W) bool -> (N, 1, h, w) bool: a latent cell is in if any of its pixels is."""
         return F.max_pool2d(mask[:, None].float(), self.factor) > 0
 
-    def prepare(self, x: torch.Tensor, mask: torch.Tensor):
+    def prepare(self, x: torch.Tensor, mask: torch.Tensor, carry: torch.Tensor | None = None):
         """-> (backend bound to this mask, z0 to invert, background latent).
 
         The background latent encodes the image with the face set to 0, so it depends only on
-        pixels outside the mask: anonymize and restore get the same one. Inside the latent mask,
-        z0 is fitted by decoder inversion to the pixels inside the mask (the only ones the model
-        generated; the rest are copied from the input by the anonymizer).
+        pixels outside the mask: anonymize and restore get the same one. Anonymizing (carry None),
+        z0 inside the latent mask is fitted by decoder inversion to the pixels inside the mask (the
+        only ones the model generates; the rest are copied from the input by the anonymizer).
+        Restoring, z0 = encode(x) + carry: the latent anonymize generated (see `carry`).
         """
         m = self.latent_mask(mask)
         bg = self.encode(torch.where(mask[:, None], torch.zeros_like(x), x))
-        z = torch.where(m, self.encode(x), bg)
-        z = self.invert_decoder(x, mask, m, z, bg)
-        return self._bound(mask), z, bg
+        if carry is None:
+            z = self.invert_decoder(x, mask, m, torch.where(m, self.encode(x), bg), bg)
+        else:
+            z = torch.where(m, self.encode(x) + carry.to(x.dtype), bg)
+        return self._bound(mask, restoring=carry is not None), z, bg
+
+    def carry(self, z: torch.Tensor, x_stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What restore adds to encode(stored image) to get back the generated latent z: z - encode(x)
+        inside the latent mask, 0 outside, in float16 (restore needs it to ~1e-3, not bit for bit).
+        x_stored: the image as restore will see it (8-bit levels plus carried overflow)."""
+        m = self.latent_mask(mask).expand_as(z)
+        c = torch.where(m, z - self.encode(x_stored), torch.zeros_like(z)).to(torch.float16)
+        if not torch.isfinite(c).all():
+            raise ValueError("the generated latent is out of float16 range; the model is not usable")
+        return c
 
     def invert_decoder(self, x, mask, m, z_init, bg, iters: int | None = None, lr: float = DECODER_INVERSION_LR):
         """argmin_z ||decode(where(m, z, bg)) - x||^2 over the pixel mask, by Adam from z_init.
@@ -245,15 +270,15 @@ class LatentBackend(_Schedule):
         return torch.where(m, z.detach(), bg)
 
     # -- denoiser -------------------------------------------------------------------------------
-    def _bound(self, mask: torch.Tensor) -> "LatentBackend":
-        if self.controlnet is None:
-            return self
+    def _bound(self, mask: torch.Tensor, restoring: bool = False) -> "LatentBackend":
         bound = object.__new__(LatentBackend)
         bound.__dict__.update(self.__dict__)
-        hint = mask[:, None].to(self.dtype)
-        if hint.shape[-1] != self.hint_size:
-            hint = F.interpolate(hint, size=(self.hint_size, self.hint_size), mode="nearest")
-        bound._hint = hint.expand(-1, self.hint_channels, -1, -1)
+        bound._restoring = restoring
+        if self.controlnet is not None:
+            hint = mask[:, None].to(self.dtype)
+            if hint.shape[-1] != self.hint_size:
+                hint = F.interpolate(hint, size=(self.hint_size, self.hint_size), mode="nearest")
+            bound._hint = hint.expand(-1, self.hint_channels, -1, -1)
         return bound
 
     @torch.no_grad()

@@ -69,6 +69,9 @@ class FaceSpec:
     mask: str = "ellipse"  # "ellipse" (face only, feathered) | "full" (the whole crop)
     expand: float = 1.15  # detect: crop side / training framing side (the crop also always fits the fall-off)
     min_face: int = 32  # detect: faces narrower than this (px) are reported in notes
+    # detect: a second detector; a face it finds whose centre no anonymized crop covers
+    # quarantines the photo (a face the first detector missed would be published as is)
+    cross_check: str | None = None
 
     def __post_init__(self):
         if self.mode not in ("aligned", "detect"):
@@ -83,6 +86,11 @@ class FaceSpec:
                 raise InputError("--face-box only applies to --faces aligned")
             if len(b) != 4 or not all(isinstance(v, int) and v >= 0 for v in b) or b[2] - b[0] < 8 or b[3] - b[1] < 8:
                 raise InputError(f"--face-box must be x0,y0,x1,y1 integers with x1-x0 >= 8 and y1-y0 >= 8, got {b}")
+        if self.cross_check is not None:
+            if self.mode != "detect":
+                raise InputError("--cross-check only applies to --faces detect")
+            if self.cross_check == self.detector:
+                raise InputError(f"--cross-check must be another detector than --detector ({self.detector!r})")
         if not 1.0 <= self.expand <= 2.0:
             raise InputError(f"expand must be between 1.0 and 2.0, got {self.expand}")
 
@@ -441,14 +449,23 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
         return [_place_aligned(box, full)], None, []
     from .detect import get_detector
 
+    name = spec.detector
     try:
-        det = get_detector(spec.detector)
-        found = det.detect(img)
+        found = sorted(get_detector(name).detect(img), key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
+        places = [_place_detected(f, spec.detector, spec.expand, full) for f in found]
+        missed = []
+        if spec.cross_check and (found or spec.on_no_face == "keep"):
+            name = spec.cross_check
+            missed = _missed_faces(img, places, get_detector(name))
     except InputError:
         raise  # unusable detector setup: the user must fix it, not every record
     except Exception as e:  # noqa: BLE001 - a per-photo detector crash must quarantine, not leak
-        return None, f"face detector {spec.detector!r} failed: {type(e).__name__}: {e}", []
-    found = sorted(found, key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
+        return None, f"face detector {name!r} failed: {type(e).__name__}: {e}", []
+    if missed:
+        return None, (
+            f"detector {spec.cross_check!r} (--cross-check) found {len(missed)} face(s) that {spec.detector!r} did not, "
+            f"first at box {list(missed[0])}: quarantined so that a missed face is not published; review the photo"
+        ), []
     notes = []
     for i, f in enumerate(found):
         fw = f.box[2] - f.box[0]
@@ -459,7 +476,17 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
         if spec.on_no_face == "quarantine":
             return None, f"no face found by detector {spec.detector!r} (use --on-no-face keep to keep such records)", []
         notes.append(f"no face found by detector {spec.detector!r}: kept unchanged (--on-no-face keep)")
-    return [_place_detected(f, spec.detector, spec.expand, full) for f in found], None, notes
+    return places, None, notes
+
+
+def _missed_faces(img: np.ndarray, places: list[_Place], detector) -> list[tuple[int, int, int, int]]:
+    """Boxes of the faces `detector` finds whose centre lies in no face crop."""
+    out = []
+    for f in detector.detect(img):
+        cx, cy = (f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2
+        if not any(p.crop[0] <= cx < p.crop[2] and p.crop[1] <= cy < p.crop[3] for p in places):
+            out.append(f.box)
+    return out
 
 
 def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False) -> list[PhotoResult]:

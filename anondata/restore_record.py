@@ -16,6 +16,9 @@ Canonical JSON (anondata.canonical), sealed inside the record's envelope, never 
                     restore snaps each value to the one of {v-1, v, v+1} with that residue, so lossless
                     restore survives the ±1 rounding drift of another thread count, batch or device
   original_sha256   null, or sha256 of the original R*R*3 uint8 crop (lossless mode): restore checks it
+  latent            null (pixel models), or for latent models {"shape": [C, h, w], "carry":
+                    b64url(zlib(float16 LE C*h*w))}: generated latent - encode(stored image), finite,
+                    0 outside the latent mask (a latent cell is in if any of its R/h x R/h pixels is)
 Readers reject unknown or missing fields, wrong types, and payloads that do not decompress to the exact size.
 """
 
@@ -35,8 +38,9 @@ SCHEME = "anondata-signflip/1"
 DTYPES = ("float32", "float64")
 _FIELDS = {
     "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
-    "mask", "overflow", "residual", "snap", "original_sha256",
+    "mask", "overflow", "residual", "snap", "original_sha256", "latent",
 }
+MAX_LATENT_VALUES = 1 << 26
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_RESOLUTION = 4096
 MAX_BATCH = 1024
@@ -72,6 +76,7 @@ class RestoreRecord:
     residual: np.ndarray | None = None  # (R, R, 3) int16
     snap: np.ndarray | None = None  # (mask.sum() * 3,) uint8 in 0..2
     original_sha256: str | None = None
+    carry: np.ndarray | None = None  # (C, h, w) float16, latent models only
 
     def key_only(self) -> "RestoreRecord":
         """This record without its lossless part: what restore computes from the key alone."""
@@ -93,6 +98,10 @@ class RestoreRecord:
             "residual": None if self.residual is None else _pack_i16(self.residual),
             "snap": None if self.snap is None else canonical.b64e(pack_trits(self.snap)),
             "original_sha256": self.original_sha256,
+            "latent": None if self.carry is None else {
+                "shape": [int(n) for n in self.carry.shape],
+                "carry": canonical.b64e(zlib.compress(self.carry.astype("<f2").tobytes(), 9)),
+            },
         })
 
     @classmethod
@@ -136,7 +145,34 @@ class RestoreRecord:
             residual=None if d["residual"] is None else _unpack(d["residual"], (r, r, 3), "<i2", "residual").astype(np.int16),
             snap=None if d["snap"] is None else unpack_trits(canonical.b64d(d["snap"], "snap"), int(mask.sum()) * 3),
             original_sha256=d["original_sha256"],
+            carry=None if d["latent"] is None else _parse_latent(d["latent"], mask),
         )
+
+
+def latent_cells(mask: np.ndarray, size: int) -> np.ndarray:
+    """(R, R) pixel mask -> (size, size): a latent cell is in if any of its pixels is (as backends.latent_mask)."""
+    f = mask.shape[0] // size
+    return mask.reshape(size, f, size, f).any(axis=(1, 3))
+
+
+def _parse_latent(lat, mask: np.ndarray) -> np.ndarray:
+    if not isinstance(lat, dict) or set(lat) != {"shape", "carry"}:
+        raise FormatError('restore record: latent must be null or {"shape", "carry"}')
+    shape = lat["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n >= 1 for n in shape)):
+        raise FormatError("restore record: latent.shape must be [C, h, w] of positive integers")
+    c, h, w = shape
+    r = mask.shape[0]
+    if h != w or r % h or c * h * w > MAX_LATENT_VALUES:
+        raise FormatError(f"restore record: latent.shape {shape} does not fit resolution {r}")
+    if not isinstance(lat["carry"], str):
+        raise FormatError("restore record: latent.carry must be a string")
+    carry = _unpack(lat["carry"], (c, h, w), "<f2", "latent.carry").astype(np.float16)
+    if not np.isfinite(carry).all():
+        raise FormatError("restore record: latent.carry holds a non-finite value")
+    if np.any(carry.view(np.uint16)[:, ~latent_cells(mask, h)]):  # +0.0 only, bit for bit
+        raise FormatError("restore record: latent.carry is non-zero outside the latent mask")
+    return carry
 
 
 def sha256_image(img: np.ndarray) -> str:

@@ -115,20 +115,24 @@ def generate(backend, z_T: torch.Tensor, mask: torch.Tensor, bg: list[torch.Tens
     return z
 
 
-def transform(backend, x: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+def transform(backend, x: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sampler: Sampler,
+              carry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G_b(flip_s(I_b(x))): anonymize with the record's signs, or restore with the same signs.
 
     x: (N, C, H, W) in [-1, 1] (float, may exceed the range when restoring carried overflow);
-    mask: (N, H, W) bool; signs: (N, C', h, w) ±1 at latent shape. Returns the image, same shape as x.
+    mask: (N, H, W) bool; signs: (N, C', h, w) ±1 at latent shape. Returns (image, final latent z).
     A backend with `prepare` (latent models) supplies z0, the background latent (from pixels outside
-    the mask only) and a copy of itself bound to the mask (ControlNet hint); see backends.LatentBackend.
+    the mask only) and a copy of itself bound to the mask (ControlNet hint); restoring, `carry`
+    (from the restore record) turns the stored image back into the latent that generated it.
+    See backends.LatentBackend.
     """
-    if hasattr(backend, "prepare"):  # latent backends: decoder inversion, mask-bound conditioning
-        backend, z0, z_bg = backend.prepare(x, mask)
+    if hasattr(backend, "prepare"):  # latent backends: decoder inversion or carry, mask-bound conditioning
+        backend, z0, z_bg = backend.prepare(x, mask, carry)
     else:
         z0 = z_bg = backend.encode(x)
     m = backend.latent_mask(mask).expand_as(z0)
     bg = background_trajectory(backend, z_bg, m, sampler)
     z_T = invert(backend, z0, m, bg, sampler)
     z_T = torch.where(m, signs.to(z_T.dtype) * z_T, z_T)
-    return backend.decode(generate(backend, z_T, m, bg, sampler))
+    z = generate(backend, z_T, m, bg, sampler)
+    return backend.decode(z), z

@@ -3,6 +3,7 @@
     python benchmarks/wild_detection.py [--limit N] [--detectors hog,haar,mmod]
         [--model embedded|PATH --steps S --inversion-iters K --device cpu|cuda] [--json out.json]
     python benchmarks/wild_detection.py --calibrate [--limit N]
+    python benchmarks/wild_detection.py --cross-check haar [--limit N]
 
 Reads ../shared/data/celeba-wild-dev.parquet (150 CelebA photos, research only: never copied
 anywhere); exits 0 with a message when it is absent.
@@ -13,6 +14,9 @@ hog); then for each original face, dlib's ResNet descriptor is computed on the a
 at the original face's own box (the attacker knows where the face is) and compared with the
 original face's descriptor. A photo counts as re-identified when any face is closer than 0.6
 (dlib's same-person threshold). Goal: <= 5%.
+
+--cross-check D: how many photos `--faces detect --detector hog --cross-check D` quarantines
+because D finds a face in no HOG crop (a face HOG missed, or a false positive of D).
 
 --calibrate measures, on aligned CelebA images (celeba-ids-dev), where each detector's box and
 dlib's 5 landmarks sit relative to the model's training framing, the CelebA crop
@@ -147,6 +151,21 @@ def calibrate(limit, detectors):
               f"{m[:, 1].mean():.3f}, framing centre below eye midpoint = {m[:, 2].mean():.4f} x side")
 
 
+def cross_check(imgs, second: str) -> dict:
+    from collections import Counter
+
+    from anondata.faces import FaceSpec, _find_places
+
+    spec, outcome = FaceSpec(mode="detect", detector="hog", cross_check=second), Counter()
+    for img in imgs:
+        _, reason, _ = _find_places(img, spec)
+        outcome["published" if reason is None else "quarantined: no face" if reason.startswith("no face")
+                else f"quarantined: {second} found a face hog missed"] += 1
+    out = {"photos": len(imgs), **outcome}
+    print("cross-check", second, json.dumps(out), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="only the first N photos")
@@ -158,10 +177,13 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="photos per anonymize_photos call")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--cross-check", default=None, metavar="DETECTOR", help="measure --cross-check DETECTOR instead")
     a = ap.parse_args()
     if a.calibrate:
         return calibrate(a.limit, a.detectors.split(","))
     ids, imgs = _load("celeba-wild-dev.parquet", a.limit)
+    if a.cross_check:
+        return cross_check(imgs, a.cross_check)
     sizes = np.array([im.shape[0] * im.shape[1] for im in imgs]) / 1e6
     results = {"photos": len(imgs), "megapixels_median": round(float(np.median(sizes)), 3),
                "detection": detection(ids, imgs, a.detectors.split(","))}

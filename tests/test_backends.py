@@ -19,7 +19,8 @@ import torch
 
 from anondata import Anonymizer
 from anondata.backends import LatentBackend, load_backend, weights_sha256
-from anondata.errors import InputError, IntegrityError
+from anondata.errors import FormatError, InputError, IntegrityError
+from anondata.restore_record import RestoreRecord, latent_cells
 from anondata.testing import build_tiny_latent, faces32
 
 RES = 32
@@ -136,6 +137,54 @@ def test_key_only_restore_is_deterministic_and_key_dependent(anons, faces, masks
         np.testing.assert_array_equal(other[~masks[:2]], faces[:2][~masks[:2]])
         assert (other[masks[:2]] != right[masks[:2]]).mean() > 0.5
     assert not np.array_equal(near, wrong)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_key_only_restore_reaches_the_autoencoders_ceiling(root, faces, masks, kind):
+    """Decoding is many-to-one, so key-only restore must get the generated latent from the record's
+    carry, not from the stored image. With the UNet's output zeroed (eps = 0: inversion is exact,
+    so only the latent plumbing can lose anything) restore lands on decode(z0), the best the
+    autoencoder can represent the original; without the carry, or with a wrong key, it does not."""
+    anon = make_anon(build_tiny_latent(root, kind, zero_out=True))
+    b, n = anon.backend, 4
+    keys = fixed_keys(n)
+    out, recs = anon.anonymize(faces[:n], keys, masks=masks[:n])
+    x = torch.from_numpy(faces[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(masks[:n])
+    _, z0, _ = b.prepare(x, m)
+    ceiling = ((b._bound(m, restoring=True).decode(z0).double() + 1) * 127.5).round().clamp(0, 255)
+    ceiling = ceiling.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    assert recs[0].carry.shape == b.latent_shape and recs[0].carry.dtype == np.float16
+    assert psnr_in(anon.restore(out, keys, recs), ceiling, masks[:n]) > 45
+    assert psnr_in(anon.restore(out, fixed_keys(n, b"wrong"), recs), ceiling, masks[:n]) < 25
+    zeroed = [RestoreRecord.from_bytes(r.to_bytes()) for r in recs]
+    for r in zeroed:
+        r.carry = np.zeros_like(r.carry)
+    assert psnr_in(anon.restore(out, keys, zeroed), ceiling, masks[:n]) < 25
+
+
+def test_latent_record_is_checked(anons, faces, masks):
+    anon = anons["kl"]
+    out, recs = anon.anonymize(faces[:1], fixed_keys(1), masks=masks[:1])
+    rec = recs[0]
+    assert RestoreRecord.from_bytes(rec.to_bytes()).carry.tobytes() == rec.carry.tobytes()
+    outside = ~latent_cells(masks[0], RES // 4)
+    assert outside.any() and not rec.carry[:, outside].any()
+    bad = RestoreRecord.from_bytes(rec.to_bytes())
+    bad.carry[0, outside] = 1
+    with pytest.raises(FormatError, match="outside the latent mask"):
+        RestoreRecord.from_bytes(bad.to_bytes())
+    bad.carry[0, outside] = np.inf
+    with pytest.raises(FormatError, match="non-finite"):
+        RestoreRecord.from_bytes(bad.to_bytes())
+    pixel_rec = RestoreRecord.from_bytes(rec.to_bytes())
+    pixel_rec.carry = None
+    with pytest.raises(InputError, match="made in pixel space"):
+        anon.restore(out, fixed_keys(1), [pixel_rec])
+    wrong_shape = RestoreRecord.from_bytes(rec.to_bytes())
+    wrong_shape.carry = np.zeros((2, RES // 4, RES // 4), np.float16)
+    with pytest.raises(InputError, match=r"latent space \(2, 8, 8\)"):
+        anon.restore(out, fixed_keys(1), [wrong_shape])
 
 
 def test_batches_match_singles(anons, faces, masks):

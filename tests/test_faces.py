@@ -194,6 +194,42 @@ def test_detector_crash_quarantines_only_that_photo(anon, group_photo):
     assert res[1].quarantine_reason is None and res[1].faces == 1
 
 
+def test_cross_check_quarantines_a_photo_with_a_face_the_first_detector_missed():
+    """Fail closed: the second detector's face at (130..170) lies in no anonymized crop, so the
+    photo is not published; faces both detectors find, or a crashing second detector, behave."""
+
+    class Fixed:
+        def __init__(self, boxes, crash=False):
+            self.boxes, self.crash, self.name = boxes, crash, "fixed"
+
+        def detect(self, rgb):
+            if self.crash:
+                raise RuntimeError("cascade broke")
+            return [detect.Face(b, 1.0) for b in self.boxes]
+
+    detect.register("one-face", lambda arg: Fixed([(20, 20, 80, 80)]))
+    detect.register("same-face", lambda arg: Fixed([(25, 22, 78, 83)]))
+    detect.register("two-faces", lambda arg: Fixed([(22, 20, 80, 82), (130, 40, 170, 80)]))
+    detect.register("crashes", lambda arg: Fixed([], crash=True))
+    img = np.random.default_rng(4).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    fake, spec = InvertAnon(), dict(mode="detect", detector="one-face")
+    run = lambda **kw: anonymize_photos(fake, [img], [new_key()], FaceSpec(**spec, **kw))[0]  # noqa: E731
+    assert run().quarantine_reason is None  # without a cross-check the missed face would be published
+    res = run(cross_check="two-faces")
+    assert res.image is None and res.record is None
+    assert "'two-faces' (--cross-check) found 1 face(s) that 'one-face' did not, first at box [130, 40, 170, 80]" in res.quarantine_reason
+    assert run(cross_check="same-face").faces == 1
+    assert "face detector 'crashes' failed: RuntimeError: cascade broke" in run(cross_check="crashes").quarantine_reason
+    # no face kept on request: a face the cross-check finds still quarantines the photo
+    detect.register("no-face", lambda arg: Fixed([]))
+    kept = anonymize_photos(fake, [img], [new_key()], FaceSpec(mode="detect", detector="no-face", on_no_face="keep",
+                                                               cross_check="same-face"))[0]
+    assert "found 1 face(s) that 'no-face' did not" in kept.quarantine_reason
+    for bad in (dict(mode="aligned", cross_check="haar"), dict(mode="detect", detector="hog", cross_check="hog")):
+        with pytest.raises(InputError, match="cross-check"):
+            FaceSpec(**bad)
+
+
 def test_unusable_detector_setting_raises_for_the_whole_batch(anon):
     with pytest.raises(InputError, match="yunet"):
         anonymize_photos(anon, [np.zeros((64, 64, 3), np.uint8)], [new_key()], FaceSpec(mode="detect", detector="yunet"))

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from anondata.errors import InputError
-from anondata.job import sources as src_mod
 from anondata.job.shards import build_public_table, output_schema, shard_name
 from anondata.job.sources import derived_id, image_bytes, open_source
 from conftest import encode, synthetic_faces, write_face_parquet

@@ -72,6 +72,9 @@ def register(sub) -> None:
     g.add_argument("--detector", choices=["hog", "haar"], default="hog", help="face detector for --faces detect")
     g.add_argument("--on-no-face", choices=["quarantine", "keep"], default="quarantine",
                    help="a photo with no detected face: quarantine it (default) or publish it unchanged")
+    g.add_argument("--cross-check", choices=["hog", "haar", "mmod"], default=None,
+                   help="with --faces detect: run this second detector too and quarantine a photo where it finds a "
+                        "face the first missed (fail closed; Haar also flags many non-faces: review the quarantine)")
     g.add_argument("--lossy-restore", action="store_true",
                    help="omit the lossless residual: smaller keys, restore is close but not bit-exact")
     g.add_argument("--license", default="other", help="licence for the dataset card (default: other)")
@@ -98,6 +101,7 @@ def run(args) -> int:
         image_column=args.image_column, id_column=args.id_column, splits=splits, limit=args.limit,
         model=args.model, steps=args.steps, inversion_iters=args.inversion_iters, faces=args.faces,
         face_box=args.face_box, detector=args.detector, on_no_face=args.on_no_face,
+        cross_check=args.cross_check,
         lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,
         shard_size=args.shard_size, resume=args.resume, license=args.license, progress=not args.no_progress,
     )

@@ -42,6 +42,7 @@ def dataset_card(plan: dict, model: dict, counts: dict, license: str = "other") 
     rows = "\n".join(f"| {s['name']} | {s['rows']} | {len(s['shards'])} |" for s in plan["splits"])
     settings_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(settings.items()))
     box = f", box {tuple(faces['box'])}" if faces.get("box") else ""
+    cross = f", cross-check: {faces['cross_check']}" if faces.get("cross_check") else ""
     body = f"""# Anonymized face dataset
 
 Every face in this dataset was replaced by a stranger's with **anondata**: each face is inverted
@@ -71,7 +72,7 @@ with the reason.
 | --- | --- |
 | model | {info.get('name', '?')} |
 | model sha256 | `{info.get('sha256', '?')}` |
-| faces | {faces['mode']}{box} (no face: {faces['on_no_face']}) |
+| faces | {faces['mode']}{box} (no face: {faces['on_no_face']}{cross}) |
 | source | {src['kind']} |
 | dataset id | `{plan['dataset_id']}` |
 

@@ -53,6 +53,7 @@ class JobOptions:
     face_box: tuple[int, int, int, int] | None = None
     detector: str = "hog"
     on_no_face: str = "quarantine"
+    cross_check: str | None = None  # detect: second detector whose extra faces quarantine the photo
     lossless: bool = True
     gpus: int | None = None  # None: every GPU the cluster has
     workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
@@ -104,6 +105,7 @@ def _face_spec(opts: JobOptions) -> dict:
         "box": list(opts.face_box) if opts.face_box else None,
         "detector": opts.detector,
         "on_no_face": opts.on_no_face,
+        "cross_check": opts.cross_check,
     }
 
 
@@ -201,6 +203,7 @@ def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     opts.steps = None if o["steps"] < 0 else o["steps"]
     opts.inversion_iters = None if o["inversion_iters"] < 0 else o["inversion_iters"]
     opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
+    opts.cross_check = f.get("cross_check")
     opts.face_box = tuple(f["box"]) if f["box"] else None
     opts.lossless = o["lossless"]
     opts.shard_size = o["shard_size"]
