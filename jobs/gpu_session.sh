@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call (docs: /work/.library/device/README.md in the workplace): train the embedded
+# prior on the GPU (issue 5), then measure the sampling loop's throughput (issue 9). Results go
+# to $OUT: prior.tar (the diffusers folder of the last snapshot), train.log, loss.jsonl,
+# gpu_throughput.json, throughput.log, gpu.txt.
+#
+# Prepare here (both folders are git-ignored, about 45 MiB together):
+#   mkdir -p .gpu && cp ../shared/data/celeba64-train.parquet .gpu/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 cryptography==50.0.2 importlib_metadata cffi pycparser
+# Run (carry [".whl", ".gpu"], timeout_s 600):
+#   TRAIN_MIN=4 bash jobs/gpu_session.sh
+# Then: tar -xf prior.tar, benchmarks/prior_quality.py and restore_fidelity.py on it here.
+set -uo pipefail
+[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+if [ "${TRAIN_MIN:-4}" != 0 ]; then
+  timeout $(( ${TRAIN_MIN:-4} * 60 + 90 )) python3 jobs/train_prior.py --data .gpu/celeba64-train.parquet --run /tmp/prior \
+    --device "${DEVICE:-cuda}" --bf16 --compile --channels-last ${EXTRA:-} --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 300 \
+    --ema-decay 0.9995 --channels "${CHANNELS:-32,64,64,128}" --layers-per-block "${LPB:-1}" --attn-levels 3 \
+    --max-minutes "${TRAIN_MIN:-4}" --save-every-min 2 --keep-snapshots 2 --log-every 100 2>&1 | tee "$OUT/train.log" | tail -5
+  cp /tmp/prior/loss.jsonl "$OUT/" 2>/dev/null
+  tar -C "$(readlink -f /tmp/prior/latest)/.." -cf "$OUT/prior.tar" "$(basename "$(readlink -f /tmp/prior/latest)")" && ls -la "$OUT"
+fi
+
+if [ "${BENCH:-1}" != 0 ]; then
+  timeout "${BENCH_S:-270}" python3 benchmarks/gpu_throughput.py --device "${DEVICE:-cuda}" ${BENCH_EXTRA:-} --json "$OUT/gpu_throughput.json" \
+    2>&1 | grep -v Warning | tee "$OUT/throughput.log"
+fi
