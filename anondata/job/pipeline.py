@@ -1,7 +1,7 @@
 """The anonymize job: plan, run on Ray Data, commit shards, sign the release.
 
-Shape: `ray.data.from_items(shard tasks)` -> `map_batches(read_shard_rows)` (workers read their
-own rows) -> `map_batches(AnonymizerActor, compute=ActorPoolStrategy(size=N), num_gpus=1 or 0,
+Shape: `ray.data.from_items(read tasks, one per batch of a shard)` -> `map_batches(read_shard_rows)`
+(workers read their own rows) -> `map_batches(AnonymizerActor, compute=ActorPoolStrategy(size=N), num_gpus=1 or 0,
 batch_size=B)` -> the driver iterates results, groups them by shard, and commits each shard
 (data file, keys file, marker) as soon as all its rows are back. The same code runs on a
 laptop's CPUs (num_gpus=0) and on a GPU cluster (`RAY_ADDRESS` set, one actor per GPU).
@@ -351,7 +351,10 @@ def run_anonymize(opts: JobOptions) -> JobResult:
         for i, sh in enumerate(s["shards"]):
             shard_info[sh["name"]] = (s["name"], sh)
             if sh["name"] not in committed:
-                tasks.append({"split": s["name"], "shard": i, "start": sh["start"], "stop": sh["stop"]})
+                # one read task per batch, not per shard: results (and the progress bar) then come
+                # back batch by batch instead of a whole shard at a time
+                for a in range(sh["start"], sh["stop"], opts.batch_size):
+                    tasks.append({"split": s["name"], "shard": i, "start": a, "stop": min(a + opts.batch_size, sh["stop"])})
     total = sum(s["rows"] for s in plan["splits"])
     done = sum(len(m["records"]) for m in committed.values())
     resumed = len(committed)
