@@ -68,14 +68,15 @@ def _parquet_rows(path: Path, what: str) -> int:
         raise FormatError(f"{what}: not a readable Parquet file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
 
-def file_entry(release_dir, rel: str, kind: str) -> dict:
-    """{path, rows, bytes, sha256} of a listed file, computed from the file itself."""
+def file_entry(release_dir, rel: str, kind: str, staged: str | None = None) -> dict:
+    """{path, rows, bytes, sha256} of a listed file, computed from the file itself (or from the
+    file `staged`, a relative name that will be renamed to `rel`)."""
     if not isinstance(rel, str) or not PATH_RE[kind].match(rel) or ".." in rel.split("/"):
         want = "data/NAME.parquet" if kind == "shards" else "keys/NAME.keys.parquet"
         raise FormatError(f"{kind} path {rel!r} must look like {want} (relative, no '..')")
-    path = Path(release_dir) / rel
+    path = Path(release_dir) / (staged or rel)
     if not path.is_file():
-        raise FormatError(f"{rel}: listed file is missing")
+        raise FormatError(f"{staged or rel}: listed file is missing")
     rows = _parquet_rows(path, rel)
     digest, size = sha256_file(path)
     return {"bytes": size, "path": rel, "rows": rows, "sha256": digest}

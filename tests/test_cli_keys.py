@@ -140,6 +140,53 @@ def test_rewrap_rotates_and_resigns(release, capsys):
     assert open_records(load_envelopes(root), load_identity(tmp / "other.key"), did) == secrets_by_id
 
 
+def _rewrap_killed(tmp, root, crash_at=None):
+    """Run rewrap in a child process, SIGKILLed at `crash_at` (anondata.job.journal.crash_hook)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if crash_at:
+        env["ANONDATA_TEST_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-c", "import sys; from anondata.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "rewrap", str(root), "--identity", str(tmp / "owner.key"), "--to", str(tmp / "new.pub")],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_rewrap_killed_after_staging_completes_on_rerun(release):
+    tmp, root, did, secrets_by_id = release
+    before = {p: p.read_bytes() for p in [root / "manifest.json", root / "keys/train-00000-of-00001.keys.parquet"]}
+    r = _rewrap_killed(tmp, root, "rewrap-staged:0")
+    assert r.returncode == -9, r.stderr
+    assert all(p.read_bytes() == b for p, b in before.items())  # nothing renamed yet
+    assert (root / ".rewrap/manifest.json.sig").is_file()
+    verify_release(root)  # the release as it was still verifies
+    r = _rewrap_killed(tmp, root)
+    assert r.returncode == 0 and "completed an interrupted rewrap" in r.stdout, r.stderr
+    assert not (root / ".rewrap").exists()
+    verify_release(root)
+    assert open_records(load_envelopes(root), load_identity(tmp / "new.key"), did) == secrets_by_id
+
+
+def test_rewrap_half_staged_or_half_renamed_recovers(release, capsys):
+    from anondata.commands.rewrap import roll_forward
+
+    tmp, root, did, secrets_by_id = release
+    # an interrupted staging (no staged signature): the leftovers are dropped, the release is as it was
+    (root / ".rewrap/keys").mkdir(parents=True)
+    (root / ".rewrap/keys/train-00000-of-00001.keys.parquet").write_bytes(b"partial")
+    (root / ".rewrap/manifest.json").write_bytes(b"{")
+    assert roll_forward(root) is False and not (root / ".rewrap").exists()
+    verify_release(root)
+    # killed between renames (envelopes and manifest moved, signature still staged): rerun completes
+    assert _rewrap_killed(tmp, root, "rewrap-staged:0").returncode == -9
+    for name in ("keys/train-00000-of-00001.keys.parquet", "manifest.json"):
+        os.replace(root / ".rewrap" / name, root / name)
+    with pytest.raises(IntegrityError):
+        verify_release(root)  # the old signature over the new manifest: loud, never a silent pass
+    code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "new.key", "--to", tmp / "new.pub")
+    assert code == 0 and "completed an interrupted rewrap" in out, err
+    verify_release(root)
+    assert open_records(load_envelopes(root), load_identity(tmp / "new.key"), did) == secrets_by_id
+
+
 def test_rewrap_on_public_copy_fails_cleanly(release, capsys):
     import shutil
 

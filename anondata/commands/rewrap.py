@@ -41,16 +41,21 @@ def run(args) -> int:
         _recipient_ref,
         file_entry,
         read_manifest,
+        MANIFEST,
+        SIGNATURE,
+        manifest_bytes,
         validate_manifest,
         verify_release,
-        write_signed_manifest,
     )
+    from ..job.journal import crash_hook
 
     ident = load_identity(args.identity)
     to = [load_recipient(p) for p in args.to]
     signing = load_identity(args.signing_key) if args.signing_key else ident
     signer = load_recipient(args.signer) if args.signer else None
     root = Path(args.dir)
+    if roll_forward(root):
+        print("completed an interrupted rewrap (its staged files are now in place)")
     summary = verify_release(root, signer)
     if not summary["envelopes_checked"]:
         raise KeyError_(f"{root}: no keys/ folder: rewrap needs the private copy of the release")
@@ -71,17 +76,60 @@ def run(args) -> int:
         new_files[e["path"]] = envelope_table_bytes(new, e["path"])
         changed += new.num_rows
 
-    # Write envelope files (each atomically), then the re-signed manifest.
+    # Stage every new file, the signed manifest's signature last; then rename them into place.
+    stage = root / STAGE
     for rel, data in new_files.items():
-        atomic_write(root / rel, data, private=True)
-    m["envelopes"] = [file_entry(root, e["path"], "envelopes") for e in m["envelopes"]]
+        atomic_write(stage / rel, data, private=True)
+    m["envelopes"] = [
+        file_entry(root, e["path"], "envelopes", staged=f"{STAGE}/{e['path']}" if e["path"] in new_files else None)
+        for e in m["envelopes"]
+    ]
     m["recipients"] = [_recipient_ref(r) for r in to]
     m["signer"] = signing.recipient.to_json()
     validate_manifest(m)
-    write_signed_manifest(root, m, signing)
+    data = manifest_bytes(m)
+    atomic_write(stage / MANIFEST, data)
+    atomic_write(stage / SIGNATURE, signing.sign(data))
+    crash_hook("rewrap-staged")
+    roll_forward(root)
     verify_release(root, signing.recipient)
     print(
         f"rewrapped {changed} records in {len(new_files)} envelope files to "
         f"{', '.join(r.label for r in to)}; manifest re-signed by {signing.recipient.label}"
     )
     return 0
+
+
+STAGE = ".rewrap"  # DIR/.rewrap/: outside data/ and keys/, which verify requires to hold only listed files
+
+
+def roll_forward(root) -> bool:
+    """Finish or discard what an interrupted rewrap staged in DIR/.rewrap/. Staging is complete
+    once the staged signature exists (it is written last): then every staged file is renamed into
+    place, the signature last, and True is returned. Before that nothing was renamed, so the
+    stage is deleted and the release is as it was."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ..errors import KeyError_
+    from ..manifest import MANIFEST, MAX_MANIFEST, SIGNATURE, _read, parse_manifest
+
+    stage = Path(root) / STAGE
+    if not stage.is_dir():
+        return False
+    if not (stage / SIGNATURE).is_file():
+        shutil.rmtree(stage)
+        return False
+    m_path = stage / MANIFEST if (stage / MANIFEST).is_file() else Path(root) / MANIFEST
+    listed = {e["path"] for e in parse_manifest(_read(m_path, str(m_path), MAX_MANIFEST))["envelopes"]}
+    staged = sorted(p.relative_to(stage).as_posix() for p in (stage / "keys").glob("*")) if (stage / "keys").is_dir() else []
+    for rel in staged:
+        if rel not in listed:
+            raise KeyError_(f"{stage / rel}: a staged file the staged manifest does not list; remove {stage} and run again")
+        os.replace(stage / rel, Path(root) / rel)
+    if (stage / MANIFEST).is_file():
+        os.replace(stage / MANIFEST, Path(root) / MANIFEST)
+    os.replace(stage / SIGNATURE, Path(root) / SIGNATURE)
+    shutil.rmtree(stage)
+    return True

@@ -23,9 +23,12 @@ TILE = 128
 
 
 def validate(metrics: dict) -> None:
-    """Check `metrics` against schemas/metrics.schema.json (needs jsonschema)."""
+    """Check `metrics` against schemas/metrics.schema.json (needs jsonschema). The schema lives in
+    the source repository (schemas/ is the format's home), not in an installed wheel."""
     import jsonschema
 
+    if not SCHEMA.is_file():
+        raise FileNotFoundError(f"{SCHEMA} is missing: validate() needs a source checkout of anondata (schemas/)")
     jsonschema.validate(metrics, json.loads(SCHEMA.read_text()))
 
 

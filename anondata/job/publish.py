@@ -28,6 +28,8 @@ def public_files(release: str | Path, include_envelopes: bool = False) -> list[s
     root = Path(release)
     if (root / WORK).exists():
         raise InputError(f"{root}: a job is unfinished here ({WORK}/); finish it with anonymize --resume first")
+    if (root / ".rewrap").exists():
+        raise InputError(f"{root}: a key rotation is unfinished here (.rewrap/); run the same `anondata rewrap` again first")
     summary = verify_release(root)
     if include_envelopes and not summary["envelopes_checked"]:
         raise InputError(f"{root}: --include-envelopes, but there is no keys/ folder")
