@@ -1,6 +1,10 @@
 """The reversible core on the tiny trained test model: restore through uint8, wrong keys,
 background bit-identity, lossless exactness, batching, strict records and clear errors."""
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -145,6 +149,31 @@ def test_restore_record_round_trip_and_strictness(run):
             RestoreRecord.from_bytes(bad)
     with pytest.raises(FormatError, match="unknown fields"):
         RestoreRecord.from_bytes(blob.replace(b'{"batch"', b'{"aaa":1,"batch"'))
+
+
+RECORD_VECTORS = json.loads((Path(__file__).parent / "vectors" / "restore_records.json").read_text())
+
+
+@pytest.mark.parametrize("v", RECORD_VECTORS["positive"], ids=lambda v: v["description"])
+def test_restore_record_vectors(v):
+    """docs/FORMAT.md's core record vectors: parse to the stated values, re-encode to the same bytes."""
+    data = v["record"].encode()
+    rec = RestoreRecord.from_bytes(data)
+    e = v["expect"]
+    assert (rec.model_sha256, rec.resolution, rec.steps, rec.inversion_iters, rec.dtype, rec.batch) == (
+        e["model_sha256"], e["resolution"], e["steps"], e["inversion_iters"], e["dtype"], e["batch"])
+    assert int(rec.mask.sum()) == e["mask_pixels"] and int(np.abs(rec.overflow).sum()) == e["overflow_sum_abs"]
+    assert (None if rec.residual is None else int(np.abs(rec.residual).sum())) == e["residual_sum_abs"]
+    assert (None if rec.snap is None else int(rec.snap.sum())) == e["snap_sum"]
+    assert (None if rec.carry is None else list(rec.carry.shape)) == e["carry_shape"]
+    assert (None if rec.carry is None else float(rec.carry.astype(np.float64).sum())) == e["carry_sum"]
+    assert rec.to_bytes() == data
+
+
+@pytest.mark.parametrize("v", RECORD_VECTORS["negative"], ids=lambda v: v["description"])
+def test_restore_record_negative_vectors(v):
+    with pytest.raises(FormatError, match=re.escape(v["message_contains"])):
+        RestoreRecord.from_bytes(v["record"].encode())
 
 
 def test_model_mismatch_is_refused(tmp_path, faces, run):
