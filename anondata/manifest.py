@@ -9,7 +9,10 @@ changed byte anywhere in the release is caught. Layout: docs/FORMAT.md, "Manifes
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -429,12 +432,26 @@ def _check_file(root: Path, entry: dict, what: str) -> None:
 
 def write_grant(grant_dir, table, identity: Identity, to: list[Recipient], dataset_id: str, release_manifest_sha256: str) -> dict:
     """GRANT_DIR/grant.keys.parquet + grant.json (+ .sig, by the granting identity)."""
+    final = Path(grant_dir)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise KeyError_(f"{final}: grant folder exists and is not empty; pick a new --out")
+    # Written in a hidden sibling folder and renamed into place: an interrupted grant leaves no
+    # half-written GRANT_DIR behind (a rerun with the same --out just works).
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        doc = _write_grant_files(out, table, identity, to, dataset_id, release_manifest_sha256)
+        os.replace(out, final)  # onto a missing or empty folder: one rename
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return doc
+
+
+def _write_grant_files(out: Path, table, identity: Identity, to: list[Recipient], dataset_id: str,
+                       release_manifest_sha256: str) -> dict:
     from .envelope import write_envelope_table
 
-    out = Path(grant_dir)
-    if out.exists() and any(out.iterdir()):
-        raise KeyError_(f"{out}: grant folder exists and is not empty; pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
     write_envelope_table(out / GRANT_TABLE, table)
     digest, size = sha256_file(out / GRANT_TABLE)
     doc = {

@@ -140,6 +140,27 @@ def test_rewrap_rotates_and_resigns(release, capsys):
     assert open_records(load_envelopes(root), load_identity(tmp / "other.key"), did) == secrets_by_id
 
 
+def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):
+    import anondata.manifest as manifest_mod
+
+    tmp, root, _, _ = release
+    real = manifest_mod._write_grant_files
+
+    def half_then_fail(out, table, *a):
+        real(out, table, *a)
+        raise KeyError_("disk full (simulated)")
+
+    monkeypatch.setattr(manifest_mod, "_write_grant_files", half_then_fail)
+    code, _, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
+                       "--ids", "r1", "--out", tmp / "g")
+    assert code == 2 and "disk full" in err
+    assert not (tmp / "g").exists() and not [p for p in os.listdir(tmp) if p.startswith(".g.")]
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
+                       "--ids", "r1", "--out", tmp / "g")
+    assert code == 0 and sorted(os.listdir(tmp / "g")) == ["grant.json", "grant.json.sig", "grant.keys.parquet"], err
+
+
 def _rewrap_killed(tmp, root, crash_at=None):
     """Run rewrap in a child process, SIGKILLed at `crash_at` (anondata.job.journal.crash_hook)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))

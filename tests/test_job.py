@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -83,6 +84,26 @@ def test_restore_selected_ids_bit_exact_and_refusals(release, identities, tiny_m
         run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["nope"], model=tiny_model)
     with pytest.raises(InputError, match="not empty"):
         run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"], model=tiny_model)
+
+
+def test_failed_restore_leaves_no_half_restored_folder(release, identities, tiny_model, tmp_path, monkeypatch):
+    import anondata.faces as faces_mod
+    from anondata.errors import IntegrityError
+    from anondata.job.restore import run_restore
+
+    real, calls = faces_mod.restore_photos, []
+
+    def second_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise IntegrityError("record rec-005: lossless restore does not reproduce the original (simulated)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(faces_mod, "restore_photos", second_fails)
+    with pytest.raises(IntegrityError, match="rec-005"):
+        run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001", "rec-005"],
+                    png=True, model=tiny_model, progress=False, batch_size=1)
+    assert len(calls) == 2 and os.listdir(tmp_path) == []  # no --out folder, no hidden work folder
 
 
 def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):

@@ -13,8 +13,11 @@ works, and with `png=True` loose files OUT/png/{split}/{record_id}.png as well.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,17 +110,26 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     # Each crop is recomputed at the batch shape recorded in its restore record, and lossless
     # records snap the ±1 drift of another thread count or device: no need to copy the actors' setup.
     anon = _load_model(model, m, _device(device, extra.get("device", "cpu")))
-    return _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
-                         png, batch_size, progress, dataset_id)
+    # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
+    # that does not restore, a kill) leaves no half-restored --out folder of original faces.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
+                          png, batch_size, progress, dataset_id)
+        os.replace(work, out_dir)  # onto a missing or empty folder: one rename
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return RestoreResult(str(out_dir), n, len(per_shard))
 
 
 def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
-                  png, batch_size, progress, dataset_id) -> RestoreResult:
+                  png, batch_size, progress, dataset_id) -> int:
     from ..faces import restore_photos
     from ..images import decode_image, encode_image
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     splits: set[str] = set()
     bar = tqdm(total=len(wanted), unit="rec", desc="restore", disable=not progress, file=sys.stderr)
     try:
@@ -156,7 +168,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
     finally:
         bar.close()
     _write_card(out_dir, sorted(splits), dataset_id, len(wanted))
-    return RestoreResult(str(out_dir), len(wanted), len(per_shard))
+    return len(wanted)
 
 
 def _device(asked: str | None, used: str) -> str:
