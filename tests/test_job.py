@@ -173,6 +173,9 @@ def test_refusals_before_any_work(identities, tiny_model, tmp_path):
         run_anonymize(JobOptions(out=str(tmp_path / "busy"), resume=True, **base))
     with pytest.raises(AnondataError):  # a public key is not a signing key
         run_anonymize(JobOptions(out=str(tmp_path / "n1"), **{**base, "signing_key": identities["runner"][1]}))
+    with pytest.raises(InputError, match="--cross-check only applies to --faces detect"):
+        run_anonymize(JobOptions(out=str(tmp_path / "n3"), cross_check="haar", **base))
+    assert not (tmp_path / "n3").exists()
     # duplicate ids are refused while planning, naming the id
     rows = write_face_parquet(tmp_path / "dup.parquet", 3)
     import pyarrow as pa
