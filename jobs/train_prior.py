@@ -59,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--decay-start", type=int, default=0,
+                   help="step at which the learning rate starts a cosine decay (0 = constant after warm-up); "
+                        "set it on a resumed run to anneal before stopping")
+    p.add_argument("--decay-steps", type=int, default=2000, help="length of that decay")
+    p.add_argument("--decay-floor", type=float, default=0.1, help="learning rate at the end of the decay, / --lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--max-steps", type=int, default=0, help="0 = no step limit")
@@ -196,7 +201,12 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
 
 
 def lr_at(step: int, args) -> float:
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    """Linear warm-up, constant, then (with --decay-start) a cosine down to --decay-floor * lr."""
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    if args.decay_start and step >= args.decay_start:
+        done = min(1.0, (step - args.decay_start) / max(1, args.decay_steps))
+        lr *= args.decay_floor + (1 - args.decay_floor) * 0.5 * (1 + math.cos(math.pi * done))
+    return lr
 
 
 def main(argv=None) -> int:

@@ -146,3 +146,13 @@ def test_shipped_embedded_prior_is_small_sharded_fp16_and_loads_offline(monkeypa
     anon = Anonymizer.from_pretrained("embedded", device="cpu", steps=2, inversion_iters=0)
     assert anon.resolution == 64
     assert anon.model_info["name"] == "embedded"
+
+
+def test_learning_rate_schedule():
+    job = _load_job()
+    a = job.parse_args(["--data", "x", "--run", "y", "--lr", "1e-3", "--warmup-steps", "10"])
+    assert job.lr_at(0, a) == pytest.approx(1e-4) and job.lr_at(9, a) == job.lr_at(5000, a) == pytest.approx(1e-3)
+    a = job.parse_args(["--data", "x", "--run", "y", "--lr", "1e-3", "--warmup-steps", "10",
+                        "--decay-start", "100", "--decay-steps", "50", "--decay-floor", "0.1"])
+    assert job.lr_at(99, a) == pytest.approx(1e-3) and job.lr_at(125, a) == pytest.approx(0.55e-3)
+    assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
