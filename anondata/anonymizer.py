@@ -139,7 +139,7 @@ class Anonymizer:
             levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
             xt = (levels / 127.5 - 1).to(dev, dt)
             m = torch.from_numpy(masks[idx]).to(dev)
-            z_shape = tuple(self.backend.encode(xt[:1]).shape[1:])
+            z_shape = self.backend.latent_shape if latent else tuple(xt.shape[1:])
             signs = self._signs([keys[j] for j in idx], z_shape)
             c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
             y, z = scheme.transform(self.backend, xt, m, signs, self.sampler, carry=c)
