@@ -10,10 +10,8 @@ payload bytes untouched. Layouts: docs/FORMAT.md, "Envelopes" and "Envelope tabl
 from __future__ import annotations
 
 import io
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -26,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import canonical
 from .errors import FormatError, IntegrityError, KeyError_
+from .files import atomic_write
 from .identity import KEM_SIZES, Identity, Recipient, hpke_suite
 
 TABLE_FORMAT = "anondata-envelopes"
@@ -274,25 +273,6 @@ def envelope_table_bytes(table: pa.Table, what: str = "envelope table") -> bytes
 def write_envelope_table(path, table: pa.Table) -> None:
     """Validate, then write atomically (temp name in the same folder + rename)."""
     atomic_write(path, envelope_table_bytes(table, str(path)), private=True)
-
-
-def atomic_write(path, data: bytes, private: bool = False) -> None:
-    """Write `data` to a temp name next to `path`, fsync, rename: readers never see half a file.
-    `private` files (envelopes) get mode 0600, others 0644."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if not private and hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o644)  # mkstemp made it 0600; umask is process-global, so not read here
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- opening ------------------------------------------------------------------------

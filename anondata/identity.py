@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from . import canonical
 from .errors import FormatError, IntegrityError, KeyError_
+from .files import read_bounded
 
 IDENTITY_FORMAT = "anondata-identity"
 RECIPIENT_FORMAT = "anondata-recipient"
@@ -265,7 +266,7 @@ def generate_identity(pq: bool = False, name: str = "") -> Identity:
 def load_identity(path) -> Identity:
     """Read NAME.key. Refuses a file group/others can read (like ssh): a leaked key opens everything."""
     path = Path(path)
-    data = _read_small(path, "identity")
+    data = read_bounded(path, "identity", MAX_KEY_FILE, KeyError_)
     try:
         ident = Identity.from_bytes(data, str(path))
     except FormatError as e:
@@ -282,7 +283,7 @@ def load_identity(path) -> Identity:
 def load_recipient(path) -> Recipient:
     """Read NAME.pub (a NAME.key is refused: pass public keys around, not secrets)."""
     path = Path(path)
-    data = _read_small(path, "recipient")
+    data = read_bounded(path, "recipient", MAX_KEY_FILE, KeyError_)
     try:
         return Recipient.from_bytes(data, str(path))
     except FormatError as e:
@@ -320,19 +321,6 @@ def _parse_file(data: bytes, what: str):
     if not isinstance(data, (bytes, bytearray)) or not data.endswith(b"\n") or data.endswith(b"\n\n"):
         raise FormatError(f"{what}: expected one canonical JSON object followed by a single newline")
     return canonical.loads(bytes(data[:-1]), what)
-
-
-def _read_small(path: Path, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    except FileNotFoundError:
-        raise KeyError_(f"{path}: no such {what} file") from None
-    except OSError as e:
-        raise KeyError_(f"{path}: cannot read {what} file ({e.strerror})") from None
-    if len(data) > MAX_KEY_FILE:
-        raise KeyError_(f"{path}: too large for a {what} file")
-    return data
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

@@ -21,13 +21,13 @@ from . import __version__, canonical
 from .envelope import (
     DATASET_ID_RE,
     FINGERPRINT_RE,
-    atomic_write,
     check_dataset_id,
     check_record_id,
     read_envelope_table,
     table_dataset_id,
 )
 from .errors import FormatError, IntegrityError, KeyError_
+from .files import atomic_write, read_bounded
 from .identity import KEM_SIZES, Identity, Recipient
 
 MANIFEST_FORMAT = "anondata-manifest"
@@ -318,22 +318,9 @@ def parse_manifest(data: bytes, what: str = MANIFEST) -> dict:
     return m
 
 
-def _read(path: Path, what: str, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise FormatError(f"{what}: missing ({path})") from None
-    except OSError as e:
-        raise FormatError(f"{what}: cannot read {path} ({e.strerror})") from None
-    if len(data) > limit:
-        raise FormatError(f"{what}: too large")
-    return data
-
-
 def read_manifest(release_dir) -> dict:
     """Parse DIR/manifest.json strictly (the signature is checked by verify_release)."""
-    return parse_manifest(_read(Path(release_dir) / MANIFEST, MANIFEST, MAX_MANIFEST))
+    return parse_manifest(read_bounded(Path(release_dir) / MANIFEST, "manifest", MAX_MANIFEST))
 
 
 def _check_signature(data: bytes, sig: bytes, embedded: dict, signer: Recipient | None, what: str) -> Recipient:
@@ -356,8 +343,8 @@ def verify_release(release_dir, signer: Recipient | None = None) -> dict:
     root = Path(release_dir)
     if not root.is_dir():
         raise FormatError(f"{root}: not a release folder")
-    data = _read(root / MANIFEST, MANIFEST, MAX_MANIFEST)
-    sig = _read(root / SIGNATURE, SIGNATURE, 1024)
+    data = read_bounded(root / MANIFEST, "manifest", MAX_MANIFEST)
+    sig = read_bounded(root / SIGNATURE, "manifest signature", 1024)
     if not data.endswith(b"\n") or data.endswith(b"\n\n"):
         raise FormatError(f"{MANIFEST}: expected canonical JSON followed by exactly one newline")
     raw = canonical.loads(data[:-1], MANIFEST)
@@ -501,8 +488,8 @@ def validate_grant(g) -> None:
 def read_grant(grant_dir, signer: Recipient | None = None) -> tuple[dict, list]:
     """Verify a grant folder (signature, hash, rows) and return (grant doc, [envelope table])."""
     root = Path(grant_dir)
-    data = _read(root / GRANT, GRANT, 1 << 30)
-    sig = _read(root / GRANT_SIG, GRANT_SIG, 1024)
+    data = read_bounded(root / GRANT, "grant", 1 << 30)
+    sig = read_bounded(root / GRANT_SIG, "grant signature", 1024)
     if not data.endswith(b"\n") or data.endswith(b"\n\n"):
         raise FormatError(f"{GRANT}: expected canonical JSON followed by exactly one newline")
     g = canonical.loads(data[:-1], GRANT)

@@ -29,13 +29,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..envelope import (
-        atomic_write,
         envelope_table_bytes,
         read_envelope_table,
         recipients_per_record,
         rewrap_table,
     )
     from ..errors import KeyError_
+    from ..files import atomic_write
     from ..identity import load_identity, load_recipient
     from ..manifest import (
         _recipient_ref,
@@ -113,7 +113,8 @@ def roll_forward(root) -> bool:
     from pathlib import Path
 
     from ..errors import KeyError_
-    from ..manifest import MANIFEST, MAX_MANIFEST, SIGNATURE, _read, parse_manifest
+    from ..files import read_bounded
+    from ..manifest import MANIFEST, MAX_MANIFEST, SIGNATURE, parse_manifest
 
     stage = Path(root) / STAGE
     if not stage.is_dir():
@@ -122,7 +123,7 @@ def roll_forward(root) -> bool:
         shutil.rmtree(stage)
         return False
     m_path = stage / MANIFEST if (stage / MANIFEST).is_file() else Path(root) / MANIFEST
-    listed = {e["path"] for e in parse_manifest(_read(m_path, str(m_path), MAX_MANIFEST))["envelopes"]}
+    listed = {e["path"] for e in parse_manifest(read_bounded(m_path, "staged manifest", MAX_MANIFEST))["envelopes"]}
     staged = sorted(p.relative_to(stage).as_posix() for p in (stage / "keys").glob("*")) if (stage / "keys").is_dir() else []
     for rel in staged:
         if rel not in listed:

@@ -25,35 +25,10 @@ from pathlib import Path
 
 from .. import canonical
 from ..errors import FormatError, InputError
+from ..files import atomic_write, fsync_dir
 
 WORK = ".anondata-work"
 PLAN_VERSION = 1
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
-    tmp_dir = tmp_dir or path.parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -71,7 +46,7 @@ class Journal:
         plan = {**plan, "version": PLAN_VERSION}
         self.done_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.plan_path, canonical.dumps(plan), self.tmp_dir)
+        atomic_write(self.plan_path, canonical.dumps(plan), tmp_dir=self.tmp_dir)
 
     def load(self) -> dict:
         try:
@@ -97,7 +72,7 @@ class Journal:
         return out
 
     def commit(self, shard: str, marker: dict) -> None:
-        atomic_write(self.done_dir / f"{shard}.json", canonical.dumps(marker), self.tmp_dir)
+        atomic_write(self.done_dir / f"{shard}.json", canonical.dumps(marker), tmp_dir=self.tmp_dir)
 
     def tmp(self, name: str) -> Path:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

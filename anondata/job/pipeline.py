@@ -510,7 +510,7 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
         "quarantined": sum(r["status"] == "quarantined" for r in records),
     }
     readme = card_mod.dataset_card(plan, model, counts, license=plan["options"]["license"])
-    from .journal import atomic_write
+    from ..files import atomic_write
 
     atomic_write(out / "README.md", readme.encode(), journal.tmp_dir)
     m = build_manifest(

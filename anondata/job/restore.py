@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from .journal import atomic_write
+from ..files import atomic_write
 from .shards import ROW_GROUP_SIZE, image_array
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .journal import fsync_dir
+from ..files import fsync_dir
 
 ROW_GROUP_SIZE = 100  # what `datasets` uses for image data: small groups keep the viewer fast
 DERIVED_ID_COLUMN = "record_id"

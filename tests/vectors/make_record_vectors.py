@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from anondata import canonical
-from anondata.restore_record import RestoreRecord, pack_trits
+from anondata.restore_record import RestoreRecord
 
 R = 8
 

@@ -1,0 +1,64 @@
+"""Reading and writing the files of a release so that a reader never sees half of one.
+
+Why one module: releases, journals, identities and grants all need the same two guarantees,
+a bounded read with a clear error (a key file or manifest is never slurped whole if it is
+huge) and a write that leaves either the old file or the whole new one, durably.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import FormatError
+
+
+def read_bounded(path, what: str, limit: int, error: type[Exception] = FormatError) -> bytes:
+    """The bytes of `path`, refusing more than `limit`; every failure is one `error` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    if len(data) > limit:
+        raise error(f"{path}: too large for a {what} file (over {limit} bytes)")
+    return data
+
+
+def atomic_write(path, data: bytes, private: bool = False, tmp_dir=None) -> None:
+    """Write to a temp name (in `tmp_dir`, default beside `path`, same file system), fsync, rename,
+    fsync the folder. `private` files (envelopes) get mode 0600, others 0644."""
+    path = Path(path)
+    tmp_dir = Path(tmp_dir) if tmp_dir else path.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+    try:
+        if not private and hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)  # mkstemp made it 0600; umask is process-global, so not read here
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path) -> None:
+    """Make a rename in `path` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
