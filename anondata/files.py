@@ -28,7 +28,7 @@ def read_bounded(path, what: str, limit: int, error: type[Exception] = FormatErr
     return data
 
 
-def atomic_write(path, data: bytes, private: bool = False, tmp_dir=None) -> None:
+def atomic_write(path, data: bytes, *, private: bool = False, tmp_dir=None) -> None:
     """Write to a temp name (in `tmp_dir`, default beside `path`, same file system), fsync, rename,
     fsync the folder. `private` files (envelopes) get mode 0600, others 0644."""
     path = Path(path)

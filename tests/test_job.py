@@ -33,6 +33,10 @@ def test_release_layout_verify_and_load_dataset(release, identities):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "keys", "manifest.json", "manifest.json.sig"]
     assert sorted(p.name for p in (out / "data").iterdir()) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
     assert sorted(p.name for p in (out / "keys").iterdir()) == [f"train-0000{i}-of-00003.keys.parquet" for i in range(3)]
+    # public files readable by others, envelopes private
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in [out / "README.md", out / "manifest.json"]} == {
+        "README.md": "0o644", "manifest.json": "0o644"}
+    assert oct((out / "keys" / "train-00000-of-00003.keys.parquet").stat().st_mode & 0o777) == "0o600"
     summary = verify_release(out, load_recipient(identities["runner"][1]))
     assert summary["counts"] == {"anonymized": 6, "quarantined": 1, "skipped": 0, "total": 7}
 

@@ -512,7 +512,7 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     readme = card_mod.dataset_card(plan, model, counts, license=plan["options"]["license"])
     from ..files import atomic_write
 
-    atomic_write(out / "README.md", readme.encode(), journal.tmp_dir)
+    atomic_write(out / "README.md", readme.encode(), tmp_dir=journal.tmp_dir)
     m = build_manifest(
         str(out),
         dataset_id=plan["dataset_id"],
