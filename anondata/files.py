@@ -8,7 +8,9 @@ huge) and a write that leaves either the old file or the whole new one, durably.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FormatError
@@ -62,3 +64,18 @@ def fsync_dir(path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def new_folder(final):
+    """Yield a hidden sibling folder to fill; on success rename it to `final` (missing or empty),
+    on any failure delete it: an interrupted command leaves no half-written output folder."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield work
+        os.replace(work, final)  # onto a missing or empty folder: one rename
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

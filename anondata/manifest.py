@@ -9,10 +9,7 @@ changed byte anywhere in the release is caught. Layout: docs/FORMAT.md, "Manifes
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,7 +24,7 @@ from .envelope import (
     table_dataset_id,
 )
 from .errors import FormatError, IntegrityError, KeyError_
-from .files import atomic_write, read_bounded
+from .files import atomic_write, new_folder, read_bounded
 from .identity import KEM_SIZES, Identity, Recipient
 
 MANIFEST_FORMAT = "anondata-manifest"
@@ -35,6 +32,7 @@ GRANT_FORMAT = "anondata-grant"
 VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
+REWRAP_STAGE = ".rewrap"  # DIR/.rewrap/: an unfinished key rotation (commands/rewrap.py)
 GRANT = "grant.json"
 GRANT_SIG = "grant.json.sig"
 GRANT_TABLE = "grant.keys.parquet"
@@ -422,17 +420,8 @@ def write_grant(grant_dir, table, identity: Identity, to: list[Recipient], datas
     final = Path(grant_dir)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise KeyError_(f"{final}: grant folder exists and is not empty; pick a new --out")
-    # Written in a hidden sibling folder and renamed into place: an interrupted grant leaves no
-    # half-written GRANT_DIR behind (a rerun with the same --out just works).
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        doc = _write_grant_files(out, table, identity, to, dataset_id, release_manifest_sha256)
-        os.replace(out, final)  # onto a missing or empty folder: one rename
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    return doc
+    with new_folder(final) as out:  # a rerun after an interruption finds no half-written GRANT_DIR
+        return _write_grant_files(out, table, identity, to, dataset_id, release_manifest_sha256)
 
 
 def _write_grant_files(out: Path, table, identity: Identity, to: list[Recipient], dataset_id: str,

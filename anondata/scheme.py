@@ -29,7 +29,7 @@ import torch
 @dataclass(frozen=True)
 class Sampler:
     # Defaults from benchmarks/restore_fidelity.py on the embedded prior: 10 steps x 4 Anderson
-    # iterations restore at ~48 dB median through uint8 (benchmarks/README.md), at 70 model
+    # iterations restore at 44 dB median through uint8 (benchmarks/README.md), at 70 model
     # calls per transform; more steps cost time without a fidelity gain there.
     steps: int = 10
     inversion_iters: int = 4

@@ -42,13 +42,9 @@ from anondata import Anonymizer  # noqa: E402
 from anondata.backends import load_backend  # noqa: E402
 from anondata.scheme import Sampler  # noqa: E402
 from anondata.testing import sample_images  # noqa: E402
+from backend_cost import CELEBAHQ_256  # noqa: E402  (google/ddpm-celebahq-256's unet config)
+from restore_fidelity import psnr  # noqa: E402
 
-CELEBAHQ_256 = dict(  # google/ddpm-celebahq-256's unet/config.json, weights random
-    sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-)
 VARIANTS = ("eager", "tf32", "bf16", "cl-bf16", "compile-bf16", "graphs-bf16")
 
 
@@ -103,11 +99,6 @@ def faces(resolution: int, n: int) -> np.ndarray:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         out.append(np.asarray(im.resize((resolution, resolution), Image.BICUBIC)))
     return np.stack(out)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
 def flops_per_call(unet, res: int, device) -> int:

@@ -42,6 +42,7 @@ def run(args) -> int:
         file_entry,
         read_manifest,
         MANIFEST,
+        REWRAP_STAGE,
         SIGNATURE,
         manifest_bytes,
         validate_manifest,
@@ -77,11 +78,11 @@ def run(args) -> int:
         changed += new.num_rows
 
     # Stage every new file, the signed manifest's signature last; then rename them into place.
-    stage = root / STAGE
+    stage = root / REWRAP_STAGE  # outside data/ and keys/, which verify requires to hold only listed files
     for rel, data in new_files.items():
         atomic_write(stage / rel, data, private=True)
     m["envelopes"] = [
-        file_entry(root, e["path"], "envelopes", staged=f"{STAGE}/{e['path']}" if e["path"] in new_files else None)
+        file_entry(root, e["path"], "envelopes", staged=f"{REWRAP_STAGE}/{e['path']}" if e["path"] in new_files else None)
         for e in m["envelopes"]
     ]
     m["recipients"] = [_recipient_ref(r) for r in to]
@@ -100,9 +101,6 @@ def run(args) -> int:
     return 0
 
 
-STAGE = ".rewrap"  # DIR/.rewrap/: outside data/ and keys/, which verify requires to hold only listed files
-
-
 def roll_forward(root) -> bool:
     """Finish or discard what an interrupted rewrap staged in DIR/.rewrap/. Staging is complete
     once the staged signature exists (it is written last): then every staged file is renamed into
@@ -114,9 +112,9 @@ def roll_forward(root) -> bool:
 
     from ..errors import KeyError_
     from ..files import read_bounded
-    from ..manifest import MANIFEST, MAX_MANIFEST, SIGNATURE, parse_manifest
+    from ..manifest import MANIFEST, MAX_MANIFEST, REWRAP_STAGE, SIGNATURE, parse_manifest
 
-    stage = Path(root) / STAGE
+    stage = Path(root) / REWRAP_STAGE
     if not stage.is_dir():
         return False
     if not (stage / SIGNATURE).is_file():

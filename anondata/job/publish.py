@@ -23,12 +23,12 @@ def public_files(release: str | Path, include_envelopes: bool = False) -> list[s
     """The exact relative paths to upload: card, manifest, signature, the manifest's shards,
     and its envelope files only with `include_envelopes`. The release is verified first, so
     a half-written or changed release is never published."""
-    from ..manifest import read_manifest, verify_release
+    from ..manifest import REWRAP_STAGE, read_manifest, verify_release
 
     root = Path(release)
     if (root / WORK).exists():
         raise InputError(f"{root}: a job is unfinished here ({WORK}/); finish it with anonymize --resume first")
-    if (root / ".rewrap").exists():
+    if (root / REWRAP_STAGE).exists():
         raise InputError(f"{root}: a key rotation is unfinished here (.rewrap/); run the same `anondata rewrap` again first")
     summary = verify_release(root)
     if include_envelopes and not summary["envelopes_checked"]:

@@ -13,11 +13,8 @@ works, and with `png=True` loose files OUT/png/{split}/{record_id}.png as well.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..files import atomic_write
+from ..files import atomic_write, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -112,15 +109,9 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     anon = _load_model(model, m, _device(device, extra.get("device", "cpu")))
     # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
     # that does not restore, a kill) leaves no half-restored --out folder of original faces.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with new_folder(out_dir) as work:
         n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
                           png, batch_size, progress, dataset_id)
-        os.replace(work, out_dir)  # onto a missing or empty folder: one rename
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return RestoreResult(str(out_dir), n, len(per_shard))
 
 
