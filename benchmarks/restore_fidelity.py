@@ -31,13 +31,13 @@ from anondata.testing import TINY32_DIR, sample_images
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-ids-dev.parquet"
 
 
-def faces(resolution: int, n: int) -> tuple[np.ndarray, str]:
-    if SHARED.is_file():
+def faces(resolution: int, n: int, path: Path = SHARED) -> tuple[np.ndarray, str]:
+    if path.is_file():
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(SHARED, columns=["image"]).slice(0, n).column("image").to_pylist()
+        rows = pq.read_table(path, columns=["image"]).slice(0, n).column("image").to_pylist()
         imgs = [Image.open(io.BytesIO(r["bytes"])).convert("RGB").crop((25, 57, 153, 185)) for r in rows]
-        src = f"celeba-ids-dev (first {n})"
+        src = f"{path.stem} (first {len(imgs)})"
     else:
         imgs = [Image.fromarray(im) for im in sample_images()][:n]
         src = "sample images"
@@ -63,10 +63,13 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="10x0,10x4,20x0,20x4,20x8", help="STEPSxITERS,...")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (TF32 off, so float32 means float32)")
+    p.add_argument("--faces", type=Path, default=SHARED, help="Parquet of aligned CelebA photos (column image)")
     p.add_argument("--json", help="write the rows here too")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = str(TINY32_DIR) if a.model == "tiny" else a.model
     rows = []
     x = None
@@ -75,9 +78,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for cell in a.grid.split(","):
         steps, iters = (int(v) for v in cell.split("x"))
-        anon = Anonymizer.from_pretrained(model, steps=steps, inversion_iters=iters, dtype=a.dtype)
+        anon = Anonymizer.from_pretrained(model, steps=steps, inversion_iters=iters, dtype=a.dtype,
+                                          device=a.device)
         if x is None:
-            x, src = faces(anon.resolution, a.n)
+            x, src = faces(anon.resolution, a.n, a.faces)
             print(f"faces: {len(x)} from {src}, {anon.resolution}px")
         keys = [new_key() for _ in x]
         t0 = time.perf_counter()

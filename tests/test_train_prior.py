@@ -156,3 +156,25 @@ def test_learning_rate_schedule():
                         "--decay-start", "100", "--decay-steps", "50", "--decay-floor", "0.1"])
     assert job.lr_at(99, a) == pytest.approx(1e-3) and job.lr_at(125, a) == pytest.approx(0.55e-3)
     assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
+
+
+def test_pick_snapshot_tars_the_latest_that_passes_and_nothing_when_none_does(trained, tmp_path, capsys):
+    _job, _data, run, _first = trained
+    spec = importlib.util.spec_from_file_location("pick_snapshot", ROOT / "jobs" / "pick_snapshot.py")
+    pick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick)
+    snaps = sorted(p.name for p in (run / "snapshots").glob("step-*"))
+    assert len(snaps) >= 2
+    common = ["--run", str(run), "--faces", str(tmp_path / "absent.parquet"), "--n", "2", "--grid", "2x1"]
+    tar = tmp_path / "prior.tar"
+    assert pick.main([*common, "--min-db", "1000", "--tar", str(tar)]) == 1
+    assert not tar.exists()
+    assert pick.main([*common, "--min-db", "-1000", "--floor-db", "-1000", "--tar", str(tar)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {s} |" in out for s in snaps) and f"picked {snaps[-1]}" in out
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        names = t.getnames()
+    assert names[0] == snaps[-1] and all(n.split("/")[0] == snaps[-1] for n in names)
+    assert any(n.endswith(".safetensors") for n in names)

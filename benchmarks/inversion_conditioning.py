@@ -1,0 +1,79 @@
+"""Why key-only restore fails on a sharper prior: error growth level by level through the inversion.
+
+Restore inverts the anonymized image y level by level. This script knows the true trajectory (it
+generated y from the flipped latent itself), so at each level it prints how far the inversion is
+from the truth (relative error, median over faces) and how well that level's equation is solved
+(forward residual ||generate_step(z_t) - z_s|| / ||z_s||). Two starts: y in float (no rounding) and
+y rounded to uint8 as it is stored.
+
+Reading it: a small forward residual with a growing error-to-truth means the inversion is solved
+and the generation flow itself contracts: any error at the clean end (8-bit rounding, a
+half-converged first level) is multiplied level after level, and no solver can undo that. A large
+forward residual at one level means the solver failed there. `amplification` = error at z_T /
+error at y for the uint8 start.
+
+    python benchmarks/inversion_conditioning.py --model embedded --n 2
+    python benchmarks/inversion_conditioning.py --model /path/to/snapshot --n 2 --iters 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from anondata import scheme
+from anondata.backends import load_backend
+from anondata.keystream import new_key, signs as key_signs
+from anondata.testing import TINY32_DIR
+from restore_fidelity import faces
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.median((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded | tiny | a model folder")
+    p.add_argument("--n", type=int, default=2, help="faces")
+    p.add_argument("--steps", type=int, default=scheme.Sampler().steps)
+    p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    be = load_backend(str(TINY32_DIR) if a.model == "tiny" else a.model, device="cpu", dtype=dtype)
+    sampler = scheme.Sampler(a.steps, a.iters)
+    levels = scheme._levels(be, sampler)
+    x8, src = faces(be.resolution, a.n)
+    x = torch.from_numpy(x8).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
+    m = torch.ones_like(x, dtype=torch.bool)
+    signs = torch.from_numpy(np.stack([key_signs(new_key(), tuple(x.shape[1:])) for _ in x])).to(dtype)
+    bg = scheme.background_trajectory(be, x, m, sampler)
+
+    truth = [None] * (len(levels) + 1)  # the generation trajectory of the anonymized image
+    truth[-1] = signs * scheme.invert(be, x, m, bg, sampler)
+    for k in range(len(levels), 0, -1):
+        truth[k - 1] = scheme.generate_step(be, truth[k], *levels[k - 1], m, bg[k - 1])
+    y_stored = torch.round((truth[0] + 1) * 127.5).clamp(0, 255) / 127.5 - 1
+
+    print(f"model={a.model} faces={len(x)} ({src}) steps={a.steps} iters={a.iters} dtype={a.dtype}")
+    print("| level | t | error to truth (float y) | forward residual (float y) | error to truth (uint8 y) |")
+    print("|---|---|---|---|---|")
+    zf, zq = truth[0], y_stored
+    print(f"| 0 | clean | 0 | - | {rel(zq, truth[0]):.1e} |")
+    for k, (t, s) in enumerate(levels, start=1):
+        z_s = zf
+        zf = scheme.invert_step(be, zf, t, s, m, bg[k], a.iters)
+        zq = scheme.invert_step(be, zq, t, s, m, bg[k], a.iters)
+        fwd = rel(scheme.generate_step(be, zf, t, s, m, bg[k - 1]), z_s)
+        print(f"| {k} | {t} | {rel(zf, truth[k]):.1e} | {fwd:.1e} | {rel(zq, truth[k]):.1e} |")
+        sys.stdout.flush()
+    print(f"amplification (uint8 start): {rel(zq, truth[-1]) / rel(y_stored, truth[0]):.0f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
