@@ -8,7 +8,9 @@
 - I_b, inversion: the exact inverse of G_b. Each DDIM step is z_s = c1 * z_t + c2 * eps(z_t, t);
   plain DDIM inversion guesses eps(z_t) with eps(z_s) and drifts. We solve for z_t by fixed-point
   iteration z_t <- (z_s - c2 * eps(z_t, t)) / c1 inside the mask (`inversion_iters` times, with
-  Anderson mixing), with z_t = b_t outside, which is what makes restore work.
+  Anderson mixing), with z_t = b_t outside, which is what makes restore work. It also undoes the
+  generation's contraction, so restore from 8 bits amplifies rounding by as much as the prior
+  contracts (3x on the shipped prior, 59x on a sharper one: docs/SCHEME.md).
 - flip_s: multiply the latent inside the mask by the ±1 signs of the record key (keystream.py).
   It is its own inverse, so restore is the same transform as anonymize.
 - b, the background trajectory: plain DDIM inversion of the image with the face region set to 0

@@ -261,3 +261,22 @@ def test_worker_user_errors_come_back_as_anondata_errors(identities, tmp_path):
     with pytest.raises(InputError, match="--face-box"):
         run_anonymize(JobOptions(model=str(tmp_path), faces="detect", face_box=(0, 0, 20, 20), **base))
     assert not (tmp_path / "o").exists()
+
+
+def test_detect_mode_cross_checks_by_default_fail_closed():
+    """A face the first detector misses would be published in the clear, so the CLI and the job
+    run a second detector unless told `none`; the plan records the detector actually used."""
+    from anondata.cli import build_parser
+    from anondata.job.pipeline import JobOptions, _face_spec
+
+    args = build_parser().parse_args(["anonymize", "SRC", "--out", "OUT", "--recipient", "o.pub", "--signing-key", "r.key"])
+    assert args.cross_check == "auto"
+
+    def spec(**kw):
+        return _face_spec(JobOptions(source="s", out="o", recipients=[], signing_key="k", **kw))["cross_check"]
+
+    assert spec(faces="detect") == "haar"
+    assert spec(faces="detect", detector="haar") == "hog"
+    assert spec(faces="detect", cross_check="mmod") == "mmod"
+    assert spec(faces="detect", cross_check="none") is None
+    assert spec(faces="aligned") is None  # one aligned face per image: nothing to cross-check

@@ -53,7 +53,9 @@ class JobOptions:
     face_box: tuple[int, int, int, int] | None = None
     detector: str = "hog"
     on_no_face: str = "quarantine"
-    cross_check: str | None = None  # detect: second detector whose extra faces quarantine the photo
+    # detect: a second detector whose extra faces quarantine the photo. "auto": the other of hog /
+    # haar (fail closed by default: a face the first one misses would be published), None: off
+    cross_check: str | None = "auto"
     lossless: bool = True
     gpus: int | None = None  # None: every GPU the cluster has
     workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
@@ -100,12 +102,17 @@ def _face_spec(opts: JobOptions) -> dict:
         raise InputError(f"--faces must be aligned or detect, not {opts.faces!r}")
     if opts.on_no_face not in ("quarantine", "keep"):
         raise InputError(f"--on-no-face must be quarantine or keep, not {opts.on_no_face!r}")
+    cross_check = opts.cross_check
+    if cross_check == "auto":
+        cross_check = ("haar" if opts.detector == "hog" else "hog") if opts.faces == "detect" else None
+    elif cross_check == "none":
+        cross_check = None
     return {
         "mode": opts.faces,
         "box": list(opts.face_box) if opts.face_box else None,
         "detector": opts.detector,
         "on_no_face": opts.on_no_face,
-        "cross_check": opts.cross_check,
+        "cross_check": cross_check,
     }
 
 
