@@ -35,19 +35,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.median((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="embedded | tiny | a model folder")
-    p.add_argument("--n", type=int, default=2, help="faces")
-    p.add_argument("--steps", type=int, default=scheme.Sampler().steps)
-    p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    a = p.parse_args(argv)
-    dtype = getattr(torch, a.dtype)
-    be = load_backend(str(TINY32_DIR) if a.model == "tiny" else a.model, device="cpu", dtype=dtype)
-    sampler = scheme.Sampler(a.steps, a.iters)
+def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, report=print) -> dict:
+    """-> {"rows": [per level: t, err_float, fwd_float, err_uint8], "rounding": error at y, "amplification"}."""
+    be = load_backend(model, device="cpu", dtype=dtype)
+    sampler = scheme.Sampler(steps, iters)
     levels = scheme._levels(be, sampler)
-    x8, src = faces(be.resolution, a.n)
+    x8, src = faces(be.resolution, n)
     x = torch.from_numpy(x8).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
     m = torch.ones_like(x, dtype=torch.bool)
     signs = torch.from_numpy(np.stack([key_signs(new_key(), tuple(x.shape[1:])) for _ in x])).to(dtype)
@@ -59,19 +52,36 @@ def main(argv=None) -> int:
         truth[k - 1] = scheme.generate_step(be, truth[k], *levels[k - 1], m, bg[k - 1])
     y_stored = torch.round((truth[0] + 1) * 127.5).clamp(0, 255) / 127.5 - 1
 
-    print(f"model={a.model} faces={len(x)} ({src}) steps={a.steps} iters={a.iters} dtype={a.dtype}")
-    print("| level | t | error to truth (float y) | forward residual (float y) | error to truth (uint8 y) |")
-    print("|---|---|---|---|---|")
-    zf, zq = truth[0], y_stored
-    print(f"| 0 | clean | 0 | - | {rel(zq, truth[0]):.1e} |")
+    report(f"faces={len(x)} ({src}) steps={steps} iters={iters} dtype={dtype}")
+    report("| level | t | error to truth (float y) | forward residual (float y) | error to truth (uint8 y) |")
+    report("|---|---|---|---|---|")
+    rounding = rel(y_stored, truth[0])
+    report(f"| 0 | clean | 0 | - | {rounding:.1e} |")
+    rows, zf, zq = [], truth[0], y_stored
     for k, (t, s) in enumerate(levels, start=1):
         z_s = zf
-        zf = scheme.invert_step(be, zf, t, s, m, bg[k], a.iters)
-        zq = scheme.invert_step(be, zq, t, s, m, bg[k], a.iters)
-        fwd = rel(scheme.generate_step(be, zf, t, s, m, bg[k - 1]), z_s)
-        print(f"| {k} | {t} | {rel(zf, truth[k]):.1e} | {fwd:.1e} | {rel(zq, truth[k]):.1e} |")
-        sys.stdout.flush()
-    print(f"amplification (uint8 start): {rel(zq, truth[-1]) / rel(y_stored, truth[0]):.0f}x")
+        zf = scheme.invert_step(be, zf, t, s, m, bg[k], iters)
+        zq = scheme.invert_step(be, zq, t, s, m, bg[k], iters)
+        row = {"t": t, "err_float": rel(zf, truth[k]),
+               "fwd_float": rel(scheme.generate_step(be, zf, t, s, m, bg[k - 1]), z_s), "err_uint8": rel(zq, truth[k])}
+        rows.append(row)
+        report(f"| {k} | {t} | {row['err_float']:.1e} | {row['fwd_float']:.1e} | {row['err_uint8']:.1e} |")
+    amplification = rows[-1]["err_uint8"] / rounding
+    report(f"amplification (uint8 start): {amplification:.0f}x")
+    return {"rows": rows, "rounding": rounding, "amplification": amplification}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded | tiny | a model folder")
+    p.add_argument("--n", type=int, default=2, help="faces")
+    p.add_argument("--steps", type=int, default=scheme.Sampler().steps)
+    p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    a = p.parse_args(argv)
+    print(f"model={a.model}")
+    measure(str(TINY32_DIR) if a.model == "tiny" else a.model, a.n, a.steps, a.iters, getattr(torch, a.dtype),
+            report=lambda line: print(line, flush=True))
     return 0
 
 

@@ -13,7 +13,7 @@ from anondata import Anonymizer
 from anondata.errors import FormatError, InputError, IntegrityError
 from anondata.keystream import new_key
 from anondata.restore_record import RestoreRecord, pack_trits, snap, unpack_trits
-from anondata.testing import sample_images, tiny_model_dir
+from anondata.testing import TINY32_DIR, sample_images, tiny_model_dir
 
 STEPS, ITERS = 10, 6
 # Measured on tiny32 at these settings: restore 35-46 dB, wrong key 8-15 dB. tiny32 is not a face
@@ -230,3 +230,24 @@ def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(InputError, match="--local-dir"):
         Anonymizer.from_pretrained("google/ddpm-celebahq-256")
+
+
+def test_inversion_conditioning_benchmark_measures_what_restore_loses(monkeypatch):
+    """benchmarks/inversion_conditioning.py on the tiny model: the last step (t=1 -> clean) inverts
+    exactly, levels above it are solved, and restore from uint8 ends farther from the true latent
+    than restore from floats: 8-bit rounding is amplified, which is what the benchmark reports."""
+    import sys
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import inversion_conditioning
+
+    r = inversion_conditioning.measure(str(TINY32_DIR), 2, 4, 8, torch.float64, report=lambda line: None)
+    rows = r["rows"]
+    assert [row["t"] for row in rows] == [1, 251, 501, 751]
+    assert rows[0]["err_float"] < 1e-6 and rows[0]["fwd_float"] < 1e-6
+    assert all(row["fwd_float"] < 1e-3 for row in rows[2:])
+    assert rows[-1]["err_float"] < rows[-1]["err_uint8"]
+    assert 1 < r["amplification"] < 1e3 and 0.002 < r["rounding"] < 0.05
+    sys.modules.pop("inversion_conditioning", None)
