@@ -489,8 +489,10 @@ def _missed_faces(img: np.ndarray, places: list[_Place], detector) -> list[tuple
     return out
 
 
-def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False) -> list[PhotoResult]:
-    """Anonymize every face of every photo; one core call for all crops. See the module docstring."""
+def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False,
+                     floor_db: float | None = None) -> list[PhotoResult]:
+    """Anonymize every face of every photo; one core call for all crops. See the module docstring.
+    floor_db: see Anonymizer.anonymize (a face whose key-only restore is poor keeps its residual)."""
     from .keystream import check_key, face_key
 
     if len(images) != len(keys):
@@ -510,7 +512,7 @@ def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False)
             fkeys.append(face_key(key, i))
             masks.append(_core_mask(p, r))
     if crops:
-        out, recs = anon.anonymize(np.stack(crops), fkeys, np.stack(masks), lossless=lossless)
+        out, recs = anon.anonymize(np.stack(crops), fkeys, np.stack(masks), lossless=lossless, floor_db=floor_db)
     k = 0
     for img, res, places in zip(images, results, all_places):
         if res.quarantine_reason is not None:

@@ -10,7 +10,7 @@ Canonical JSON (anondata.canonical), sealed inside the record's envelope, never 
   mask              b64url(zlib(packbits(mask R*R, LSB first)))
   overflow          b64url(zlib(int16 LE R*R*3)): the part of the generated pixels that 8-bit storage
                     clipped, in 1/127.5 units, so restore starts from exactly what was generated (up to rounding)
-  residual          null, or b64url(zlib(int16 LE R*R*3)): original - key-only restore (lossless mode)
+  residual          null, or b64url(zlib(int16 LE R*R*3)): original - key-only restore (lossless mode, or a poor key-only restore)
   snap              null, or b64url(trits): (original mod 3) of every value inside the mask, in (row, col,
                     channel) order, 5 trits a byte (t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4, unused trits 0):
                     restore snaps each value to the one of {v-1, v, v+1} with that residue, so lossless

@@ -114,6 +114,32 @@ def test_lossless_is_bit_exact_even_restored_one_at_a_time(anon, faces):
         anon.restore(out, fixed_keys(len(faces), b"wrong"), blobs)
 
 
+def test_key_only_records_below_the_floor_keep_their_residual(anon, faces):
+    """--lossy-restore must not leave a record the owner cannot restore: a face whose key-only
+    restore falls below floor_db gets the lossless residual, the others stay key-only."""
+    from anondata.anonymizer import masked_psnr
+
+    keys = fixed_keys(len(faces), b"floor")
+    masks = np.ones((len(faces), 32, 32), bool)
+    out, recs = anon.anonymize(faces, keys)
+    assert all(r.residual is None for r in recs)
+    got = [masked_psnr(f, r, m) for f, r, m in zip(faces, anon.restore(out, keys, recs), masks)]
+    assert len(set(np.round(got, 3))) == len(faces), got  # distinct, so a floor can split them
+    floor = float(np.median(got))
+    out2, recs2 = anon.anonymize(faces, keys, floor_db=floor)
+    np.testing.assert_array_equal(out2, out)  # the public image does not change
+    kept = [r.residual is not None for r in recs2]
+    assert kept == [g < floor for g in got] and any(kept) and not all(kept)
+    restored = anon.restore(out2, keys, recs2)
+    for i in range(len(faces)):
+        if kept[i]:
+            np.testing.assert_array_equal(restored[i], faces[i])
+        else:
+            assert masked_psnr(faces[i], restored[i], masks[i]) >= floor
+    _, recs3 = anon.anonymize(faces, keys, floor_db=0.0)
+    assert all(r.residual is None for r in recs3)
+
+
 def test_lossless_survives_rounding_drift(anon, faces, monkeypatch):
     """Another device or thread count moves a few rounded pixels by one level; snapping to the
     stored residues mod 3 must absorb that. Simulate the drift by nudging the model's output."""

@@ -46,7 +46,7 @@ class InvertAnon:
 
     resolution = 32
 
-    def anonymize(self, images, keys, masks=None, lossless=False):
+    def anonymize(self, images, keys, masks=None, lossless=False, floor_db=None):
         assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3) and len(keys) == len(images)
         assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
         out = np.where(masks[..., None], 255 - images, images).astype(np.uint8)

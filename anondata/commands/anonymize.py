@@ -78,7 +78,8 @@ def register(sub) -> None:
                         "for haar. Haar also flags non-faces (25%% of wild CelebA photos quarantined, mostly false "
                         "alarms): review the quarantine. none publishes photos with a missed face: unsafe")
     g.add_argument("--lossy-restore", action="store_true",
-                   help="omit the lossless residual: smaller keys, restore is close but not bit-exact")
+                   help="omit the lossless residual: smaller keys, restore is close but not bit-exact (a face "
+                        "whose key-only restore would be below 30 dB keeps its residual anyway)")
     g.add_argument("--license", default="other", help="licence for the dataset card (default: other)")
     g = p.add_argument_group("execution")
     g.add_argument("--gpus", type=count, default=None, help="GPUs to use, one actor each (default: all in the cluster)")

@@ -170,17 +170,20 @@ def _name(reason: str, rid: str) -> str:
 def _anonymize_isolating(actor, images, keys, ids):
     """The whole batch at once; if the library rejects the batch, each photo alone, so the
     one bad record is quarantined (its error message as reason) and the rest go through."""
+    from ..anonymizer import RESTORE_FLOOR_DB
     from ..faces import anonymize_photos
 
+    # --lossy-restore: a face whose key-only restore would be poor keeps its residual anyway
+    kw = {"lossless": actor.lossless, "floor_db": None if actor.lossless else RESTORE_FLOOR_DB}
     try:
-        return anonymize_photos(actor.anon, images, keys, actor.spec, lossless=actor.lossless)
+        return anonymize_photos(actor.anon, images, keys, actor.spec, **kw)
     except AnondataError as e:
         if len(images) == 1:
             return [_name(str(e), ids[0])]
     out = []
     for img, key, rid in zip(images, keys, ids):
         try:
-            out.extend(anonymize_photos(actor.anon, [img], [key], actor.spec, lossless=actor.lossless))
+            out.extend(anonymize_photos(actor.anon, [img], [key], actor.spec, **kw))
         except AnondataError as e:
             out.append(_name(str(e), rid))
     return out
