@@ -6,7 +6,8 @@ benchmarks/restore_fidelity.py on every snapshot of a training run, prints the t
 the latest snapshot whose median restore PSNR reaches --min-db and whose worst face reaches
 --floor-db (and none if no snapshot does, exit status 1): a sharper snapshot first fails on a
 few faces (step 4,056 of the CPU run: median 35.8 dB, worst 12.4), so the median alone is not
-enough. Face rate and colour are measured afterwards with benchmarks/prior_quality.py.
+enough. The worst of n faces falls as n grows (shipped prior: 26.5 dB on 16 faces, 19-21 on 64),
+so compare snapshots at the same --n. Face rate and colour are measured afterwards with benchmarks/prior_quality.py.
 
     python jobs/pick_snapshot.py --run /tmp/prior --faces .gpu/faces16.parquet --device cuda --tar $OUT/prior.tar
 """
