@@ -15,16 +15,24 @@ one level; the original's sha256 makes anything larger an error, never a silent 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from . import keystream, scheme
 from .backends import load_backend
 from .errors import AnondataError, InputError, IntegrityError
-from .restore_record import MAX_BATCH, RestoreRecord, SCHEME, sha256_image, snap
+from .restore_record import MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+
+# A face needs at least this many secret signs (sign cells its mask touches; v1: masked latent
+# values). Detected faces have ~4,700 in v1 and ~410 at cells of 2, full 64 px crops 12,288 and
+# 1,024; fewer means a mask too
+# small to hide anything, or an empty one, which would publish the input unchanged.
+MIN_SECRET_SIGNS = 64
 
 # Key-only records whose restore would fall below this PSNR (over the face mask) keep their
 # lossless residual (Anonymizer.anonymize floor_db; the job's --lossy-restore uses it).
@@ -39,12 +47,27 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 class Anonymizer:
-    def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8):
+    """sign_cell: the scheme new records get. 0 (the default) is v1: a sign per value, "leading"
+    timesteps. >= 1 is v2: one sign per cell x cell block of the latent grid, shared by the
+    channels (keystream.cell_signs), and log-SNR timesteps. v2 restores a sharp prior from the key
+    where v1 cannot, but keeps more of the identity (docs/SCHEME.md, "Sign cells"; on the CelebA
+    evaluation cells of 2 left 94% of faces beyond dlib's threshold against v1's 98%), so it is
+    opt-in. The scheme fixes the spacing, so `sampler.spacing` is set from it. Restore follows
+    each record's own scheme."""
+
+    def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8, sign_cell: int | None = None):
         if not 1 <= batch_size <= MAX_BATCH:
             raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
         self.backend = backend
         self.sampler = sampler
         self.batch_size = batch_size
+        grid = self._latent_shape()[-1]
+        if sign_cell is None:
+            sign_cell = 0
+        if type(sign_cell) is not int or not 0 <= sign_cell <= grid:
+            raise InputError(f"sign_cell must be an integer in 0..{grid} (the latent grid), got {sign_cell!r}")
+        self.sign_cell = sign_cell
+        self.sampler = self._sampler(sign_cell)
 
     @classmethod
     def from_pretrained(
@@ -55,6 +78,7 @@ class Anonymizer:
         steps: int | None = None,
         inversion_iters: int | None = None,
         batch_size: int | None = None,
+        sign_cell: int | None = None,
     ) -> "Anonymizer":
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -69,7 +93,7 @@ class Anonymizer:
             raise InputError(str(e)) from None
         if batch_size is None:  # one image per call on a CPU (no gain from more), a full batch on a GPU
             batch_size = 1 if backend.device.type == "cpu" else 16
-        return cls(backend, sampler, batch_size=batch_size)
+        return cls(backend, sampler, batch_size=batch_size, sign_cell=sign_cell)
 
     def to(self, device=None) -> "Anonymizer":
         self.backend.to(device=device)
@@ -90,10 +114,11 @@ class Anonymizer:
     @property
     def settings(self) -> dict:
         return {
-            "scheme": SCHEME,
+            "scheme": scheme_name(self.sign_cell),
             "sampler": "ddim-eta0-fixedpoint",
             "steps": self.sampler.steps,
             "inversion_iters": self.sampler.inversion_iters,
+            "sign_cell": self.sign_cell,
             "dtype": self.dtype_name,
             "resolution": self.resolution,
             **getattr(self.backend, "settings", {}),
@@ -129,12 +154,29 @@ class Anonymizer:
         return masks
 
     # -- the two operations ---------------------------------------------------------------------
-    def _signs(self, keys: list[bytes], shape: tuple[int, ...]) -> torch.Tensor:
-        s = np.stack([keystream.signs(k, shape) for k in keys])
+    def _sampler(self, sign_cell: int) -> scheme.Sampler:
+        return replace(self.sampler, spacing="logsnr" if sign_cell else "leading")
+
+    def secret_signs(self, mask: np.ndarray) -> int:
+        """How many independent key signs an (R, R) mask gets: its sign cells (v1: masked latent values)."""
+        c, h, w = self._latent_shape()
+        m = latent_cells(mask, h)
+        if self.sign_cell == 0:
+            return int(m.sum()) * c
+        g = -(-h // self.sign_cell) * self.sign_cell
+        padded = np.zeros((g, g), bool)
+        padded[:h, :w] = m
+        return int(latent_cells(padded, g // self.sign_cell).sum())
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        return getattr(self.backend, "latent_shape", None) or (3, self.resolution, self.resolution)
+
+    def _signs(self, keys: list[bytes], shape: tuple[int, ...], cell: int) -> torch.Tensor:
+        s = np.stack([keystream.cell_signs(k, shape, cell) for k in keys])
         return torch.from_numpy(s).to(self.backend.device)
 
     def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
-             carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             cell: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
         for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
 
@@ -151,10 +193,9 @@ class Anonymizer:
             levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
             xt = (levels / 127.5 - 1).to(dev, dt)
             m = torch.from_numpy(masks[idx]).to(dev)
-            z_shape = self.backend.latent_shape if latent else tuple(xt.shape[1:])
-            signs = self._signs([keys[j] for j in idx], z_shape)
+            signs = self._signs([keys[j] for j in idx], self._latent_shape(), cell)
             c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
-            y, z = scheme.transform(self.backend, xt, m, signs, self.sampler, carry=c)
+            y, z = scheme.transform(self.backend, xt, m, signs, self._sampler(cell), carry=c)
             keep = min(batch, n - i)
             y_levels = (y.double() + 1) * 127.5
             out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
@@ -175,7 +216,15 @@ class Anonymizer:
         n = len(images)
         keys = self._check_keys(keys, n)
         masks = self._check_masks(masks, n)
-        levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size)
+        for i, m in enumerate(masks):
+            if (k := self.secret_signs(m)) < MIN_SECRET_SIGNS:
+                raise InputError(
+                    f"masks[{i}]: the face mask gets {k} secret signs, fewer than {MIN_SECRET_SIGNS}: too small to "
+                    f"hide a face (an empty mask would publish the input); use a larger mask"
+                    + (" or a smaller sign_cell" if self.sign_cell > 1 else "")
+                )
+        levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size,
+                                    self.sign_cell)
         levels = np.round(levels)
         m3 = masks[..., None]
         stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
@@ -187,7 +236,7 @@ class Anonymizer:
                 model_sha256=self.backend.info["sha256"], resolution=self.resolution,
                 steps=self.sampler.steps, inversion_iters=self.sampler.inversion_iters,
                 dtype=self.dtype_name, batch=self.batch_size, mask=masks[i], overflow=overflow[i].astype(np.int16),
-                carry=None if carries is None else carries[i],
+                carry=None if carries is None else carries[i], sign_cell=self.sign_cell,
             )
             for i in range(n)
         ]
@@ -203,12 +252,13 @@ class Anonymizer:
 
     def _restore_levels(self, stored: np.ndarray, keys: list[bytes], records: list[RestoreRecord]) -> np.ndarray:
         out = np.empty_like(stored)
-        for batch in sorted({r.batch for r in records}):  # each record at the batch shape it was made with
-            sel = [i for i, r in enumerate(records) if r.batch == batch]
+        # each record at the batch shape and with the scheme it was made with
+        for batch, cell in sorted({(r.batch, r.sign_cell) for r in records}):
+            sel = [i for i, r in enumerate(records) if (r.batch, r.sign_cell) == (batch, cell)]
             masks = np.stack([records[i].mask for i in sel])
             overflow = np.stack([records[i].overflow for i in sel])
             carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
-            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, carry)[0])
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, cell, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 

@@ -1,8 +1,9 @@
-"""What restore needs besides the key, for one face crop at model resolution (v1).
+"""What restore needs besides the key, for one face crop at model resolution (v2; v1 still read).
 
 Canonical JSON (anondata.canonical), sealed inside the record's envelope, never public:
-  v                 1
-  scheme            "anondata-signflip/1"
+  v                 2 (1: a record of scheme v1, which has no sign_cell field)
+  scheme            "anondata-signflip/2" (v1: "anondata-signflip/1")
+  sign_cell         v2 only: the side of the latent cells that share one sign (keystream.cell_signs), >= 1
   model_sha256      sha256 of the model weights (backends.weights_sha256): restore refuses another model
   resolution        R, the crop size the model saw
   steps, inversion_iters, dtype    the sampler settings used
@@ -34,12 +35,19 @@ import numpy as np
 from . import canonical
 from .errors import FormatError
 
-SCHEME = "anondata-signflip/1"
+SCHEME_V1 = "anondata-signflip/1"
+SCHEME_V2 = "anondata-signflip/2"
 DTYPES = ("float32", "float64")
-_FIELDS = {
+_FIELDS_V1 = {
     "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
     "mask", "overflow", "residual", "snap", "original_sha256", "latent",
 }
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"sign_cell"}}
+
+
+def scheme_name(sign_cell: int) -> str:
+    """v1 is one sign per latent element (sign_cell 0); v2 one per cell, shared by the channels."""
+    return SCHEME_V1 if sign_cell == 0 else SCHEME_V2
 MAX_LATENT_VALUES = 1 << 26
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_RESOLUTION = 4096
@@ -77,6 +85,7 @@ class RestoreRecord:
     snap: np.ndarray | None = None  # (mask.sum() * 3,) uint8 in 0..2
     original_sha256: str | None = None
     carry: np.ndarray | None = None  # (C, h, w) float16, latent models only
+    sign_cell: int = 0  # 0: scheme v1 (a sign per element); >= 1: v2 cells (keystream.cell_signs)
 
     def key_only(self) -> "RestoreRecord":
         """This record without its lossless part: what restore computes from the key alone."""
@@ -84,9 +93,11 @@ class RestoreRecord:
 
     def to_bytes(self) -> bytes:
         bits = np.packbits(self.mask.astype(bool).reshape(-1), bitorder="little")
+        v2 = {"sign_cell": self.sign_cell} if self.sign_cell else {}
         return canonical.dumps({
-            "v": 1,
-            "scheme": SCHEME,
+            **v2,
+            "v": 2 if v2 else 1,
+            "scheme": scheme_name(self.sign_cell),
             "model_sha256": self.model_sha256,
             "resolution": self.resolution,
             "steps": self.steps,
@@ -109,18 +120,21 @@ class RestoreRecord:
         d = canonical.loads(data, "restore record")
         if not isinstance(d, dict):
             raise FormatError("restore record: not a JSON object")
-        if set(d) != _FIELDS:
-            extra, missing = sorted(set(d) - _FIELDS), sorted(_FIELDS - set(d))
+        v = d.get("v")
+        if type(v) is not int or v not in _FIELDS or d.get("scheme") != (SCHEME_V1 if v == 1 else SCHEME_V2):
+            raise FormatError(f"restore record: unsupported version {v!r} / scheme {d.get('scheme')!r}")
+        if set(d) != _FIELDS[v]:
+            extra, missing = sorted(set(d) - _FIELDS[v]), sorted(_FIELDS[v] - set(d))
             raise FormatError(f"restore record: unknown fields {extra} / missing fields {missing}")
-        if d["v"] != 1 or d["scheme"] != SCHEME:
-            raise FormatError(f"restore record: unsupported version {d['v']!r} / scheme {d['scheme']!r}")
-        for k in ("resolution", "steps", "inversion_iters", "batch"):
+        for k in ("resolution", "steps", "inversion_iters", "batch") + (("sign_cell",) if v == 2 else ()):
             if type(d[k]) is not int:
                 raise FormatError(f"restore record: {k} must be an integer")
         r = d["resolution"]
         if not (1 <= r <= MAX_RESOLUTION and 1 <= d["steps"] <= 1000 and 0 <= d["inversion_iters"] <= 100
                 and 1 <= d["batch"] <= MAX_BATCH):
             raise FormatError("restore record: resolution, steps, inversion_iters or batch out of range")
+        if v == 2 and not 1 <= d["sign_cell"] <= r:
+            raise FormatError(f"restore record: sign_cell must be in 1..{r}")
         if d["dtype"] not in DTYPES:
             raise FormatError(f"restore record: dtype must be one of {DTYPES}")
         for k in ("model_sha256",) + (("original_sha256",) if d["original_sha256"] is not None else ()):
@@ -146,6 +160,7 @@ class RestoreRecord:
             snap=None if d["snap"] is None else unpack_trits(canonical.b64d(d["snap"], "snap"), int(mask.sum()) * 3),
             original_sha256=d["original_sha256"],
             carry=None if d["latent"] is None else _parse_latent(d["latent"], mask),
+            sign_cell=d["sign_cell"] if v == 2 else 0,
         )
 
 

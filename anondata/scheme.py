@@ -11,21 +11,31 @@
   Anderson mixing), with z_t = b_t outside, which is what makes restore work. It also undoes the
   generation's contraction, so restore from 8 bits amplifies rounding by as much as the prior
   contracts (3x on the shipped prior, 59x on a sharper one: docs/SCHEME.md).
-- flip_s: multiply the latent inside the mask by the ±1 signs of the record key (keystream.py).
-  It is its own inverse, so restore is the same transform as anonymize.
+- flip_s: multiply the latent inside the mask by the ±1 signs of the record key (keystream.py;
+  v2: one sign per cell, shared by the channels, so the flip keeps the fine detail that the
+  contraction above lives in: docs/SCHEME.md, "Sign cells"). It is its own inverse, so restore
+  is the same transform as anonymize.
 - b, the background trajectory: plain DDIM inversion of the image with the face region set to 0
   (mid grey). It depends only on pixels outside the mask, which anonymize leaves bit-identical, so
   anonymize and restore compute the same b from the original and from the anonymized image.
 
-Timesteps (`timesteps`): t_k = floor(k * T / N) + 1 for k = 0..N-1 (DDIM "leading" spacing with
-offset 1), generated from t_{N-1} down; the last step goes to the clean image (alpha = 1).
+Timesteps (`timesteps`), generated from t_{N-1} down; the last step goes to the clean image (alpha = 1):
+- "logsnr" (scheme v2): t_0 = 1 and t_{N-1} = floor((N-1) T / N) + 1, and in between the t whose
+  log-SNR log(a_t / (1 - a_t)) is nearest to N points evenly spaced in log-SNR between those two
+  (ties to the smaller t), made strictly increasing (up from t_0, then down from t_{N-1}). Evenly spaced levels make every step an
+  equally small change for the model, so none is the large, ill-conditioned jump at the clean
+  end that "leading" makes (docs/SCHEME.md, "Timesteps").
+- "leading" (scheme v1): t_k = floor(k * T / N) + 1 for k = 0..N-1 (DDIM "leading" spacing with offset 1).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+SPACINGS = ("logsnr", "leading")
 
 
 @dataclass(frozen=True)
@@ -35,19 +45,37 @@ class Sampler:
     # calls per transform; more steps cost time without a fidelity gain there.
     steps: int = 10
     inversion_iters: int = 4
+    spacing: str = "leading"  # the scheme version fixes it: v1 "leading" (the default), v2 "logsnr"
 
     def __post_init__(self):
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be in 1..1000, got {self.steps}")
         if not 0 <= self.inversion_iters <= 100:
             raise ValueError(f"inversion_iters must be in 0..100, got {self.inversion_iters}")
 
 
-def timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Ascending t_0 < ... < t_{N-1}."""
-    if steps > num_train_timesteps:
-        raise ValueError(f"steps ({steps}) exceeds the model's {num_train_timesteps} training timesteps")
-    return [k * num_train_timesteps // steps + 1 for k in range(steps)]
+def timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "leading") -> list[int]:
+    """Ascending t_0 < ... < t_{N-1} (module docstring)."""
+    T = int(alphas_cumprod.shape[0])
+    if steps > T - 1:
+        raise ValueError(f"steps ({steps}) must be below the model's {T} training timesteps")
+    leading = [k * T // steps + 1 for k in range(steps)]
+    if spacing == "leading" or steps == 1:
+        return leading
+    a = [float(v) for v in alphas_cumprod.to(torch.float64)]
+    lam = [math.log(v / (1.0 - v)) if 0.0 < v < 1.0 else (math.inf if v >= 1.0 else -math.inf) for v in a]
+    lo, hi = lam[1], lam[leading[-1]]
+    out = []
+    for k in range(steps):
+        target = lo + (hi - lo) * k / (steps - 1)
+        t = min(range(T), key=lambda i: (abs(lam[i] - target), i))
+        out.append(t if not out else max(t, out[-1] + 1))
+    out[-1] = min(out[-1], leading[-1])  # many steps crowd the clean end: push back down from the top
+    for k in range(steps - 2, -1, -1):
+        out[k] = min(out[k], out[k + 1] - 1)
+    return out
 
 
 def _coefficients(alphas_cumprod: torch.Tensor, t: int, s: int | None) -> tuple[float, float]:
@@ -61,7 +89,7 @@ def _coefficients(alphas_cumprod: torch.Tensor, t: int, s: int | None) -> tuple[
 
 def _levels(backend, sampler: Sampler):
     """[(t, s)] for each step, from the clean end: level k+1 is t_k, level k is s."""
-    ts = timesteps(backend.num_train_timesteps, sampler.steps)
+    ts = timesteps(backend.alphas_cumprod, sampler.steps, sampler.spacing)
     return [(t, ts[k - 1] if k else None) for k, t in enumerate(ts)]
 
 

@@ -35,10 +35,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.median((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)))
 
 
-def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, report=print) -> dict:
+def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, report=print,
+            spacing: str = "logsnr") -> dict:
     """-> {"rows": [per level: t, err_float, fwd_float, err_uint8], "rounding": error at y, "amplification"}."""
     be = load_backend(model, device="cpu", dtype=dtype)
-    sampler = scheme.Sampler(steps, iters)
+    sampler = scheme.Sampler(steps, iters, spacing)
     levels = scheme._levels(be, sampler)
     x8, src = faces(be.resolution, n)
     x = torch.from_numpy(x8).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
@@ -52,7 +53,7 @@ def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, repo
         truth[k - 1] = scheme.generate_step(be, truth[k], *levels[k - 1], m, bg[k - 1])
     y_stored = torch.round((truth[0] + 1) * 127.5).clamp(0, 255) / 127.5 - 1
 
-    report(f"faces={len(x)} ({src}) steps={steps} iters={iters} dtype={dtype}")
+    report(f"faces={len(x)} ({src}) steps={steps} iters={iters} spacing={spacing} dtype={dtype}")
     report("| level | t | error to truth (float y) | forward residual (float y) | error to truth (uint8 y) |")
     report("|---|---|---|---|---|")
     rounding = rel(y_stored, truth[0])
@@ -78,10 +79,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=scheme.Sampler().steps)
     p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--spacing", default=scheme.Sampler().spacing, choices=scheme.SPACINGS,
+                   help="timesteps: logsnr (scheme v2, default) or leading (v1)")
     a = p.parse_args(argv)
     print(f"model={a.model}")
     measure(str(TINY32_DIR) if a.model == "tiny" else a.model, a.n, a.steps, a.iters, getattr(torch, a.dtype),
-            report=lambda line: print(line, flush=True))
+            report=lambda line: print(line, flush=True), spacing=a.spacing)
     return 0
 
 

@@ -9,6 +9,7 @@ Faces: aligned CelebA crops from ../shared/data/celeba-ids-dev.parquet when pres
 
     python benchmarks/restore_fidelity.py --model embedded --n 16 --grid 10x0,10x4,20x4,20x8
     python benchmarks/restore_fidelity.py --model tiny       # the 32px test model
+    python benchmarks/restore_fidelity.py --sign-cell 0      # scheme v1: a sign per value
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from PIL import Image
 
 from anondata import Anonymizer
 from anondata.anonymizer import RESTORE_FLOOR_DB
-from anondata.keystream import new_key
 from anondata.testing import TINY32_DIR, sample_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-ids-dev.parquet"
@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (TF32 off, so float32 means float32)")
     p.add_argument("--faces", type=Path, default=SHARED, help="Parquet of aligned CelebA photos (column image)")
+    p.add_argument("--sign-cell", type=int, default=None, help="sign cell (default: the model's; 0 = scheme v1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="record and wrong keys (fixed, so settings and snapshots compare on the same keys; "
+                        "key-only restore varies by a few dB from key to key)")
     p.add_argument("--json", help="write the rows here too")
     a = p.parse_args(argv)
     if a.threads:
@@ -74,22 +78,25 @@ def main(argv=None) -> int:
     model = str(TINY32_DIR) if a.model == "tiny" else a.model
     rows = []
     x = None
-    print(f"model={a.model} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"model={a.model} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"sign_cell={'default' if a.sign_cell is None else a.sign_cell}")
     print("| steps | iters | restore dB median | restore dB min | wrong-key dB median | record B (key-only) | record B (lossless) | PNG B | s/img anonymize+restore |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell in a.grid.split(","):
         steps, iters = (int(v) for v in cell.split("x"))
         anon = Anonymizer.from_pretrained(model, steps=steps, inversion_iters=iters, dtype=a.dtype,
-                                          device=a.device)
+                                          device=a.device, sign_cell=a.sign_cell)
         if x is None:
             x, src = faces(anon.resolution, a.n, a.faces)
             print(f"faces: {len(x)} from {src}, {anon.resolution}px")
-        keys = [new_key() for _ in x]
+        rng = np.random.default_rng(a.seed)
+        keys = [rng.bytes(32) for _ in x]
+        wrong_keys = [rng.bytes(32) for _ in x]
         t0 = time.perf_counter()
         y, recs = anon.anonymize(x, keys)
         restored = anon.restore(y, keys, recs)
         secs = (time.perf_counter() - t0) / len(x)
-        wrong = anon.restore(y, [new_key() for _ in x], recs)
+        wrong = anon.restore(y, wrong_keys, recs)
         _, lrecs = anon.anonymize(x, keys, lossless=True)
         each = psnr(restored, x)
         row = {
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
         print(f"{row['steps']}x{row['iters']}: {low} of {len(x)} faces restore below {RESTORE_FLOOR_DB:g} dB "
               "(with --lossy-restore they keep the residual)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"model": a.model, "sign_cell": anon.sign_cell, "rows": rows}, indent=1))
     return 0
 
 

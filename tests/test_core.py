@@ -166,15 +166,51 @@ def test_snap_inverts_plus_minus_one():
 
 def test_restore_record_round_trip_and_strictness(run):
     _, _, recs = run
+    v1 = recs[0].to_bytes()
+    assert b'"v":1' in v1 and b"signflip/1" in v1 and b"sign_cell" not in v1  # the default scheme
+    assert RestoreRecord.from_bytes(v1).to_bytes() == v1
+    recs = [RestoreRecord(**{**vars(r), "sign_cell": 2}) for r in recs]
     blob = recs[0].to_bytes()
     back = RestoreRecord.from_bytes(blob)
     assert back.to_bytes() == blob
     assert np.array_equal(back.mask, recs[0].mask) and np.array_equal(back.overflow, recs[0].overflow)
-    for bad in (blob + b" ", b" " + blob, blob.replace(b'"v":1', b'"v":2'), blob[:-1], b"{}", b"\xff"):
+    assert back.sign_cell == 2 and b'"scheme":"anondata-signflip/2"' in blob and b'"v":2' in blob
+    for bad in (blob + b" ", b" " + blob, blob.replace(b'"v":2', b'"v":3'), blob[:-1], b"{}", b"\xff",
+                blob.replace(b'"v":2', b'"v":1'),  # a v1 record has no sign_cell and scheme /1
+                blob.replace(b'"sign_cell":2', b'"sign_cell":0'), blob.replace(b'"sign_cell":2', b'"sign_cell":33'),
+                blob.replace(b'"sign_cell":2', b'"sign_cell":2.0'), blob.replace(b'signflip/2', b'signflip/1')):
         with pytest.raises(FormatError):
             RestoreRecord.from_bytes(bad)
     with pytest.raises(FormatError, match="unknown fields"):
         RestoreRecord.from_bytes(blob.replace(b'{"batch"', b'{"aaa":1,"batch"'))
+    with pytest.raises(FormatError, match="missing fields"):
+        RestoreRecord.from_bytes(blob.replace(b'"sign_cell":2,', b""))
+
+
+def test_scheme_v2_cells_restore_and_each_record_keeps_its_scheme(anon, model_dir, faces):
+    """sign_cell >= 1 is scheme v2 (a sign per cell, shared by the channels; log-SNR timesteps):
+    it writes v2 records, restores through uint8, and restore follows each record's own scheme,
+    so a v1 anonymizer restores v2 records and the other way round."""
+    v2 = Anonymizer.from_pretrained(model_dir, steps=STEPS, inversion_iters=ITERS, batch_size=4, sign_cell=2)
+    assert (anon.sign_cell, anon.settings["scheme"], anon.sampler.spacing) == (0, "anondata-signflip/1", "leading")
+    assert (v2.settings["scheme"], v2.settings["sign_cell"], v2.sampler.spacing) == ("anondata-signflip/2", 2, "logsnr")
+    keys = fixed_keys(len(faces), b"v2")
+    out, recs = v2.anonymize(faces, keys)
+    assert b'"v":2' in recs[0].to_bytes() and b'"sign_cell":2' in recs[0].to_bytes()
+    assert (psnr(out, faces) < WRONG_DB).all()
+    assert (psnr(anon.restore(out, keys, [r.to_bytes() for r in recs]), faces) >= RESTORE_DB).all()
+    assert (psnr(v2.restore(out, fixed_keys(len(faces), b"wrong"), recs), faces) < WRONG_DB).all()
+    lout, lrecs = anon.anonymize(faces, keys, lossless=True)  # v1, restored by the v2 anonymizer
+    np.testing.assert_array_equal(v2.restore(lout, keys, lrecs), faces)
+    # The two patterns of one key differ, so a record restored with the other pattern is a stranger.
+    wrong = anon.restore(out, keys, [RestoreRecord(**{**vars(r), "sign_cell": 0}) for r in recs])
+    assert (psnr(wrong, faces) < WRONG_DB).all()
+
+
+def test_sign_cell_is_checked(model_dir):
+    for bad in (-1, 33, 2.0, "4"):
+        with pytest.raises(InputError, match="sign_cell"):
+            Anonymizer.from_pretrained(model_dir, steps=2, inversion_iters=0, sign_cell=bad)
 
 
 RECORD_VECTORS = json.loads((Path(__file__).parent / "vectors" / "restore_records.json").read_text())
@@ -186,8 +222,8 @@ def test_restore_record_vectors(v):
     data = v["record"].encode()
     rec = RestoreRecord.from_bytes(data)
     e = v["expect"]
-    assert (rec.model_sha256, rec.resolution, rec.steps, rec.inversion_iters, rec.dtype, rec.batch) == (
-        e["model_sha256"], e["resolution"], e["steps"], e["inversion_iters"], e["dtype"], e["batch"])
+    assert (rec.model_sha256, rec.resolution, rec.steps, rec.inversion_iters, rec.dtype, rec.batch, rec.sign_cell) == (
+        e["model_sha256"], e["resolution"], e["steps"], e["inversion_iters"], e["dtype"], e["batch"], e["sign_cell"])
     assert int(rec.mask.sum()) == e["mask_pixels"] and int(np.abs(rec.overflow).sum()) == e["overflow_sum_abs"]
     assert (None if rec.residual is None else int(np.abs(rec.residual).sum())) == e["residual_sum_abs"]
     assert (None if rec.snap is None else int(rec.snap.sum())) == e["snap_sum"]
@@ -269,7 +305,8 @@ def test_inversion_conditioning_benchmark_measures_what_restore_loses(monkeypatc
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import inversion_conditioning
 
-    r = inversion_conditioning.measure(str(TINY32_DIR), 2, 4, 8, torch.float64, report=lambda line: None)
+    r = inversion_conditioning.measure(str(TINY32_DIR), 2, 4, 8, torch.float64, report=lambda line: None,
+                                       spacing="leading")
     rows = r["rows"]
     assert [row["t"] for row in rows] == [1, 251, 501, 751]
     assert rows[0]["err_float"] < 1e-6 and rows[0]["fwd_float"] < 1e-6
@@ -277,3 +314,45 @@ def test_inversion_conditioning_benchmark_measures_what_restore_loses(monkeypatc
     assert rows[-1]["err_float"] < rows[-1]["err_uint8"]
     assert 1 < r["amplification"] < 1e3 and 0.002 < r["rounding"] < 0.05
     sys.modules.pop("inversion_conditioning", None)
+
+
+def test_timesteps_logsnr_and_leading():
+    """Scheme v2's log-SNR timesteps on the cosine schedule the embedded prior and tiny32 use
+    (docs/SCHEME.md, "Timesteps"), and v1's leading spacing, which v1 records still restore with."""
+    import torch
+
+    from anondata import scheme
+    from anondata.testing import _scheduler  # the tiny models' and the embedded prior's schedule
+
+    ac = _scheduler().alphas_cumprod.to(torch.float64)
+    assert scheme.timesteps(ac, 10, "logsnr") == [1, 6, 18, 45, 100, 210, 397, 625, 801, 901]
+    assert scheme.timesteps(ac, 10) == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901]
+    assert scheme.timesteps(ac, 1, "logsnr") == [1]
+    for n in (2, 3, 50, 500, 999):
+        ts = scheme.timesteps(ac, n, "logsnr")
+        assert len(ts) == n and ts[0] == 1 and all(a < b for a, b in zip(ts, ts[1:])) and ts[-1] < 1000
+    with pytest.raises(ValueError, match="below"):
+        scheme.timesteps(ac, 1000, "logsnr")
+
+
+def test_masks_too_small_to_hide_a_face_are_refused(model_dir, faces):
+    """An empty mask would publish the input unchanged; a tiny one leaves a searchable handful of
+    signs. Both are errors that name the mask, never an output."""
+    from anondata.anonymizer import MIN_SECRET_SIGNS
+
+    anon = Anonymizer.from_pretrained(model_dir, steps=2, inversion_iters=0, batch_size=4, sign_cell=2)
+    full = np.ones((32, 32), bool)
+    assert anon.sign_cell == 2 and anon.secret_signs(full) == 256
+    small = np.zeros((32, 32), bool)
+    small[8:22, 8:22] = True  # 7 x 7 cells of 2 px
+    assert anon.secret_signs(small) == 49 < MIN_SECRET_SIGNS
+    small[7, 8] = True  # one pixel more touches a new row of cells
+    assert anon.secret_signs(small) == 50
+    for bad in (np.zeros((32, 32), bool), small):
+        masks = np.stack([full, bad, full, full])
+        with pytest.raises(InputError, match=r"masks\[1\].*secret signs"):
+            anon.anonymize(faces, fixed_keys(4), masks=masks)
+    v1 = Anonymizer(anon.backend, anon.sampler)
+    assert v1.sign_cell == 0 and v1.secret_signs(small) == 3 * int(small.sum())
+    with pytest.raises(InputError, match=r"masks\[0\].*secret signs"):
+        v1.anonymize(faces[:1], fixed_keys(1), masks=np.zeros((1, 32, 32), bool))

@@ -244,3 +244,20 @@ def test_cli_on_a_release(release, identities, tiny_model, tmp_path):
     p = subprocess.run(cmd[:6] + [str(tmp_path / "nope.parquet"), "--report", str(tmp_path / "r3")],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert p.returncode == 2 and "does not exist" in p.stderr
+
+
+def test_boundary_attack_reads_cells_of_correlated_noise_and_not_of_white_noise():
+    """The v2 attack (anondata/eval/attacks.py): one sign per cell is recoverable from boundary
+    products when the noise is smooth, and no better than chance when it is white."""
+    from anondata.eval import attacks
+    from anondata.keystream import cell_grid, expand_cells
+
+    rng = np.random.default_rng(0)
+    shape, cell = (3, 32, 32), 4
+    true = cell_grid(bytes(range(32)), shape, cell)
+    white = rng.standard_normal(shape)
+    smooth = np.cumsum(np.cumsum(white, axis=1), axis=2)  # strongly correlated neighbours
+    for z, lo, hi in ((smooth, 0.95, 1.0), (white, 0.5, 0.75)):
+        za = expand_cells(true, shape, cell) * z
+        guess = attacks.signs_from_evidence(*attacks.boundary_evidence(za, cell))
+        assert lo <= attacks.cells_right(guess, true) <= hi

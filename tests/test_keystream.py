@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from anondata.errors import InputError
-from anondata.keystream import face_key, keystream, new_key, signs
+from anondata.keystream import cell_signs, face_key, keystream, new_key, signs
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keystream.json").read_text())
 
@@ -73,3 +73,26 @@ def test_new_key_is_fresh_256_bits():
 def test_bad_keys_are_refused(bad):
     with pytest.raises(InputError, match="key"):
         signs(bad, (1, 2, 2))
+
+
+CELL_VECTORS = json.loads((Path(__file__).parent / "vectors" / "cell_signs.json").read_text())
+
+
+@pytest.mark.parametrize("v", CELL_VECTORS, ids=lambda v: f'{v["key_hex"][:8]}-{v["cell"]}')
+def test_cell_signs_known_answers_and_independent_derivation(v):
+    """v2: one sign per cell, row-major over the cell grid, from the v1 construction with info "anondata/signs/v2"."""
+    key, shape, cell = bytes.fromhex(v["key_hex"]), tuple(v["shape"]), v["cell"]
+    s = cell_signs(key, shape, cell)
+    assert "".join("+" if x > 0 else "-" for x in s[0].reshape(-1)) == v["plane"]
+    assert all(np.array_equal(s[c], s[0]) for c in range(shape[0]))
+    gh, gw = -(-shape[1] // cell), -(-shape[2] // cell)
+    stream_key = hkdf_sha256(key, b"anondata/signs/v2")
+    raw = Cipher(algorithms.ChaCha20(stream_key, b"\x00" * 16), mode=None).encryptor().update(b"\x00" * 64)
+    grid = ["-" if (raw[i // 8] >> (i % 8)) & 1 else "+" for i in range(gh * gw)]
+    plane = "".join(grid[(y // cell) * gw + x // cell] for y in range(shape[1]) for x in range(shape[2]))
+    assert plane == v["plane"]
+
+
+def test_cell_zero_is_v1():
+    k = new_key()
+    assert np.array_equal(cell_signs(k, (3, 8, 8), 0), signs(k, (3, 8, 8)))

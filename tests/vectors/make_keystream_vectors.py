@@ -1,16 +1,24 @@
-"""Regenerate tests/vectors/keystream.json (known-answer vectors of keystream v1, docs/FORMAT.md).
+"""Regenerate tests/vectors/keystream.json (keystream v1) and cell_signs.json (v2 sign cells),
+the known-answer vectors of docs/SCHEME.md.
 The expected values were checked once against an independent computation (test_keystream.py
 recomputes them with HKDF + ChaCha20 from `cryptography` step by step)."""
 
 import json
 from pathlib import Path
 
-from anondata.keystream import face_key, keystream, signs
+from anondata.keystream import cell_signs, face_key, keystream, signs
 
 CASES = [
     {"key": bytes(range(32)), "shape": [3, 4, 4]},
     {"key": bytes(32), "shape": [1, 2, 5]},
     {"key": bytes([0xFF] * 32), "shape": [3, 8, 8]},
+]
+
+# v2: the plane (every channel has it) of a (C, H, W) latent; 6 x 7 at cell 4 has a partial last row/column.
+CELL_CASES = [
+    {"key": bytes(range(32)), "shape": [3, 8, 8], "cell": 2},
+    {"key": bytes(32), "shape": [4, 6, 7], "cell": 4},
+    {"key": bytes([0xFF] * 32), "shape": [3, 16, 16], "cell": 4},
 ]
 
 
@@ -31,6 +39,14 @@ def main():
         })
     path = Path(__file__).with_name("keystream.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    cells = []
+    for c in CELL_CASES:
+        s = cell_signs(c["key"], tuple(c["shape"]), c["cell"])
+        cells.append({"key_hex": c["key"].hex(), "shape": c["shape"], "cell": c["cell"],
+                      "plane": "".join("+" if v > 0 else "-" for v in s[0].reshape(-1))})
+    path = Path(__file__).with_name("cell_signs.json")
+    path.write_text(json.dumps(cells, indent=1) + "\n")
     print(f"wrote {path}")
 
 

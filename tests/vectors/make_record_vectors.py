@@ -49,8 +49,14 @@ def _latent() -> RestoreRecord:
     return rec
 
 
+def _v2(rec: RestoreRecord, cell: int = 2) -> RestoreRecord:
+    rec.sign_cell = cell  # scheme v2: one sign per 2x2 latent cell
+    return rec
+
+
 def _summary(rec: RestoreRecord) -> dict:
     return {
+        "sign_cell": rec.sign_cell,
         "model_sha256": rec.model_sha256, "resolution": rec.resolution, "steps": rec.steps,
         "inversion_iters": rec.inversion_iters, "dtype": rec.dtype, "batch": rec.batch,
         "mask_pixels": int(rec.mask.sum()), "overflow_sum_abs": int(np.abs(rec.overflow).sum()),
@@ -73,7 +79,9 @@ def _carry_b64(a: np.ndarray) -> str:
 
 def main():
     positive = [("key-only, pixel model", _base()), ("lossless, pixel model", _lossless()),
-                ("key-only, latent model (4x4x4 latent)", _latent())]
+                ("key-only, latent model (4x4x4 latent)", _latent()),
+                ("v2 key-only, pixel model, sign_cell 2", _v2(_base())), ("v2 lossless, pixel model", _v2(_lossless())),
+                ("v2 key-only, latent model", _v2(_latent(), 1))]
     out = {"positive": [], "negative": []}
     for desc, rec in positive:
         out["positive"].append({"description": desc, "record": rec.to_bytes().decode(), "expect": _summary(rec)})
@@ -104,6 +112,15 @@ def main():
         ("latent shape not dividing the resolution", _edit(lat, lambda d: d["latent"].update(shape=[4, 3, 3])),
          "does not fit"),
         ("latent with an extra key", _edit(lat, lambda d: d["latent"].update(scale=1)), "latent must be"),
+        ("v1 record with a sign_cell", _edit(_base(), lambda d: d.update(sign_cell=2)), "unknown fields"),
+        ("v2 record without sign_cell", _edit(_v2(_base()), lambda d: d.pop("sign_cell")), "missing fields"),
+        ("v2 record naming scheme v1", _edit(_v2(_base()), lambda d: d.update(scheme="anondata-signflip/1")),
+         "unsupported version"),
+        ("v2 sign_cell 0", _edit(_v2(_base()), lambda d: d.update(sign_cell=0)), "sign_cell must be"),
+        ("v2 sign_cell above the resolution", _edit(_v2(_base()), lambda d: d.update(sign_cell=R + 1)),
+         "sign_cell must be"),
+        ("v2 sign_cell a string", _edit(_v2(_base()), lambda d: d.update(sign_cell="2")), "integer"),
+        ("version 3", _edit(_v2(_base()), lambda d: d.update(v=3)), "unsupported version"),
     ]
     for desc, data, needle in negative:
         out["negative"].append({"description": desc, "record": data.decode(), "error": "FormatError", "message_contains": needle})
