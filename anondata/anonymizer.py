@@ -30,13 +30,18 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # A face needs at least this many secret signs (sign cells its mask touches; v1: masked latent
 # values). Detected faces have ~4,700 in v1 and ~410 at cells of 2, full 64 px crops 12,288 and
-# 1,024; fewer means a mask too
-# small to hide anything, or an empty one, which would publish the input unchanged.
+# 1,024; fewer means a mask too small to hide anything, or an empty one, which would publish the
+# input unchanged.
 MIN_SECRET_SIGNS = 64
 
 # Key-only records whose restore would fall below this PSNR (over the face mask) keep their
 # lossless residual (Anonymizer.anonymize floor_db; the job's --lossy-restore uses it).
 RESTORE_FLOOR_DB = 30.0
+
+
+def _spacing(sign_cell: int) -> str:
+    """The scheme fixes the timesteps: v1 (sign_cell 0) "leading", v2 "logsnr"."""
+    return "logsnr" if sign_cell else "leading"
 
 
 def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -59,15 +64,13 @@ class Anonymizer:
         if not 1 <= batch_size <= MAX_BATCH:
             raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
         self.backend = backend
-        self.sampler = sampler
         self.batch_size = batch_size
         grid = self._latent_shape()[-1]
-        if sign_cell is None:
-            sign_cell = 0
+        sign_cell = 0 if sign_cell is None else sign_cell
         if type(sign_cell) is not int or not 0 <= sign_cell <= grid:
             raise InputError(f"sign_cell must be an integer in 0..{grid} (the latent grid), got {sign_cell!r}")
         self.sign_cell = sign_cell
-        self.sampler = self._sampler(sign_cell)
+        self.sampler = replace(sampler, spacing=_spacing(sign_cell))
 
     @classmethod
     def from_pretrained(
@@ -155,7 +158,7 @@ class Anonymizer:
 
     # -- the two operations ---------------------------------------------------------------------
     def _sampler(self, sign_cell: int) -> scheme.Sampler:
-        return replace(self.sampler, spacing="logsnr" if sign_cell else "leading")
+        return replace(self.sampler, spacing=_spacing(sign_cell))
 
     def secret_signs(self, mask: np.ndarray) -> int:
         """How many independent key signs an (R, R) mask gets: its sign cells (v1: masked latent values)."""

@@ -30,7 +30,6 @@ Timesteps (`timesteps`), generated from t_{N-1} down; the last step goes to the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +63,13 @@ def timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "leading"
     leading = [k * T // steps + 1 for k in range(steps)]
     if spacing == "leading" or steps == 1:
         return leading
-    a = [float(v) for v in alphas_cumprod.to(torch.float64)]
-    lam = [math.log(v / (1.0 - v)) if 0.0 < v < 1.0 else (math.inf if v >= 1.0 else -math.inf) for v in a]
-    lo, hi = lam[1], lam[leading[-1]]
+    a = alphas_cumprod.to("cpu", torch.float64)
+    lam = torch.log(a / (1.0 - a))  # +inf where a is 1, -inf where it is 0
+    lo, hi = float(lam[1]), float(lam[leading[-1]])
+    targets = torch.tensor([lo + (hi - lo) * k / (steps - 1) for k in range(steps)], dtype=torch.float64)
+    nearest = torch.argmin((lam[None, :] - targets[:, None]).abs(), dim=1).tolist()  # first index on a tie
     out = []
-    for k in range(steps):
-        target = lo + (hi - lo) * k / (steps - 1)
-        t = min(range(T), key=lambda i: (abs(lam[i] - target), i))
+    for t in nearest:
         out.append(t if not out else max(t, out[-1] + 1))
     out[-1] = min(out[-1], leading[-1])  # many steps crowd the clean end: push back down from the top
     for k in range(steps - 2, -1, -1):

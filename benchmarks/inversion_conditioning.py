@@ -36,7 +36,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, report=print,
-            spacing: str = "logsnr") -> dict:
+            spacing: str = scheme.Sampler().spacing) -> dict:
     """-> {"rows": [per level: t, err_float, fwd_float, err_uint8], "rounding": error at y, "amplification"}."""
     be = load_backend(model, device="cpu", dtype=dtype)
     sampler = scheme.Sampler(steps, iters, spacing)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--spacing", default=scheme.Sampler().spacing, choices=scheme.SPACINGS,
-                   help="timesteps: logsnr (scheme v2, default) or leading (v1)")
+                   help="timesteps: leading (scheme v1, the default) or logsnr (v2)")
     a = p.parse_args(argv)
     print(f"model={a.model}")
     measure(str(TINY32_DIR) if a.model == "tiny" else a.model, a.n, a.steps, a.iters, getattr(torch, a.dtype),

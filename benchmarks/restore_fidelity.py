@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (TF32 off, so float32 means float32)")
     p.add_argument("--faces", type=Path, default=SHARED, help="Parquet of aligned CelebA photos (column image)")
-    p.add_argument("--sign-cell", type=int, default=None, help="sign cell (default: the model's; 0 = scheme v1)")
+    p.add_argument("--sign-cell", type=int, default=None, help="sign cell: 0 = scheme v1 (the default), N >= 1 = v2 cells of N")
     p.add_argument("--seed", type=int, default=0,
                    help="record and wrong keys (fixed, so settings and snapshots compare on the same keys; "
                         "key-only restore varies by a few dB from key to key)")
