@@ -39,9 +39,10 @@ MIN_SECRET_SIGNS = 64
 RESTORE_FLOOR_DB = 30.0
 
 
-def _spacing(sign_cell: int) -> str:
-    """The scheme fixes the timesteps: v1 (sign_cell 0) "leading", v2 "logsnr"."""
-    return "logsnr" if sign_cell else "leading"
+def _scheme_sampler(sampler: scheme.Sampler, sign_cell: int, background: str) -> scheme.Sampler:
+    """The scheme fixes the timesteps ("leading" for a sign per value, "logsnr" for cells) and the
+    background path (v3 "noised", v1/v2 "inverted")."""
+    return replace(sampler, spacing="logsnr" if sign_cell else "leading", background=background)
 
 
 def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -52,15 +53,17 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 class Anonymizer:
-    """sign_cell: the scheme new records get. 0 (the default) is v1: a sign per value, "leading"
-    timesteps. >= 1 is v2: one sign per cell x cell block of the latent grid, shared by the
-    channels (keystream.cell_signs), and log-SNR timesteps. v2 restores a sharp prior from the key
-    where v1 cannot, but keeps more of the identity (docs/SCHEME.md, "Sign cells"; on the CelebA
-    evaluation cells of 2 left 94% of faces beyond dlib's threshold against v1's 98%), so it is
-    opt-in. The scheme fixes the spacing, so `sampler.spacing` is set from it. Restore follows
-    each record's own scheme."""
+    """The scheme new records get: `background` "noised" (the default) is v3, "inverted" is what
+    v1/v2 did, kept to reproduce older releases (its faces come out oversaturated: docs/SCHEME.md,
+    "The background path"). sign_cell 0 (the default): a sign per value, "leading" timesteps;
+    >= 1: one sign per cell x cell block of the latent grid, shared by the channels
+    (keystream.cell_signs), and log-SNR timesteps, which restores a sharp prior from the key more
+    closely but keeps more of the identity (docs/SCHEME.md, "Sign cells"), so it is opt-in. The
+    scheme fixes spacing and background, so `sampler`'s are set from it. Restore follows each
+    record's own scheme."""
 
-    def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8, sign_cell: int | None = None):
+    def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8, sign_cell: int | None = None,
+                 background: str = "noised"):
         if not 1 <= batch_size <= MAX_BATCH:
             raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
         self.backend = backend
@@ -69,8 +72,11 @@ class Anonymizer:
         sign_cell = 0 if sign_cell is None else sign_cell
         if type(sign_cell) is not int or not 0 <= sign_cell <= grid:
             raise InputError(f"sign_cell must be an integer in 0..{grid} (the latent grid), got {sign_cell!r}")
+        if background not in scheme.BACKGROUNDS:
+            raise InputError(f"background must be one of {scheme.BACKGROUNDS}, got {background!r}")
         self.sign_cell = sign_cell
-        self.sampler = replace(sampler, spacing=_spacing(sign_cell))
+        self.background = background
+        self.sampler = _scheme_sampler(sampler, sign_cell, background)
 
     @classmethod
     def from_pretrained(
@@ -82,6 +88,7 @@ class Anonymizer:
         inversion_iters: int | None = None,
         batch_size: int | None = None,
         sign_cell: int | None = None,
+        background: str = "noised",
     ) -> "Anonymizer":
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -96,7 +103,7 @@ class Anonymizer:
             raise InputError(str(e)) from None
         if batch_size is None:  # one image per call on a CPU (no gain from more), a full batch on a GPU
             batch_size = 1 if backend.device.type == "cpu" else 16
-        return cls(backend, sampler, batch_size=batch_size, sign_cell=sign_cell)
+        return cls(backend, sampler, batch_size=batch_size, sign_cell=sign_cell, background=background)
 
     def to(self, device=None) -> "Anonymizer":
         self.backend.to(device=device)
@@ -117,11 +124,12 @@ class Anonymizer:
     @property
     def settings(self) -> dict:
         return {
-            "scheme": scheme_name(self.sign_cell),
+            "scheme": scheme_name(self.sign_cell, self.background),
             "sampler": "ddim-eta0-fixedpoint",
             "steps": self.sampler.steps,
             "inversion_iters": self.sampler.inversion_iters,
             "sign_cell": self.sign_cell,
+            "background": self.background,
             "dtype": self.dtype_name,
             "resolution": self.resolution,
             **getattr(self.backend, "settings", {}),
@@ -157,9 +165,6 @@ class Anonymizer:
         return masks
 
     # -- the two operations ---------------------------------------------------------------------
-    def _sampler(self, sign_cell: int) -> scheme.Sampler:
-        return replace(self.sampler, spacing=_spacing(sign_cell))
-
     def secret_signs(self, mask: np.ndarray) -> int:
         """How many independent key signs an (R, R) mask gets: its sign cells (v1: masked latent values)."""
         c, h, w = self._latent_shape()
@@ -179,7 +184,7 @@ class Anonymizer:
         return torch.from_numpy(s).to(self.backend.device)
 
     def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
-             cell: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             smp: scheme.Sampler, cell: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
         for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
 
@@ -198,7 +203,7 @@ class Anonymizer:
             m = torch.from_numpy(masks[idx]).to(dev)
             signs = self._signs([keys[j] for j in idx], self._latent_shape(), cell)
             c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
-            y, z = scheme.transform(self.backend, xt, m, signs, self._sampler(cell), carry=c)
+            y, z = scheme.transform(self.backend, xt, m, signs, smp, carry=c)
             keep = min(batch, n - i)
             y_levels = (y.double() + 1) * 127.5
             out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
@@ -227,7 +232,7 @@ class Anonymizer:
                     + (" or a smaller sign_cell" if self.sign_cell > 1 else "")
                 )
         levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size,
-                                    self.sign_cell)
+                                    self.sampler, self.sign_cell)
         levels = np.round(levels)
         m3 = masks[..., None]
         stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
@@ -240,6 +245,7 @@ class Anonymizer:
                 steps=self.sampler.steps, inversion_iters=self.sampler.inversion_iters,
                 dtype=self.dtype_name, batch=self.batch_size, mask=masks[i], overflow=overflow[i].astype(np.int16),
                 carry=None if carries is None else carries[i], sign_cell=self.sign_cell,
+                background=self.background,
             )
             for i in range(n)
         ]
@@ -256,12 +262,13 @@ class Anonymizer:
     def _restore_levels(self, stored: np.ndarray, keys: list[bytes], records: list[RestoreRecord]) -> np.ndarray:
         out = np.empty_like(stored)
         # each record at the batch shape and with the scheme it was made with
-        for batch, cell in sorted({(r.batch, r.sign_cell) for r in records}):
-            sel = [i for i, r in enumerate(records) if (r.batch, r.sign_cell) == (batch, cell)]
+        for batch, cell, bg in sorted({(r.batch, r.sign_cell, r.background) for r in records}):
+            sel = [i for i, r in enumerate(records) if (r.batch, r.sign_cell, r.background) == (batch, cell, bg)]
             masks = np.stack([records[i].mask for i in sel])
             overflow = np.stack([records[i].overflow for i in sel])
             carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
-            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, cell, carry)[0])
+            smp = _scheme_sampler(self.sampler, cell, bg)
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, smp, cell, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 

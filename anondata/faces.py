@@ -148,6 +148,12 @@ def _core_mask(place: _Place, r: int) -> np.ndarray:
     return _ellipse_dist(place, r, r) <= 1.0
 
 
+def aligned_mask(r: int) -> np.ndarray:
+    """The (r, r) face mask the job gives an aligned crop (`--faces aligned`, ellipse mask): for
+    benchmarks that should measure what a release gets, background and all."""
+    return _core_mask(_place_aligned((0, 0, r, r), False), r)
+
+
 def _alpha(place: _Place, cs) -> np.ndarray:
     """Blend weight over the crop slice `cs`, float32: 1 inside the core's ellipse, smooth to 0 outside."""
     w, h = place.size

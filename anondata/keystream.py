@@ -1,4 +1,5 @@
-"""Record keys and the sign keystream (schemes `anondata-signflip/1` and `/2`).
+"""Record keys, the sign keystream (schemes `anondata-signflip/1`, `/2`, `/3`), and the public
+background noise of scheme v3.
 
 Why a keystream and not a seeded torch generator: the paper's helper seeds torch with at most
 32 bits, so the sign pattern could be brute-forced. Here every record has its own 256-bit key
@@ -14,10 +15,14 @@ for i over the latent tensor (C, H, W) in C order. v2 (`cell_signs`, docs/SCHEME
 takes the same construction with info b"anondata/signs/v2" and one sign per cell x cell block of
 the latent grid, shared by all channels. Per-face keys of a photo:
     face_key(record_key, j) = HKDF-SHA256(ikm=record_key, salt=b"", info=b"anondata/face/v1" || u32be(j), L=32)
+v3 signs are v1's (cell 0) or v2's (cells); what v3 adds is `background_noise`: the same keystream
+construction under the all-zero (public) key and info b"anondata/background/v3", turned into
+standard normal values by Box-Muller (docs/FORMAT.md, "Background noise").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 
@@ -33,6 +38,7 @@ KEY_BYTES = 32
 SIGNS_INFO = b"anondata/signs/v1"
 SIGNS_INFO_V2 = b"anondata/signs/v2"
 FACE_INFO = b"anondata/face/v1"
+BACKGROUND_INFO = b"anondata/background/v3"
 
 
 def new_key() -> bytes:
@@ -103,3 +109,31 @@ def cell_signs(key: bytes, shape: tuple[int, ...], cell: int) -> np.ndarray:
         return signs(key, shape)
     return expand_cells(cell_grid(key, shape, cell), shape, cell)
 
+
+
+@functools.lru_cache(maxsize=8)
+def _background_noise(shape: tuple[int, ...]) -> np.ndarray:
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    u = np.frombuffer(keystream(bytes(KEY_BYTES), 8 * pairs, BACKGROUND_INFO), dtype="<u4").astype(np.float64)
+    u = (u + 0.5) / 2.0**32  # in (0, 1): log(u1) is finite
+    r = np.sqrt(-2.0 * np.log(u[0::2]))
+    theta = 2.0 * np.pi * u[1::2]
+    out = np.empty(2 * pairs, np.float64)
+    out[0::2], out[1::2] = r * np.cos(theta), r * np.sin(theta)
+    a = out[:n].astype(np.float32).reshape(shape)
+    a.flags.writeable = False
+    return a
+
+
+def background_noise(shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 of `shape` (C, H, W), the same for every record (scheme v3).
+
+    Public on purpose: the background path must be computable from what restore has (the
+    background pixels and public constants), and a fixed noise keeps v3's threat model that of
+    v1/v2, in which the background path is public too. Values, C order: u_k = (w_k + 0.5) / 2^32
+    with w_k the k-th little-endian u32 of the stream; pair i is r cos(2 pi u_{2i+1}), r sin(...)
+    with r = sqrt(-2 ln u_{2i}); computed in float64, rounded to float32. Read-only, cached."""
+    if not shape or any(type(d) is not int or d < 1 for d in shape):
+        raise InputError(f"background noise: shape must be positive integers, got {shape!r}")
+    return _background_noise(tuple(shape))

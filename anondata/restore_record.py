@@ -1,9 +1,10 @@
-"""What restore needs besides the key, for one face crop at model resolution (v2; v1 still read).
+"""What restore needs besides the key, for one face crop at model resolution (v3; v1 and v2 still read).
 
 Canonical JSON (anondata.canonical), sealed inside the record's envelope, never public:
-  v                 2 (1: a record of scheme v1, which has no sign_cell field)
-  scheme            "anondata-signflip/2" (v1: "anondata-signflip/1")
-  sign_cell         v2 only: the side of the latent cells that share one sign (keystream.cell_signs), >= 1
+  v                 3 (2 and 1: records of the older schemes, whose background path is "inverted")
+  scheme            "anondata-signflip/3" (v2: "anondata-signflip/2", v1: "anondata-signflip/1")
+  sign_cell         v3: 0 (a sign per value) or the side of the latent cells that share one sign
+                    (keystream.cell_signs); v2: >= 1; v1: absent (a sign per value)
   model_sha256      sha256 of the model weights (backends.weights_sha256): restore refuses another model
   resolution        R, the crop size the model saw
   steps, inversion_iters, dtype    the sampler settings used
@@ -37,17 +38,26 @@ from .errors import FormatError
 
 SCHEME_V1 = "anondata-signflip/1"
 SCHEME_V2 = "anondata-signflip/2"
+SCHEME_V3 = "anondata-signflip/3"
+SCHEMES = {1: SCHEME_V1, 2: SCHEME_V2, 3: SCHEME_V3}
 DTYPES = ("float32", "float64")
 _FIELDS_V1 = {
     "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
     "mask", "overflow", "residual", "snap", "original_sha256", "latent",
 }
-_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"sign_cell"}}
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"sign_cell"}, 3: _FIELDS_V1 | {"sign_cell"}}
 
 
-def scheme_name(sign_cell: int) -> str:
-    """v1 is one sign per latent element (sign_cell 0); v2 one per cell, shared by the channels."""
-    return SCHEME_V1 if sign_cell == 0 else SCHEME_V2
+def scheme_version(sign_cell: int, background: str) -> int:
+    """v3: the "noised" background path (either sign layout). The "inverted" path: v1 is one sign
+    per latent element (sign_cell 0), v2 one per cell, shared by the channels."""
+    if background == "noised":
+        return 3
+    return 1 if sign_cell == 0 else 2
+
+
+def scheme_name(sign_cell: int, background: str) -> str:
+    return SCHEMES[scheme_version(sign_cell, background)]
 MAX_LATENT_VALUES = 1 << 26
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_RESOLUTION = 4096
@@ -85,7 +95,8 @@ class RestoreRecord:
     snap: np.ndarray | None = None  # (mask.sum() * 3,) uint8 in 0..2
     original_sha256: str | None = None
     carry: np.ndarray | None = None  # (C, h, w) float16, latent models only
-    sign_cell: int = 0  # 0: scheme v1 (a sign per element); >= 1: v2 cells (keystream.cell_signs)
+    sign_cell: int = 0  # 0: a sign per element; >= 1: cells (keystream.cell_signs)
+    background: str = "inverted"  # "noised": scheme v3; "inverted": v1 / v2 (scheme.background_trajectory)
 
     def key_only(self) -> "RestoreRecord":
         """This record without its lossless part: what restore computes from the key alone."""
@@ -93,11 +104,11 @@ class RestoreRecord:
 
     def to_bytes(self) -> bytes:
         bits = np.packbits(self.mask.astype(bool).reshape(-1), bitorder="little")
-        v2 = {"sign_cell": self.sign_cell} if self.sign_cell else {}
+        v = scheme_version(self.sign_cell, self.background)
         return canonical.dumps({
-            **v2,
-            "v": 2 if v2 else 1,
-            "scheme": scheme_name(self.sign_cell),
+            **({"sign_cell": self.sign_cell} if v > 1 else {}),
+            "v": v,
+            "scheme": SCHEMES[v],
             "model_sha256": self.model_sha256,
             "resolution": self.resolution,
             "steps": self.steps,
@@ -121,20 +132,21 @@ class RestoreRecord:
         if not isinstance(d, dict):
             raise FormatError("restore record: not a JSON object")
         v = d.get("v")
-        if type(v) is not int or v not in _FIELDS or d.get("scheme") != (SCHEME_V1 if v == 1 else SCHEME_V2):
+        if type(v) is not int or v not in SCHEMES or d.get("scheme") != SCHEMES[v]:
             raise FormatError(f"restore record: unsupported version {v!r} / scheme {d.get('scheme')!r}")
         if set(d) != _FIELDS[v]:
             extra, missing = sorted(set(d) - _FIELDS[v]), sorted(_FIELDS[v] - set(d))
             raise FormatError(f"restore record: unknown fields {extra} / missing fields {missing}")
-        for k in ("resolution", "steps", "inversion_iters", "batch") + (("sign_cell",) if v == 2 else ()):
+        for k in ("resolution", "steps", "inversion_iters", "batch") + (("sign_cell",) if v > 1 else ()):
             if type(d[k]) is not int:
                 raise FormatError(f"restore record: {k} must be an integer")
         r = d["resolution"]
         if not (1 <= r <= MAX_RESOLUTION and 1 <= d["steps"] <= 1000 and 0 <= d["inversion_iters"] <= 100
                 and 1 <= d["batch"] <= MAX_BATCH):
             raise FormatError("restore record: resolution, steps, inversion_iters or batch out of range")
-        if v == 2 and not 1 <= d["sign_cell"] <= r:
-            raise FormatError(f"restore record: sign_cell must be in 1..{r}")
+        lo = 1 if v == 2 else 0  # v2 exists for cells; a v3 record may have a sign per value
+        if v > 1 and not lo <= d["sign_cell"] <= r:
+            raise FormatError(f"restore record: sign_cell must be in {lo}..{r} in a v{v} record")
         if d["dtype"] not in DTYPES:
             raise FormatError(f"restore record: dtype must be one of {DTYPES}")
         for k in ("model_sha256",) + (("original_sha256",) if d["original_sha256"] is not None else ()):
@@ -160,7 +172,8 @@ class RestoreRecord:
             snap=None if d["snap"] is None else unpack_trits(canonical.b64d(d["snap"], "snap"), int(mask.sum()) * 3),
             original_sha256=d["original_sha256"],
             carry=None if d["latent"] is None else _parse_latent(d["latent"], mask),
-            sign_cell=d["sign_cell"] if v == 2 else 0,
+            sign_cell=d["sign_cell"] if v > 1 else 0,
+            background="noised" if v == 3 else "inverted",
         )
 
 

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=scheme.Sampler().inversion_iters)
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--spacing", default=scheme.Sampler().spacing, choices=scheme.SPACINGS,
-                   help="timesteps: leading (scheme v1, the default) or logsnr (v2)")
+                   help="timesteps: leading (a sign per value, the default) or logsnr (sign cells)")
     a = p.parse_args(argv)
     print(f"model={a.model}")
     measure(str(TINY32_DIR) if a.model == "tiny" else a.model, a.n, a.steps, a.iters, getattr(torch, a.dtype),

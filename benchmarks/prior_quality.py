@@ -31,19 +31,27 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def sample(model: str, n: int, steps: int, seed: int, batch: int) -> tuple[np.ndarray, float]:
-    """-> (uint8 (n, R, R, 3), share of pixels outside [-1, 1] before clipping)."""
+def sample(model: str, n: int, steps: int, seed: int, batch: int,
+           start_mean: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """-> (uint8 (n, R, R, 3), share of pixels outside [-1, 1] before clipping).
+
+    start_mean (RGB in [-1, 1]): add sqrt(a_T) * start_mean to the starting noise. At the top
+    timestep the data are not gone (a_T > 0), and the model reads each channel's mean off its
+    input there; pure noise says "grey", so samples come out grey-centred with random casts. A
+    diagnostic, not what the anonymizer does (its starting point is the inverted photo)."""
     from anondata.backends import load_backend
-    from anondata.scheme import Sampler, generate
+    from anondata.scheme import Sampler, generate, timesteps
 
     backend = load_backend(model, device="cpu", dtype=torch.float32)
     r = backend.resolution
     sampler = Sampler(steps=steps, inversion_iters=0)
+    a_top = float(backend.alphas_cumprod[timesteps(backend.alphas_cumprod, steps, sampler.spacing)[-1]])
+    shift = 0.0 if start_mean is None else a_top**0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(seed)
     outs, oor, total = [], 0, 0
     for i in range(0, n, batch):
         b = min(batch, n - i)
-        z = torch.randn((b, 3, r, r), generator=g)
+        z = torch.randn((b, 3, r, r), generator=g) + shift
         mask = torch.ones_like(z, dtype=torch.bool)
         bg = [torch.zeros_like(z)] * (steps + 1)  # unused: the mask covers everything
         with torch.no_grad():
@@ -119,13 +127,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grid", default="/work/runs/prior/grid.png", help="PNG of the samples (keep it out of the repo)")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--shift-start", action="store_true",
+                   help="diagnostic: start from noise + sqrt(a_T) x the training data's channel means (needs --data)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    start_mean = None
+    if args.shift_start:
+        if not Path(args.data).is_file():
+            raise SystemExit(f"error: --shift-start needs the training data for its channel means; {args.data} is absent")
+        start_mean = np.array(channel_stats(load_real(args.data, None, args.seed))["mean"]) * 2 - 1
     t0 = time.perf_counter()
-    samples, out_of_range = sample(args.model, args.n, args.steps, args.seed, args.batch)
+    samples, out_of_range = sample(args.model, args.n, args.steps, args.seed, args.batch, start_mean)
     t_sample = time.perf_counter() - t0
     res = {"model": args.model, "n": args.n, "ddim_steps": args.steps, "seed": args.seed,
+           "start_mean": None if start_mean is None else start_mean.round(4).tolist(),
            "sample_seconds": round(t_sample, 1), "out_of_range_share": round(out_of_range, 5),
            "face_rate": detect_rates(samples), "samples": channel_stats(samples)}
     if Path(args.data).is_file():

@@ -9,7 +9,11 @@ Faces: aligned CelebA crops from ../shared/data/celeba-ids-dev.parquet when pres
 
     python benchmarks/restore_fidelity.py --model embedded --n 16 --grid 10x0,10x4,20x4,20x8
     python benchmarks/restore_fidelity.py --model tiny       # the 32px test model
-    python benchmarks/restore_fidelity.py --sign-cell 0      # scheme v1: a sign per value
+    python benchmarks/restore_fidelity.py --sign-cell 2      # one sign per 2x2 cell
+    python benchmarks/restore_fidelity.py --mask ellipse --background inverted   # a face ellipse, v1's path
+
+--mask full (the default) anonymizes the whole crop, which has no background, so the background
+path does not matter there; --mask ellipse is the face ellipse the job uses on aligned crops.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 from PIL import Image
 
 from anondata import Anonymizer
-from anondata.anonymizer import RESTORE_FLOOR_DB
+from anondata.anonymizer import RESTORE_FLOOR_DB, masked_psnr
+from anondata.faces import aligned_mask
 from anondata.testing import TINY32_DIR, sample_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-ids-dev.parquet"
@@ -46,9 +51,9 @@ def faces(resolution: int, n: int, path: Path = SHARED) -> tuple[np.ndarray, str
     return arr, src
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
+def psnr(a: np.ndarray, b: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image, over its mask (outside it restore is exact by construction)."""
+    return np.array([masked_psnr(x, y, m) for x, y, m in zip(a, b, masks)])
 
 
 def png_bytes(img: np.ndarray) -> int:
@@ -66,7 +71,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (TF32 off, so float32 means float32)")
     p.add_argument("--faces", type=Path, default=SHARED, help="Parquet of aligned CelebA photos (column image)")
-    p.add_argument("--sign-cell", type=int, default=None, help="sign cell: 0 = scheme v1 (the default), N >= 1 = v2 cells of N")
+    p.add_argument("--sign-cell", type=int, default=None, help="sign cell: 0 = a sign per value (the default), N >= 1 = cells of N")
+    p.add_argument("--background", choices=["noised", "inverted"], default="noised",
+                   help="background path: noised (scheme v3, the default) or inverted (v1/v2)")
+    p.add_argument("--mask", choices=["full", "ellipse"], default="full",
+                   help="full crop (no background) or the job's aligned face ellipse; PSNR is over the mask")
     p.add_argument("--seed", type=int, default=0,
                    help="record and wrong keys (fixed, so settings and snapshots compare on the same keys; "
                         "key-only restore varies by a few dB from key to key)")
@@ -79,31 +88,33 @@ def main(argv=None) -> int:
     rows = []
     x = None
     print(f"model={a.model} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"sign_cell={'default' if a.sign_cell is None else a.sign_cell}")
+          f"sign_cell={'default' if a.sign_cell is None else a.sign_cell} background={a.background} mask={a.mask}")
     print("| steps | iters | restore dB median | restore dB min | wrong-key dB median | record B (key-only) | record B (lossless) | PNG B | s/img anonymize+restore |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell in a.grid.split(","):
         steps, iters = (int(v) for v in cell.split("x"))
         anon = Anonymizer.from_pretrained(model, steps=steps, inversion_iters=iters, dtype=a.dtype,
-                                          device=a.device, sign_cell=a.sign_cell)
+                                          device=a.device, sign_cell=a.sign_cell, background=a.background)
         if x is None:
             x, src = faces(anon.resolution, a.n, a.faces)
             print(f"faces: {len(x)} from {src}, {anon.resolution}px")
+            masks = np.broadcast_to(aligned_mask(anon.resolution) if a.mask == "ellipse"
+                                    else np.ones((anon.resolution,) * 2, bool), (len(x),) + (anon.resolution,) * 2)
         rng = np.random.default_rng(a.seed)
         keys = [rng.bytes(32) for _ in x]
         wrong_keys = [rng.bytes(32) for _ in x]
         t0 = time.perf_counter()
-        y, recs = anon.anonymize(x, keys)
+        y, recs = anon.anonymize(x, keys, masks)
         restored = anon.restore(y, keys, recs)
         secs = (time.perf_counter() - t0) / len(x)
         wrong = anon.restore(y, wrong_keys, recs)
-        _, lrecs = anon.anonymize(x, keys, lossless=True)
-        each = psnr(restored, x)
+        _, lrecs = anon.anonymize(x, keys, masks, lossless=True)
+        each = psnr(restored, x, masks)
         row = {
             "steps": steps, "iters": iters,
             "restore_db_median": float(np.median(each)), "restore_db_min": float(each.min()),
             "restore_db_each": [round(float(v), 2) for v in each],
-            "wrong_db_median": float(np.median(psnr(wrong, x))),
+            "wrong_db_median": float(np.median(psnr(wrong, x, masks))),
             "record_bytes": float(np.mean([len(r.to_bytes()) for r in recs])),
             "record_bytes_lossless": float(np.mean([len(r.to_bytes()) for r in lrecs])),
             "png_bytes": float(np.mean([png_bytes(im) for im in x])),
@@ -118,7 +129,8 @@ def main(argv=None) -> int:
         print(f"{row['steps']}x{row['iters']}: {low} of {len(x)} faces restore below {RESTORE_FLOOR_DB:g} dB "
               "(with --lossy-restore they keep the residual)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "sign_cell": anon.sign_cell, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"model": a.model, "sign_cell": anon.sign_cell, "background": a.background,
+                                              "mask": a.mask, "rows": rows}, indent=1))
     return 0
 
 

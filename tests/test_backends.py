@@ -84,7 +84,7 @@ def test_folder_loads_through_from_pretrained_with_identity(root, kind):
     anon = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS)
     b = anon.backend
     assert isinstance(b, LatentBackend) and anon.resolution == RES and b.latent_size == RES // 4
-    assert anon.sign_cell == 0 and anon.settings["scheme"] == "anondata-signflip/1"  # the default scheme
+    assert anon.sign_cell == 0 and anon.settings["scheme"] == "anondata-signflip/3"  # the default scheme
     assert b.is_vq == (kind == "vq") and (b.controlnet is not None) == (kind == "controlnet")
     assert anon.model_info == {"name": Path(folder).name, "sha256": weights_sha256(Path(folder)), "revision": ""}
     s = anon.settings

@@ -44,7 +44,8 @@ def test_release_layout_verify_and_load_dataset(release, identities):
     q = [r for r in m["records"] if r["status"] == "quarantined"]
     assert [r["id"] for r in q] == ["rec-002"] and "rec-002" in q[0]["reason"]
     assert [r["id"] for r in m["records"]] == [r["record_id"] for r in rows]  # every input record, in order
-    assert (m["settings"]["scheme"], m["settings"]["sign_cell"]) == ("anondata-signflip/1", 0)  # the default
+    assert (m["settings"]["scheme"], m["settings"]["sign_cell"], m["settings"]["background"]) == (
+        "anondata-signflip/3", 0, "noised")  # the default
 
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.column_names == ["record_id", "image", "label", "caption"]
@@ -310,14 +311,18 @@ def test_lossy_release_restores_every_record_close_or_exact(ray_address, identit
         assert masked_psnr(orig, anon[r["record_id"]], everywhere) < RESTORE_FLOOR_DB  # it was anonymized
 
 
-def test_resume_keeps_the_sign_pattern_of_the_plan():
-    """A job planned before scheme v2 (no sign_cell in its plan) resumes with v1 signs, so one
-    release never mixes patterns; a v2 plan keeps its cell, or the model default (-1)."""
+def test_resume_keeps_the_scheme_of_the_plan():
+    """A job planned before scheme v2 (no sign_cell in its plan) resumes with v1 signs, and one
+    planned before v3 (no background) with the inverted background, so one release never mixes
+    schemes; a later plan keeps its cell, or the model default (-1), and its background."""
     from anondata.job.pipeline import JobOptions, _options_from_plan
 
     faces = {"mode": "aligned", "detector": "hog", "on_no_face": "quarantine", "box": None, "cross_check": None}
     base = {"model": "m", "steps": -1, "inversion_iters": 4, "faces": faces, "lossless": True, "shard_size": 10,
             "limit": 0, "image_column": "image", "id_column": "", "splits": [], "license": "other"}
-    for extra, want in (({}, 0), ({"sign_cell": 2}, 2), ({"sign_cell": -1}, None)):
-        opts = JobOptions(source="s", out="o", recipients=[], signing_key="k", sign_cell=7)
-        assert _options_from_plan(opts, {"options": {**base, **extra}}).sign_cell == want
+    for extra, want in (({}, (0, "inverted")), ({"sign_cell": 2}, (2, "inverted")),
+                        ({"sign_cell": -1, "background": "noised"}, (None, "noised")),
+                        ({"sign_cell": 0, "background": "inverted"}, (0, "inverted"))):
+        opts = JobOptions(source="s", out="o", recipients=[], signing_key="k", sign_cell=7, background="noised")
+        got = _options_from_plan(opts, {"options": {**base, **extra}})
+        assert (got.sign_cell, got.background) == want

@@ -1,8 +1,11 @@
-"""Keystream v1: known answers, and an independent recomputation (stdlib HMAC for HKDF)."""
+"""Keystreams (signs v1, cells, v3 background noise): known answers, and independent
+recomputations (stdlib HMAC for HKDF, stdlib math for Box-Muller)."""
 
 import hashlib
 import hmac
 import json
+import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from anondata.errors import InputError
-from anondata.keystream import cell_signs, face_key, keystream, new_key, signs
+from anondata.keystream import background_noise, cell_signs, face_key, keystream, new_key, signs
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keystream.json").read_text())
 
@@ -96,3 +99,35 @@ def test_cell_signs_known_answers_and_independent_derivation(v):
 def test_cell_zero_is_v1():
     k = new_key()
     assert np.array_equal(cell_signs(k, (3, 8, 8), 0), signs(k, (3, 8, 8)))
+
+
+NOISE_VECTORS = json.loads((Path(__file__).parent / "vectors" / "background_noise.json").read_text())
+
+
+@pytest.mark.parametrize("v", NOISE_VECTORS, ids=lambda v: "x".join(map(str, v["shape"])))
+def test_background_noise_known_answers_and_independent_derivation(v):
+    """v3: Box-Muller on the keystream of the all-zero key under info "anondata/background/v3"."""
+    shape = tuple(v["shape"])
+    n = math.prod(shape)
+    got = background_noise(shape)
+    assert got.dtype == np.float32 and got.shape == shape and not got.flags.writeable
+    np.testing.assert_allclose(got.reshape(-1), v["values"], rtol=1e-6, atol=1e-7)
+    stream_key = hkdf_sha256(bytes(32), b"anondata/background/v3")
+    raw = Cipher(algorithms.ChaCha20(stream_key, b"\x00" * 16), mode=None).encryptor().update(bytes(len(v["stream_hex"]) // 2))
+    assert raw.hex() == v["stream_hex"]
+    words = struct.unpack(f"<{len(raw) // 4}I", raw)
+    mine = []
+    for i in range(0, len(words), 2):
+        u1, u2 = (words[i] + 0.5) / 2**32, (words[i + 1] + 0.5) / 2**32
+        r = math.sqrt(-2 * math.log(u1))
+        mine += [r * math.cos(2 * math.pi * u2), r * math.sin(2 * math.pi * u2)]
+    np.testing.assert_allclose(got.reshape(-1), mine[:n], rtol=1e-6, atol=1e-7)
+
+
+def test_background_noise_is_standard_normal_and_fixed():
+    z = background_noise((3, 64, 64)).astype(np.float64)
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.02
+    assert abs(np.mean(z**4) - 3) < 0.15  # normal kurtosis; a uniform would give 1.8
+    assert np.array_equal(background_noise((3, 64, 64)), z.astype(np.float32))
+    with pytest.raises(InputError, match="shape"):
+        background_noise((3, 0, 4))

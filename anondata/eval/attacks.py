@@ -47,7 +47,8 @@ class GuessAnonymizer(Anonymizer):
     def __init__(self, anon: Anonymizer, p: float, seed: int = 0):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
-        super().__init__(anon.backend, anon.sampler, batch_size=anon.batch_size, sign_cell=anon.sign_cell)
+        super().__init__(anon.backend, anon.sampler, batch_size=anon.batch_size, sign_cell=anon.sign_cell,
+                         background=anon.background)
         self.p = p
         self.seed = seed
 

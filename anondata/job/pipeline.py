@@ -49,7 +49,8 @@ class JobOptions:
     model: str = "embedded"
     steps: int | None = None
     inversion_iters: int | None = None
-    sign_cell: int | None = None  # None / 0: scheme v1 (the default); N >= 1: v2 cells of N (docs/SCHEME.md)
+    sign_cell: int | None = None  # None / 0: a sign per value (the default); N >= 1: cells of N (docs/SCHEME.md)
+    background: str = "noised"  # scheme v3 (the default); "inverted": v1 / v2, to reproduce older releases
     faces: str = "aligned"  # aligned | detect
     face_box: tuple[int, int, int, int] | None = None
     detector: str = "hog"
@@ -179,6 +180,7 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
             "steps": opts.steps if opts.steps is not None else -1,
             "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
             "sign_cell": opts.sign_cell if opts.sign_cell is not None else -1,
+            "background": opts.background,
             "faces": _face_spec(opts),
             "lossless": opts.lossless,
             "shard_size": opts.shard_size,
@@ -213,6 +215,7 @@ def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     opts.inversion_iters = None if o["inversion_iters"] < 0 else o["inversion_iters"]
     cell = o.get("sign_cell", 0)  # a plan without it is from before scheme v2: its records are v1
     opts.sign_cell = None if cell < 0 else cell
+    opts.background = o.get("background", "inverted")  # a plan without it is from before scheme v3
     opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
     opts.cross_check = f.get("cross_check")
     opts.face_box = tuple(f["box"]) if f["box"] else None
@@ -296,6 +299,7 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
             "steps": opts.steps,
             "inversion_iters": opts.inversion_iters,
             "sign_cell": opts.sign_cell,
+            "background": opts.background,
             "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
             "face_spec": _face_spec(opts),
             "lossless": opts.lossless,

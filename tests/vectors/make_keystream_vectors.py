@@ -1,12 +1,12 @@
-"""Regenerate tests/vectors/keystream.json (keystream v1) and cell_signs.json (v2 sign cells),
-the known-answer vectors of docs/SCHEME.md.
+"""Regenerate tests/vectors/keystream.json (keystream v1), cell_signs.json (sign cells) and
+background_noise.json (scheme v3's public noise), the known-answer vectors of docs/FORMAT.md.
 The expected values were checked once against an independent computation (test_keystream.py
 recomputes them with HKDF + ChaCha20 from `cryptography` step by step)."""
 
 import json
 from pathlib import Path
 
-from anondata.keystream import cell_signs, face_key, keystream, signs
+from anondata.keystream import BACKGROUND_INFO, KEY_BYTES, background_noise, cell_signs, face_key, keystream, signs
 
 CASES = [
     {"key": bytes(range(32)), "shape": [3, 4, 4]},
@@ -20,6 +20,9 @@ CELL_CASES = [
     {"key": bytes(32), "shape": [4, 6, 7], "cell": 4},
     {"key": bytes([0xFF] * 32), "shape": [3, 16, 16], "cell": 4},
 ]
+
+# v3: an odd count (the last pair's sine is dropped) and a small latent
+NOISE_SHAPES = [[1, 1, 3], [3, 4, 4]]
 
 
 def main():
@@ -47,6 +50,16 @@ def main():
                       "plane": "".join("+" if v > 0 else "-" for v in s[0].reshape(-1))})
     path = Path(__file__).with_name("cell_signs.json")
     path.write_text(json.dumps(cells, indent=1) + "\n")
+    print(f"wrote {path}")
+    noise = []
+    for shape in NOISE_SHAPES:
+        n = 1
+        for d in shape:
+            n *= d
+        noise.append({"shape": shape, "stream_hex": keystream(bytes(KEY_BYTES), 8 * ((n + 1) // 2), BACKGROUND_INFO).hex(),
+                      "values": [float(f"{v:.8e}") for v in background_noise(tuple(shape)).reshape(-1)]})
+    path = Path(__file__).with_name("background_noise.json")
+    path.write_text(json.dumps(noise, indent=1) + "\n")
     print(f"wrote {path}")
 
 

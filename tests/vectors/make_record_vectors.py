@@ -54,9 +54,14 @@ def _v2(rec: RestoreRecord, cell: int = 2) -> RestoreRecord:
     return rec
 
 
+def _v3(rec: RestoreRecord, cell: int = 0) -> RestoreRecord:
+    rec.sign_cell, rec.background = cell, "noised"  # scheme v3: the noised background path
+    return rec
+
+
 def _summary(rec: RestoreRecord) -> dict:
     return {
-        "sign_cell": rec.sign_cell,
+        "sign_cell": rec.sign_cell, "background": rec.background,
         "model_sha256": rec.model_sha256, "resolution": rec.resolution, "steps": rec.steps,
         "inversion_iters": rec.inversion_iters, "dtype": rec.dtype, "batch": rec.batch,
         "mask_pixels": int(rec.mask.sum()), "overflow_sum_abs": int(np.abs(rec.overflow).sum()),
@@ -81,7 +86,9 @@ def main():
     positive = [("key-only, pixel model", _base()), ("lossless, pixel model", _lossless()),
                 ("key-only, latent model (4x4x4 latent)", _latent()),
                 ("v2 key-only, pixel model, sign_cell 2", _v2(_base())), ("v2 lossless, pixel model", _v2(_lossless())),
-                ("v2 key-only, latent model", _v2(_latent(), 1))]
+                ("v2 key-only, latent model", _v2(_latent(), 1)),
+                ("v3 key-only, pixel model, a sign per value", _v3(_base())), ("v3 lossless, pixel model", _v3(_lossless())),
+                ("v3 key-only, latent model, sign_cell 2", _v3(_latent(), 2))]
     out = {"positive": [], "negative": []}
     for desc, rec in positive:
         out["positive"].append({"description": desc, "record": rec.to_bytes().decode(), "expect": _summary(rec)})
@@ -120,7 +127,12 @@ def main():
         ("v2 sign_cell above the resolution", _edit(_v2(_base()), lambda d: d.update(sign_cell=R + 1)),
          "sign_cell must be"),
         ("v2 sign_cell a string", _edit(_v2(_base()), lambda d: d.update(sign_cell="2")), "integer"),
-        ("version 3", _edit(_v2(_base()), lambda d: d.update(v=3)), "unsupported version"),
+        ("v3 record naming scheme v2", _edit(_v2(_base()), lambda d: d.update(v=3)), "unsupported version"),
+        ("v3 record without sign_cell", _edit(_v3(_base()), lambda d: d.pop("sign_cell")), "missing fields"),
+        ("v3 sign_cell -1", _edit(_v3(_base()), lambda d: d.update(sign_cell=-1)), "sign_cell must be"),
+        ("v3 sign_cell above the resolution", _edit(_v3(_base()), lambda d: d.update(sign_cell=R + 1)),
+         "sign_cell must be"),
+        ("version 4", _edit(_v3(_base()), lambda d: d.update(v=4, scheme="anondata-signflip/4")), "unsupported version"),
     ]
     for desc, data, needle in negative:
         out["negative"].append({"description": desc, "record": data.decode(), "error": "FormatError", "message_contains": needle})
