@@ -8,7 +8,8 @@
 #
 # Why several snapshots: on this data a sharper prior restores worse (key-only restore fell from
 # 43.9 to 13.5 dB median while the face rate rose, benchmarks/README.md "Prior sharpness against
-# restore"), so the one to ship is the latest that still restores (35 dB median, 25 dB worst face).
+# restore"), so the one to ship is the latest that still restores (35 dB median, 25 dB worst face,
+# over the job's face ellipse: no CPU snapshot does, so expect prior-unrestorable.tar).
 #
 # Prepare here (both folders are git-ignored, about 45 MiB together):
 #   mkdir -p .gpu && cp ../shared/data/celeba64-train.parquet .gpu/

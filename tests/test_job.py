@@ -314,14 +314,15 @@ def test_lossy_release_restores_every_record_close_or_exact(ray_address, identit
 def test_resume_keeps_the_scheme_of_the_plan():
     """A job planned before scheme v2 (no sign_cell in its plan) resumes with v1 signs, and one
     planned before v3 (no background) with the inverted background, so one release never mixes
-    schemes; a later plan keeps its cell, or the model default (-1), and its background."""
+    schemes; a later plan keeps its cell (-1, written by the first v2 plans for the default, is 0)
+    and its background."""
     from anondata.job.pipeline import JobOptions, _options_from_plan
 
     faces = {"mode": "aligned", "detector": "hog", "on_no_face": "quarantine", "box": None, "cross_check": None}
     base = {"model": "m", "steps": -1, "inversion_iters": 4, "faces": faces, "lossless": True, "shard_size": 10,
             "limit": 0, "image_column": "image", "id_column": "", "splits": [], "license": "other"}
     for extra, want in (({}, (0, "inverted")), ({"sign_cell": 2}, (2, "inverted")),
-                        ({"sign_cell": -1, "background": "noised"}, (None, "noised")),
+                        ({"sign_cell": -1, "background": "noised"}, (0, "noised")),
                         ({"sign_cell": 0, "background": "inverted"}, (0, "inverted"))):
         opts = JobOptions(source="s", out="o", recipients=[], signing_key="k", sign_cell=7, background="noised")
         got = _options_from_plan(opts, {"options": {**base, **extra}})

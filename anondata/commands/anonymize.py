@@ -66,7 +66,7 @@ def register(sub) -> None:
     g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
     g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: the model's)")
     g.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations")
-    g.add_argument("--sign-cell", type=count, default=None, metavar="N",
+    g.add_argument("--sign-cell", type=count, default=0, metavar="N",
                    help="the key flips one sign per N x N cell of the model's grid, the same in every channel, "
                         "so key-only restore holds up on a sharp prior (CelebA, embedded prior, face box: 31.5 dB "
                         "at 2 against 27.1 per value), at a price in identity (dlib: 94%% of faces beyond 0.6 at 2, "

@@ -49,7 +49,7 @@ class JobOptions:
     model: str = "embedded"
     steps: int | None = None
     inversion_iters: int | None = None
-    sign_cell: int | None = None  # None / 0: a sign per value (the default); N >= 1: cells of N (docs/SCHEME.md)
+    sign_cell: int = 0  # 0: a sign per value (the default); N >= 1: cells of N (docs/SCHEME.md)
     background: str = "noised"  # scheme v3 (the default); "inverted": v1 / v2, to reproduce older releases
     faces: str = "aligned"  # aligned | detect
     face_box: tuple[int, int, int, int] | None = None
@@ -179,7 +179,7 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
             "model": opts.model,
             "steps": opts.steps if opts.steps is not None else -1,
             "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
-            "sign_cell": opts.sign_cell if opts.sign_cell is not None else -1,
+            "sign_cell": opts.sign_cell,
             "background": opts.background,
             "faces": _face_spec(opts),
             "lossless": opts.lossless,
@@ -213,8 +213,9 @@ def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     opts.model = o["model"]
     opts.steps = None if o["steps"] < 0 else o["steps"]
     opts.inversion_iters = None if o["inversion_iters"] < 0 else o["inversion_iters"]
-    cell = o.get("sign_cell", 0)  # a plan without it is from before scheme v2: its records are v1
-    opts.sign_cell = None if cell < 0 else cell
+    # A plan without sign_cell is from before scheme v2 (its records are v1); -1 is how plans of
+    # the first v2 release wrote "the default", which was a sign per value.
+    opts.sign_cell = max(0, o.get("sign_cell", 0))
     opts.background = o.get("background", "inverted")  # a plan without it is from before scheme v3
     opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
     opts.cross_check = f.get("cross_check")
