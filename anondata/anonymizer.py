@@ -23,7 +23,7 @@ import torch
 from . import keystream, scheme
 from .backends import load_backend
 from .errors import AnondataError, InputError, IntegrityError
-from .restore_record import MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
+from .restore_record import FACE_MEAN_UNIT, MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -77,6 +77,9 @@ class Anonymizer:
         self.sign_cell = sign_cell
         self.background = background
         self.sampler = _scheme_sampler(sampler, sign_cell, background)
+        # v3 flips around the model's mean face (scheme.flip), quantized as its records store it
+        fm = backend.face_mean or (0.0,) * self._latent_shape()[0]
+        self.face_mean = tuple(int(round(v * FACE_MEAN_UNIT)) for v in fm) if background == "noised" else None
 
     @classmethod
     def from_pretrained(
@@ -130,6 +133,7 @@ class Anonymizer:
             "inversion_iters": self.sampler.inversion_iters,
             "sign_cell": self.sign_cell,
             "background": self.background,
+            "face_mean": "none" if self.face_mean is None else ",".join(map(str, self.face_mean)),
             "dtype": self.dtype_name,
             "resolution": self.resolution,
             **getattr(self.backend, "settings", {}),
@@ -184,7 +188,7 @@ class Anonymizer:
         return torch.from_numpy(s).to(self.backend.device)
 
     def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
-             smp: scheme.Sampler, cell: int, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             smp: scheme.Sampler, cell: int, face_mean: tuple[int, ...] | None, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
         for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
 
@@ -203,7 +207,9 @@ class Anonymizer:
             m = torch.from_numpy(masks[idx]).to(dev)
             signs = self._signs([keys[j] for j in idx], self._latent_shape(), cell)
             c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
-            y, z = scheme.transform(self.backend, xt, m, signs, smp, carry=c)
+            centre = None if face_mean is None else torch.tensor(
+                [[v / FACE_MEAN_UNIT for v in face_mean]] * len(idx), dtype=torch.float64).to(dev, dt)
+            y, z = scheme.transform(self.backend, xt, m, signs, smp, carry=c, centre=centre)
             keep = min(batch, n - i)
             y_levels = (y.double() + 1) * 127.5
             out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
@@ -232,7 +238,7 @@ class Anonymizer:
                     + (" or a smaller sign_cell" if self.sign_cell > 1 else "")
                 )
         levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size,
-                                    self.sampler, self.sign_cell)
+                                    self.sampler, self.sign_cell, self.face_mean)
         levels = np.round(levels)
         m3 = masks[..., None]
         stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
@@ -245,7 +251,7 @@ class Anonymizer:
                 steps=self.sampler.steps, inversion_iters=self.sampler.inversion_iters,
                 dtype=self.dtype_name, batch=self.batch_size, mask=masks[i], overflow=overflow[i].astype(np.int16),
                 carry=None if carries is None else carries[i], sign_cell=self.sign_cell,
-                background=self.background,
+                background=self.background, face_mean=self.face_mean,
             )
             for i in range(n)
         ]
@@ -262,13 +268,18 @@ class Anonymizer:
     def _restore_levels(self, stored: np.ndarray, keys: list[bytes], records: list[RestoreRecord]) -> np.ndarray:
         out = np.empty_like(stored)
         # each record at the batch shape and with the scheme it was made with
-        for batch, cell, bg in sorted({(r.batch, r.sign_cell, r.background) for r in records}):
-            sel = [i for i, r in enumerate(records) if (r.batch, r.sign_cell, r.background) == (batch, cell, bg)]
+        def scheme_of(r):
+            return r.batch, r.sign_cell, r.background, r.face_mean or ()
+
+        for key in sorted({scheme_of(r) for r in records}):
+            batch, cell, bg, fm = key
+            sel = [i for i, r in enumerate(records) if scheme_of(r) == key]
             masks = np.stack([records[i].mask for i in sel])
             overflow = np.stack([records[i].overflow for i in sel])
             carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
             smp = _scheme_sampler(self.sampler, cell, bg)
-            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, smp, cell, carry)[0])
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, smp, cell,
+                                        fm if bg == "noised" else None, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 

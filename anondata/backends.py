@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ class _Schedule:
     alphas_cumprod: torch.Tensor
     prediction_type: str
     unet: torch.nn.Module
+    face_mean: tuple[float, ...] | None = None  # read_face_mean: what the flip centres on (scheme v3)
 
     @property
     def device(self) -> torch.device:
@@ -457,6 +459,7 @@ def load_backend(
             raise InputError(f"--model {name_or_path}: controlnet/ without vae/ or vqvae/: only latent ControlNet models are supported")
         unet = _load({"UNet2DModel": UNet2DModel}, dirs["unet"], "UNet", name_or_path, dtype)
         backend = PixelBackend(unet, _alphas_cumprod(cfg), prediction_type, info)
+        backend.face_mean = read_face_mean(folder, backend.channels)
         return backend.to(device=device)
     unet_classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     unet = _load(unet_classes, dirs["unet"], "UNet", name_or_path, dtype)
@@ -468,4 +471,29 @@ def load_backend(
         vae, unet, _alphas_cumprod(cfg), prediction_type, info, controlnet=controlnet,
         decoder_inversion_iters=decoder_inversion_iters, vq_quantize=vq_quantize,
     )
+    backend.face_mean = read_face_mean(folder, backend.latent_shape[0])
     return backend.to(device=device)
+
+
+ANONDATA_CONFIG = "anondata.json"
+
+
+def read_face_mean(folder: Path, channels: int) -> tuple[float, ...] | None:
+    """The model's mean face, one value per latent channel, from FOLDER/anondata.json
+    ({"face_mean": [...]}, written by jobs/train_prior.py), or None when the file is absent.
+
+    Why a model carries it: the sign flip averages a face's own colour away, and a model reading
+    "no colour" generates a grey face; flipping around the mean face's colour instead gives the
+    stranger an average skin tone (scheme.flip, docs/SCHEME.md "The flip's centre")."""
+    path = Path(folder) / ANONDATA_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not readable JSON ({e})") from None
+    fm = cfg.get("face_mean") if isinstance(cfg, dict) else None
+    if (not isinstance(cfg, dict) or set(cfg) - {"face_mean", "about"} or not isinstance(fm, list)
+            or len(fm) != channels or not all(type(v) in (int, float) and math.isfinite(v) and abs(v) <= 3 for v in fm)):
+        raise InputError(f'{path}: expected {{"face_mean": [{channels} numbers in -3..3]}} (and optionally "about")')
+    return tuple(float(v) for v in fm)

@@ -5,6 +5,8 @@ Canonical JSON (anondata.canonical), sealed inside the record's envelope, never 
   scheme            "anondata-signflip/3" (v2: "anondata-signflip/2", v1: "anondata-signflip/1")
   sign_cell         v3: 0 (a sign per value) or the side of the latent cells that share one sign
                     (keystream.cell_signs); v2: >= 1; v1: absent (a sign per value)
+  face_mean         v3 only: the centre the flip reflects around (scheme.flip), one integer per latent
+                    channel in 1/10000 (|v| <= 30000): the model's mean face when it has one, else zeros
   model_sha256      sha256 of the model weights (backends.weights_sha256): restore refuses another model
   resolution        R, the crop size the model saw
   steps, inversion_iters, dtype    the sampler settings used
@@ -45,7 +47,9 @@ _FIELDS_V1 = {
     "v", "scheme", "model_sha256", "resolution", "steps", "inversion_iters", "dtype", "batch",
     "mask", "overflow", "residual", "snap", "original_sha256", "latent",
 }
-_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"sign_cell"}, 3: _FIELDS_V1 | {"sign_cell"}}
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"sign_cell"}, 3: _FIELDS_V1 | {"sign_cell", "face_mean"}}
+FACE_MEAN_UNIT = 10000
+MAX_FACE_MEAN = 3 * FACE_MEAN_UNIT
 
 
 def scheme_version(sign_cell: int, background: str) -> int:
@@ -97,6 +101,7 @@ class RestoreRecord:
     carry: np.ndarray | None = None  # (C, h, w) float16, latent models only
     sign_cell: int = 0  # 0: a sign per element; >= 1: cells (keystream.cell_signs)
     background: str = "inverted"  # "noised": scheme v3; "inverted": v1 / v2 (scheme.background_trajectory)
+    face_mean: tuple[int, ...] | None = None  # v3: the flip's centre in 1/FACE_MEAN_UNIT; None in v1 / v2
 
     def key_only(self) -> "RestoreRecord":
         """This record without its lossless part: what restore computes from the key alone."""
@@ -105,8 +110,11 @@ class RestoreRecord:
     def to_bytes(self) -> bytes:
         bits = np.packbits(self.mask.astype(bool).reshape(-1), bitorder="little")
         v = scheme_version(self.sign_cell, self.background)
+        if (v == 3) != (self.face_mean is not None):
+            raise ValueError("restore record: face_mean goes with the noised background (v3) and only with it")
         return canonical.dumps({
             **({"sign_cell": self.sign_cell} if v > 1 else {}),
+            **({"face_mean": [int(c) for c in self.face_mean]} if v == 3 else {}),
             "v": v,
             "scheme": SCHEMES[v],
             "model_sha256": self.model_sha256,
@@ -147,6 +155,10 @@ class RestoreRecord:
         lo = 1 if v == 2 else 0  # v2 exists for cells; a v3 record may have a sign per value
         if v > 1 and not lo <= d["sign_cell"] <= r:
             raise FormatError(f"restore record: sign_cell must be in {lo}..{r} in a v{v} record")
+        if v == 3:
+            fm = d["face_mean"]
+            if not (isinstance(fm, list) and fm and all(type(c) is int and abs(c) <= MAX_FACE_MEAN for c in fm)):
+                raise FormatError(f"restore record: face_mean must be a list of integers in -{MAX_FACE_MEAN}..{MAX_FACE_MEAN}")
         if d["dtype"] not in DTYPES:
             raise FormatError(f"restore record: dtype must be one of {DTYPES}")
         for k in ("model_sha256",) + (("original_sha256",) if d["original_sha256"] is not None else ()):
@@ -159,6 +171,9 @@ class RestoreRecord:
         if nbits % 8 and bits[-1] >> (nbits % 8):
             raise FormatError("restore record: mask has non-zero padding bits")
         mask = np.unpackbits(bits, bitorder="little")[:nbits].reshape(r, r).astype(bool)
+        carry = None if d["latent"] is None else _parse_latent(d["latent"], mask)
+        if v == 3 and len(d["face_mean"]) != (3 if carry is None else carry.shape[0]):
+            raise FormatError("restore record: face_mean needs one value per latent channel (3 for a pixel model)")
         return cls(
             model_sha256=d["model_sha256"],
             resolution=r,
@@ -171,9 +186,10 @@ class RestoreRecord:
             residual=None if d["residual"] is None else _unpack(d["residual"], (r, r, 3), "<i2", "residual").astype(np.int16),
             snap=None if d["snap"] is None else unpack_trits(canonical.b64d(d["snap"], "snap"), int(mask.sum()) * 3),
             original_sha256=d["original_sha256"],
-            carry=None if d["latent"] is None else _parse_latent(d["latent"], mask),
+            carry=carry,
             sign_cell=d["sign_cell"] if v > 1 else 0,
             background="noised" if v == 3 else "inverted",
+            face_mean=tuple(d["face_mean"]) if v == 3 else None,
         )
 
 

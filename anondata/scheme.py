@@ -12,6 +12,7 @@
   generation's contraction, so restore from 8 bits amplifies rounding by as much as the prior
   contracts (3x on the shipped prior, 59x on a sharper one: docs/SCHEME.md).
 - flip_s: multiply the latent inside the mask by the ±1 signs of the record key (keystream.py;
+  v3 reflects around c = sqrt(a_T) * the model's mean face instead of 0: `flip`;
   sign cells: one sign per cell, shared by the channels, so the flip keeps the fine detail that the
   contraction above lives in: docs/SCHEME.md, "Sign cells"). It is its own inverse, so restore
   is the same transform as anonymize.
@@ -172,12 +173,30 @@ def generate(backend, z_T: torch.Tensor, mask: torch.Tensor, bg: list[torch.Tens
     return z
 
 
+def flip(backend, z_T: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sampler: Sampler,
+         centre: torch.Tensor | None = None) -> torch.Tensor:
+    """flip_s inside the mask: c + s * (z_T - c), with c = sqrt(a_T) * centre per channel (0 without
+    one), its own inverse for any fixed c.
+
+    Why a centre: at the top level z_T still holds sqrt(a_T) times the face, and its channel means
+    are how the model reads the face's colour there. Flipping around 0 averages those means away,
+    so the model sees "no colour" and generates a grey face; around the mean face's colour it
+    sees an average one (docs/SCHEME.md, "The flip's centre"). c is public and the same for every
+    record of a model, so it tells nothing about the face."""
+    if centre is None:
+        return torch.where(mask, signs.to(z_T.dtype) * z_T, z_T)
+    a_top = float(backend.alphas_cumprod[_levels(backend, sampler)[-1][0]])
+    c = (a_top**0.5 * centre.to(z_T.device, z_T.dtype))[:, :, None, None]
+    return torch.where(mask, c + signs.to(z_T.dtype) * (z_T - c), z_T)
+
+
 def transform(backend, x: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sampler: Sampler,
-              carry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              carry: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G_b(flip_s(I_b(x))): anonymize with the record's signs, or restore with the same signs.
 
     x: (N, C, H, W) in [-1, 1] (float, may exceed the range when restoring carried overflow);
-    mask: (N, H, W) bool; signs: (N, C', h, w) ±1 at latent shape. Returns (image, final latent z).
+    mask: (N, H, W) bool; signs: (N, C', h, w) ±1 at latent shape; centre: (N, C') or None (`flip`).
+    Returns (image, final latent z).
     A backend with `prepare` (latent models) supplies z0, the background latent (from pixels outside
     the mask only) and a copy of itself bound to the mask (ControlNet hint); restoring, `carry`
     (from the restore record) turns the stored image back into the latent that generated it.
@@ -190,6 +209,5 @@ def transform(backend, x: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor,
     m = backend.latent_mask(mask).expand_as(z0)
     bg = background_trajectory(backend, z_bg, m, sampler)
     z_T = invert(backend, z0, m, bg, sampler)
-    z_T = torch.where(m, signs.to(z_T.dtype) * z_T, z_T)
-    z = generate(backend, z_T, m, bg, sampler)
+    z = generate(backend, flip(backend, z_T, m, signs, sampler, centre), m, bg, sampler)
     return backend.decode(z), z

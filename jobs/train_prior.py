@@ -38,6 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # anondata.faces (the face ellipse), also without an install
+    sys.path.insert(0, str(ROOT))
+
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
@@ -173,7 +177,21 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep: int, meta: dict) -> Path:
+def face_mean(data: torch.Tensor) -> list[float]:
+    """Mean RGB in [-1, 1] of the training crops inside the face ellipse the job uses on aligned
+    crops: what the anonymizer's flip centres on (anondata.json; scheme.flip)."""
+    from anondata.faces import aligned_mask
+
+    m = torch.from_numpy(aligned_mask(data.shape[-1]))
+    total = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, data.shape[0], 1024):  # uint8 in chunks: the whole set as float64 would be GBs
+        total += data[i:i + 1024].cpu()[:, :, m].double().sum(dim=(0, 2))
+    mean = total / (data.shape[0] * int(m.sum())) / 127.5 - 1
+    return [round(float(v), 4) for v in mean]
+
+
+def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep: int, meta: dict,
+                     face_rgb: list[float] | None = None) -> Path:
     """Write snapshots/step-N completely, then swap the `latest` symlink in one rename."""
     snaps = run / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
@@ -182,6 +200,10 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_diffusers_folder(ema_model, ddim, tmp, shard_mb)
+    if face_rgb is not None:
+        (tmp / "anondata.json").write_text(json.dumps(
+            {"about": "mean RGB in [-1, 1] of the training crops inside the aligned face ellipse (jobs/train_prior.py)",
+             "face_mean": face_rgb}, indent=2) + "\n")
     (tmp / "train_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -223,6 +245,7 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     data = load_images(args.data, args.resolution, args.limit)
     n = data.shape[0]
+    face_rgb = face_mean(data)
     if cuda:
         data = data.to(device)
 
@@ -306,7 +329,7 @@ def main(argv=None) -> int:
                 if argv is None else "in-process"}
         _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "step": step, "gen": gen.get_state(), "arch": _arch(args)}, ckpt_path)
-        snap = publish_snapshot(run, ema, ddim, step, args.shard_mb, args.keep_snapshots, meta)
+        snap = publish_snapshot(run, ema, ddim, step, args.shard_mb, args.keep_snapshots, meta, face_rgb)
         print(f"saved step {step} -> {snap}", flush=True)
 
     def _stop(signum, frame):  # `kill PID` stops cleanly: the loop saves on the way out

@@ -177,15 +177,21 @@ def test_restore_record_round_trip_and_strictness(run):
     v3 = recs[0].to_bytes()  # the default scheme: noised background, a sign per value
     assert b'"v":3' in v3 and b'"scheme":"anondata-signflip/3"' in v3 and b'"sign_cell":0' in v3
     assert RestoreRecord.from_bytes(v3).to_bytes() == v3 and RestoreRecord.from_bytes(v3).background == "noised"
-    v1 = RestoreRecord(**{**vars(recs[0]), "background": "inverted"}).to_bytes()
+    assert b'"face_mean":[0,0,0]' in v3  # the tiny test model has no mean face: the flip centres on 0
+    v1 = RestoreRecord(**{**vars(recs[0]), "background": "inverted", "face_mean": None}).to_bytes()
     assert b'"v":1' in v1 and b"signflip/1" in v1 and b"sign_cell" not in v1
     assert RestoreRecord.from_bytes(v1).to_bytes() == v1 and RestoreRecord.from_bytes(v1).background == "inverted"
     for bad in (v3.replace(b'"sign_cell":0', b'"sign_cell":-1'), v3.replace(b'"sign_cell":0', b'"sign_cell":33'),
                 v3.replace(b'"v":3', b'"v":2'), v3.replace(b'signflip/3', b'signflip/2'),
-                v3.replace(b'"sign_cell":0,', b""), v3.replace(b'"v":3', b'"v":4')):
+                v3.replace(b'"sign_cell":0,', b""), v3.replace(b'"v":3', b'"v":4'),
+                v3.replace(b'"face_mean":[0,0,0]', b'"face_mean":[0,0]'), v3.replace(b'"face_mean":[0,0,0],', b""),
+                v3.replace(b'"face_mean":[0,0,0]', b'"face_mean":[0,0,30001]'),
+                v3.replace(b'"face_mean":[0,0,0]', b'"face_mean":[0,0,0.5]')):
         with pytest.raises(FormatError):
             RestoreRecord.from_bytes(bad)
-    recs = [RestoreRecord(**{**vars(r), "sign_cell": 2, "background": "inverted"}) for r in recs]
+    with pytest.raises(ValueError, match="face_mean"):  # v1 / v2 have no centre, v3 always one
+        RestoreRecord(**{**vars(recs[0]), "background": "inverted"}).to_bytes()
+    recs = [RestoreRecord(**{**vars(r), "sign_cell": 2, "background": "inverted", "face_mean": None}) for r in recs]
     blob = recs[0].to_bytes()
     back = RestoreRecord.from_bytes(blob)
     assert back.to_bytes() == blob
@@ -240,6 +246,37 @@ def test_every_scheme_restores_and_each_record_keeps_its_scheme(anon, model_dir,
     np.testing.assert_array_equal(anon.restore(lout, keys, lrecs), faces)
 
 
+def test_flip_centres_on_the_models_mean_face(anon, model_dir, faces, ellipse, tmp_path):
+    """A model folder with anondata.json: v3 records carry its face_mean, the centre changes the
+    stranger, restore follows the record's centre (not the folder's), and a malformed file is
+    refused with an error that names it."""
+    import shutil
+
+    folder = tmp_path / "with-mean"
+    shutil.copytree(model_dir, folder)
+    (folder / "anondata.json").write_text(json.dumps({"face_mean": [0.3, -0.1, -0.2], "about": "test"}))
+    a = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS, batch_size=4)
+    assert a.face_mean == (3000, -1000, -2000) and a.settings["face_mean"] == "3000,-1000,-2000"
+    keys = fixed_keys(len(faces), b"centre")
+    masks = np.broadcast_to(ellipse, (len(faces), 32, 32)).copy()
+    out, recs = a.anonymize(faces, keys, masks)
+    assert recs[0].face_mean == (3000, -1000, -2000) and b'"face_mean":[3000,-1000,-2000]' in recs[0].to_bytes()
+    plain, _ = anon.anonymize(faces, keys, masks)  # the same weights and keys, centred on 0
+    assert (psnr_in(out, plain, masks) < 40).all()
+    (folder / "anondata.json").unlink()  # restore needs only the record's centre
+    again = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS, batch_size=4)
+    restored = again.restore(out, keys, [r.to_bytes() for r in recs])
+    assert (psnr_in(restored, faces, masks) >= RESTORE_IN_MASK_DB).all()
+    np.testing.assert_array_equal(restored, a.restore(out, keys, recs))
+    uncentred = [RestoreRecord(**{**vars(r), "face_mean": (0, 0, 0)}) for r in recs]
+    assert not np.array_equal(again.restore(out, keys, uncentred), restored)
+    for bad in ('{"face_mean": [0.3, 0.1]}', '{"face_mean": [9, 0, 0]}', '{"face_mean": [0, 0, 0], "x": 1}',
+                '{"face_mean": [0, "0", 0]}', "not json"):
+        (folder / "anondata.json").write_text(bad)
+        with pytest.raises(InputError, match="anondata.json"):
+            Anonymizer.from_pretrained(folder, steps=2, inversion_iters=0)
+
+
 def test_sign_cell_is_checked(model_dir):
     for bad in (-1, 33, 2.0, "4"):
         with pytest.raises(InputError, match="sign_cell"):
@@ -262,7 +299,7 @@ def test_restore_record_vectors(v):
     assert (None if rec.snap is None else int(rec.snap.sum())) == e["snap_sum"]
     assert (None if rec.carry is None else list(rec.carry.shape)) == e["carry_shape"]
     assert (None if rec.carry is None else float(rec.carry.astype(np.float64).sum())) == e["carry_sum"]
-    assert rec.background == e["background"]
+    assert rec.background == e["background"] and (None if rec.face_mean is None else list(rec.face_mean)) == e["face_mean"]
     assert rec.to_bytes() == data
 
 

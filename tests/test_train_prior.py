@@ -94,6 +94,13 @@ def test_latest_is_a_loadable_fp16_sharded_diffusers_folder(trained):
     assert torch.allclose(ddim.alphas_cumprod, ref.alphas_cumprod)
     meta = json.loads((latest / "train_meta.json").read_text())
     assert meta["step"] == 5
+    # the mean face the anonymizer's flip centres on: recomputed from the training images
+    from anondata.backends import read_face_mean
+    from anondata.faces import aligned_mask
+
+    imgs = _job.load_images(str(_data), 16).permute(0, 2, 3, 1).numpy()
+    want = imgs[:, aligned_mask(16)].reshape(-1, 3).astype(np.float64).mean(0) / 127.5 - 1
+    assert np.allclose(read_face_mean(latest, 3), want, atol=1e-4)
 
 
 def test_snapshot_holds_the_ema_weights(trained):
@@ -144,7 +151,7 @@ def test_shipped_embedded_prior_is_small_sharded_fp16_and_loads_offline(monkeypa
     from anondata.anonymizer import Anonymizer
 
     anon = Anonymizer.from_pretrained("embedded", device="cpu", steps=2, inversion_iters=0)
-    assert anon.resolution == 64
+    assert anon.resolution == 64 and anon.face_mean == (3204, -193, -1772)  # anondata.json
     assert anon.model_info["name"] == "embedded"
 
 

@@ -56,12 +56,14 @@ def _v2(rec: RestoreRecord, cell: int = 2) -> RestoreRecord:
 
 def _v3(rec: RestoreRecord, cell: int = 0) -> RestoreRecord:
     rec.sign_cell, rec.background = cell, "noised"  # scheme v3: the noised background path
+    rec.face_mean = (3204, -193, -1772) if rec.carry is None else (1500, -2500, 0, 30000)  # the flip's centre
     return rec
 
 
 def _summary(rec: RestoreRecord) -> dict:
     return {
         "sign_cell": rec.sign_cell, "background": rec.background,
+        "face_mean": None if rec.face_mean is None else list(rec.face_mean),
         "model_sha256": rec.model_sha256, "resolution": rec.resolution, "steps": rec.steps,
         "inversion_iters": rec.inversion_iters, "dtype": rec.dtype, "batch": rec.batch,
         "mask_pixels": int(rec.mask.sum()), "overflow_sum_abs": int(np.abs(rec.overflow).sum()),
@@ -133,6 +135,14 @@ def main():
         ("v3 sign_cell above the resolution", _edit(_v3(_base()), lambda d: d.update(sign_cell=R + 1)),
          "sign_cell must be"),
         ("version 4", _edit(_v3(_base()), lambda d: d.update(v=4, scheme="anondata-signflip/4")), "unsupported version"),
+        ("v3 record without face_mean", _edit(_v3(_base()), lambda d: d.pop("face_mean")), "missing fields"),
+        ("v2 record with a face_mean", _edit(_v2(_base()), lambda d: d.update(face_mean=[0, 0, 0])), "unknown fields"),
+        ("v3 face_mean of 4 values for a pixel model", _edit(_v3(_base()), lambda d: d.update(face_mean=[0, 0, 0, 0])),
+         "one value per latent channel"),
+        ("v3 face_mean of 3 values for a 4-channel latent", _edit(_v3(_latent()), lambda d: d.update(face_mean=[0, 0, 0])),
+         "one value per latent channel"),
+        ("v3 face_mean beyond 30000", _edit(_v3(_base()), lambda d: d.update(face_mean=[0, 30001, 0])), "face_mean must be"),
+        ("v3 face_mean empty", _edit(_v3(_base()), lambda d: d.update(face_mean=[])), "face_mean must be"),
     ]
     for desc, data, needle in negative:
         out["negative"].append({"description": desc, "record": data.decode(), "error": "FormatError", "message_contains": needle})
