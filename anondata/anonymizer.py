@@ -45,6 +45,13 @@ def _scheme_sampler(sampler: scheme.Sampler, sign_cell: int, background: str) ->
     return replace(sampler, spacing="logsnr" if sign_cell else "leading", background=background)
 
 
+# What a v3 flip reflects around: the model's mean face (anondata.json; 0 without one) or 0.
+# Measured on CelebA (docs/EVAL.md): the mean face gives strangers skin tones (colour shift -5
+# levels of red against -27) and keeps a little more identity (98% of faces beyond dlib's 0.6
+# against 100%).
+FLIP_CENTRES = ("mean-face", "zero")
+
+
 def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """PSNR of two uint8 (R, R, 3) images over the mask's pixels (inf when identical or no mask)."""
     d = a[mask].astype(np.float64) - b[mask].astype(np.float64)
@@ -63,7 +70,7 @@ class Anonymizer:
     record's own scheme."""
 
     def __init__(self, backend, sampler: scheme.Sampler, batch_size: int = 8, sign_cell: int | None = None,
-                 background: str = "noised"):
+                 background: str = "noised", flip_centre: str = "mean-face"):
         if not 1 <= batch_size <= MAX_BATCH:
             raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
         self.backend = backend
@@ -77,8 +84,10 @@ class Anonymizer:
         self.sign_cell = sign_cell
         self.background = background
         self.sampler = _scheme_sampler(sampler, sign_cell, background)
+        if flip_centre not in FLIP_CENTRES:
+            raise InputError(f"flip_centre must be one of {FLIP_CENTRES}, got {flip_centre!r}")
         # v3 flips around the model's mean face (scheme.flip), quantized as its records store it
-        fm = backend.face_mean or (0.0,) * self._latent_shape()[0]
+        fm = (flip_centre == "mean-face" and backend.face_mean) or (0.0,) * self._latent_shape()[0]
         self.face_mean = tuple(int(round(v * FACE_MEAN_UNIT)) for v in fm) if background == "noised" else None
 
     @classmethod
@@ -92,6 +101,7 @@ class Anonymizer:
         batch_size: int | None = None,
         sign_cell: int | None = None,
         background: str = "noised",
+        flip_centre: str = "mean-face",
     ) -> "Anonymizer":
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -106,7 +116,8 @@ class Anonymizer:
             raise InputError(str(e)) from None
         if batch_size is None:  # one image per call on a CPU (no gain from more), a full batch on a GPU
             batch_size = 1 if backend.device.type == "cpu" else 16
-        return cls(backend, sampler, batch_size=batch_size, sign_cell=sign_cell, background=background)
+        return cls(backend, sampler, batch_size=batch_size, sign_cell=sign_cell, background=background,
+                   flip_centre=flip_centre)
 
     def to(self, device=None) -> "Anonymizer":
         self.backend.to(device=device)

@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--sign-cell", type=int, default=None, help="anonymize --sign-cell (default: the job's)")
     ap.add_argument("--background", choices=["noised", "inverted"], default=None,
                     help="anonymize --background (default: the job's)")
+    ap.add_argument("--flip-centre", choices=["mean-face", "zero"], default=None,
+                    help="anonymize --flip-centre (default: the job's)")
     a = ap.parse_args()
     src = Path(a.source)
     if not src.is_file():
@@ -117,7 +119,8 @@ def main() -> None:
                   "--face-box", "25,57,153,185", "--model", str(work / "model"), "--workers", "1",
                   "--batch-size", "4", "--shard-size", "50", *resume,
                   *([] if a.sign_cell is None else ["--sign-cell", str(a.sign_cell)]),
-                  *([] if a.background is None else ["--background", a.background])], log)
+                  *([] if a.background is None else ["--background", a.background]),
+                  *([] if a.flip_centre is None else ["--flip-centre", a.flip_centre])], log)
     report = Path(a.report) if a.report else next(work / f"report-{i}" for i in range(1, 1000)
                                                     if not (work / f"report-{i}").exists())
     run(py + ["eval", str(work / "release"), "--source", str(src), "--identity", str(work / "owner.key"),

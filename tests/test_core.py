@@ -263,6 +263,10 @@ def test_flip_centres_on_the_models_mean_face(anon, model_dir, faces, ellipse, t
     assert recs[0].face_mean == (3000, -1000, -2000) and b'"face_mean":[3000,-1000,-2000]' in recs[0].to_bytes()
     plain, _ = anon.anonymize(faces, keys, masks)  # the same weights and keys, centred on 0
     assert (psnr_in(out, plain, masks) < 40).all()
+    zero = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS, batch_size=4, flip_centre="zero")
+    assert zero.face_mean == (0, 0, 0) and np.array_equal(zero.anonymize(faces, keys, masks)[0], plain)
+    with pytest.raises(InputError, match="flip_centre"):
+        Anonymizer.from_pretrained(folder, steps=2, inversion_iters=0, flip_centre="mean")
     (folder / "anondata.json").unlink()  # restore needs only the record's centre
     again = Anonymizer.from_pretrained(folder, steps=STEPS, inversion_iters=ITERS, batch_size=4)
     restored = again.restore(out, keys, [r.to_bytes() for r in recs])

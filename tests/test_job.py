@@ -327,3 +327,6 @@ def test_resume_keeps_the_scheme_of_the_plan():
         opts = JobOptions(source="s", out="o", recipients=[], signing_key="k", sign_cell=7, background="noised")
         got = _options_from_plan(opts, {"options": {**base, **extra}})
         assert (got.sign_cell, got.background) == want
+    opts = JobOptions(source="s", out="o", recipients=[], signing_key="k")
+    got = _options_from_plan(opts, {"options": {**base, "background": "noised", "flip_centre": "zero"}})
+    assert got.flip_centre == "zero"

@@ -69,13 +69,18 @@ def register(sub) -> None:
     g.add_argument("--sign-cell", type=count, default=0, metavar="N",
                    help="the key flips one sign per N x N cell of the model's grid, the same in every channel, "
                         "so key-only restore holds up on a sharp prior (CelebA, embedded prior, face box: 31.5 dB "
-                        "at 2 against 27.1 per value), at a price in identity (dlib: 94%% of faces beyond 0.6 at 2, "
+                        "at 2 against 27.1 per value, both around zero), at a price in identity (dlib: 94%% of faces beyond 0.6 at 2, "
                         "against 100%%). Default 0: a sign per value, which hides most; restore is exact through "
                         "the lossless residual either way (docs/SCHEME.md, 'Sign cells'; docs/EVAL.md)")
     g.add_argument("--background", choices=["noised", "inverted"], default="noised",
                    help="the background's path through the noise levels: noised (scheme v3, the default) or "
                         "inverted (DDIM inversion, schemes v1/v2; only to reproduce an older release: its faces "
                         "come out orange and oversaturated; docs/SCHEME.md, 'The background path')")
+    g.add_argument("--flip-centre", choices=["mean-face", "zero"], default="mean-face",
+                   help="what the sign flip reflects around (scheme v3): the model's public mean face (the "
+                        "default: strangers get skin tones; CelebA: 98%% of faces beyond dlib's 0.6, colour shift "
+                        "-5 levels) or zero (grey strangers that hide a little more: 100%%, -27 levels of red); "
+                        "ignored with --background inverted; docs/SCHEME.md, 'The flip's centre'")
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
     g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
@@ -113,7 +118,7 @@ def run(args) -> int:
         source=args.source, out=args.out, recipients=args.recipient, signing_key=args.signing_key,
         image_column=args.image_column, id_column=args.id_column, splits=splits, limit=args.limit,
         model=args.model, steps=args.steps, inversion_iters=args.inversion_iters,
-        sign_cell=args.sign_cell, background=args.background, faces=args.faces,
+        sign_cell=args.sign_cell, background=args.background, flip_centre=args.flip_centre, faces=args.faces,
         face_box=args.face_box, detector=args.detector, on_no_face=args.on_no_face,
         cross_check=args.cross_check,
         lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,

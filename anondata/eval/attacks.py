@@ -49,6 +49,7 @@ class GuessAnonymizer(Anonymizer):
             raise ValueError(f"p must be in [0, 1], got {p}")
         super().__init__(anon.backend, anon.sampler, batch_size=anon.batch_size, sign_cell=anon.sign_cell,
                          background=anon.background)
+        self.face_mean = anon.face_mean  # the same centre, whatever the folder says now
         self.p = p
         self.seed = seed
 

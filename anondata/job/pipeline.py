@@ -51,6 +51,7 @@ class JobOptions:
     inversion_iters: int | None = None
     sign_cell: int = 0  # 0: a sign per value (the default); N >= 1: cells of N (docs/SCHEME.md)
     background: str = "noised"  # scheme v3 (the default); "inverted": v1 / v2, to reproduce older releases
+    flip_centre: str = "mean-face"  # v3: what the flip reflects around (anonymizer.FLIP_CENTRES)
     faces: str = "aligned"  # aligned | detect
     face_box: tuple[int, int, int, int] | None = None
     detector: str = "hog"
@@ -181,6 +182,7 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
             "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
             "sign_cell": opts.sign_cell,
             "background": opts.background,
+            "flip_centre": opts.flip_centre,
             "faces": _face_spec(opts),
             "lossless": opts.lossless,
             "shard_size": opts.shard_size,
@@ -217,6 +219,7 @@ def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     # the first v2 release wrote "the default", which was a sign per value.
     opts.sign_cell = max(0, o.get("sign_cell", 0))
     opts.background = o.get("background", "inverted")  # a plan without it is from before scheme v3
+    opts.flip_centre = o.get("flip_centre", "mean-face")
     opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
     opts.cross_check = f.get("cross_check")
     opts.face_box = tuple(f["box"]) if f["box"] else None
@@ -301,6 +304,7 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
             "inversion_iters": opts.inversion_iters,
             "sign_cell": opts.sign_cell,
             "background": opts.background,
+            "flip_centre": opts.flip_centre,
             "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
             "face_spec": _face_spec(opts),
             "lossless": opts.lossless,

@@ -84,7 +84,7 @@ class AnonymizerActor:
     """One per GPU (or CPU slot). Loads the model once; each call anonymizes a batch of rows
     and returns public results plus sealed envelopes."""
 
-    def __init__(self, *, model: str, device: str, steps, inversion_iters, sign_cell, background: str, model_batch: int,
+    def __init__(self, *, model: str, device: str, steps, inversion_iters, sign_cell, background: str, flip_centre: str, model_batch: int,
                  face_spec: dict, lossless: bool, recipients: list[bytes], dataset_id: str):
         import torch
 
@@ -97,7 +97,7 @@ class AnonymizerActor:
             device = "cpu"
         self.anon = Anonymizer.from_pretrained(
             model, device=device, steps=steps, inversion_iters=inversion_iters, batch_size=model_batch,
-            sign_cell=sign_cell, background=background,
+            sign_cell=sign_cell, background=background, flip_centre=flip_centre,
         )
         box = face_spec.get("box")
         self.spec = FaceSpec(**{**face_spec, "box": tuple(box) if box else None})
