@@ -81,11 +81,12 @@ class Anonymizer:
             raise InputError(f"sign_cell must be an integer in 0..{grid} (the latent grid), got {sign_cell!r}")
         if background not in scheme.BACKGROUNDS:
             raise InputError(f"background must be one of {scheme.BACKGROUNDS}, got {background!r}")
-        self.sign_cell = sign_cell
-        self.background = background
-        self.sampler = _scheme_sampler(sampler, sign_cell, background)
         if flip_centre not in FLIP_CENTRES:
             raise InputError(f"flip_centre must be one of {FLIP_CENTRES}, got {flip_centre!r}")
+        self.sign_cell = sign_cell
+        self.background = background
+        self.flip_centre = flip_centre
+        self.sampler = _scheme_sampler(sampler, sign_cell, background)
         # v3 flips around the model's mean face (scheme.flip), quantized as its records store it
         fm = (flip_centre == "mean-face" and backend.face_mean) or (0.0,) * self._latent_shape()[0]
         self.face_mean = tuple(int(round(v * FACE_MEAN_UNIT)) for v in fm) if background == "noised" else None
@@ -199,7 +200,8 @@ class Anonymizer:
         return torch.from_numpy(s).to(self.backend.device)
 
     def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
-             smp: scheme.Sampler, cell: int, face_mean: tuple[int, ...] | None, carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             smp: scheme.Sampler, cell: int, face_mean: tuple[int, ...] | None,
+             carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
         for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
 
@@ -211,6 +213,8 @@ class Anonymizer:
         dev, dt = self.backend.device, self.backend.dtype
         latent = hasattr(self.backend, "carry")
         n, out, carries = len(x), [], []
+        centre = None if face_mean is None else torch.tensor(  # every chunk has `batch` images
+            [[v / FACE_MEAN_UNIT for v in face_mean]] * batch, dtype=torch.float64).to(dev, dt)
         for i in range(0, n, batch):
             idx = np.minimum(np.arange(i, i + batch), n - 1)  # pad with copies of the last image
             levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
@@ -218,8 +222,6 @@ class Anonymizer:
             m = torch.from_numpy(masks[idx]).to(dev)
             signs = self._signs([keys[j] for j in idx], self._latent_shape(), cell)
             c = None if carry is None else torch.from_numpy(carry[idx].astype(np.float32)).to(dev)
-            centre = None if face_mean is None else torch.tensor(
-                [[v / FACE_MEAN_UNIT for v in face_mean]] * len(idx), dtype=torch.float64).to(dev, dt)
             y, z = scheme.transform(self.backend, xt, m, signs, smp, carry=c, centre=centre)
             keep = min(batch, n - i)
             y_levels = (y.double() + 1) * 127.5
@@ -290,7 +292,7 @@ class Anonymizer:
             carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
             smp = _scheme_sampler(self.sampler, cell, bg)
             levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, smp, cell,
-                                        fm if bg == "noised" else None, carry)[0])
+                                        fm or None, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 

@@ -110,7 +110,6 @@ def cell_signs(key: bytes, shape: tuple[int, ...], cell: int) -> np.ndarray:
     return expand_cells(cell_grid(key, shape, cell), shape, cell)
 
 
-
 @functools.lru_cache(maxsize=8)
 def _background_noise(shape: tuple[int, ...]) -> np.ndarray:
     n = math.prod(shape)

@@ -62,6 +62,8 @@ def scheme_version(sign_cell: int, background: str) -> int:
 
 def scheme_name(sign_cell: int, background: str) -> str:
     return SCHEMES[scheme_version(sign_cell, background)]
+
+
 MAX_LATENT_VALUES = 1 << 26
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_RESOLUTION = 4096

@@ -173,6 +173,11 @@ def generate(backend, z_T: torch.Tensor, mask: torch.Tensor, bg: list[torch.Tens
     return z
 
 
+def top_alpha(backend, sampler: Sampler) -> float:
+    """a_T: the cumulative alpha at the top level, where generation starts."""
+    return float(backend.alphas_cumprod[_levels(backend, sampler)[-1][0]])
+
+
 def flip(backend, z_T: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sampler: Sampler,
          centre: torch.Tensor | None = None) -> torch.Tensor:
     """flip_s inside the mask: c + s * (z_T - c), with c = sqrt(a_T) * centre per channel (0 without
@@ -185,8 +190,7 @@ def flip(backend, z_T: torch.Tensor, mask: torch.Tensor, signs: torch.Tensor, sa
     record of a model, so it tells nothing about the face."""
     if centre is None:
         return torch.where(mask, signs.to(z_T.dtype) * z_T, z_T)
-    a_top = float(backend.alphas_cumprod[_levels(backend, sampler)[-1][0]])
-    c = (a_top**0.5 * centre.to(z_T.device, z_T.dtype))[:, :, None, None]
+    c = (top_alpha(backend, sampler) ** 0.5 * centre.to(z_T.device, z_T.dtype))[:, :, None, None]
     return torch.where(mask, c + signs.to(z_T.dtype) * (z_T - c), z_T)
 
 

@@ -40,13 +40,12 @@ def sample(model: str, n: int, steps: int, seed: int, batch: int,
     input there; pure noise says "grey", so samples come out grey-centred with random casts. A
     diagnostic, not what the anonymizer does (its starting point is the inverted photo)."""
     from anondata.backends import load_backend
-    from anondata.scheme import Sampler, generate, timesteps
+    from anondata.scheme import Sampler, generate, top_alpha
 
     backend = load_backend(model, device="cpu", dtype=torch.float32)
     r = backend.resolution
     sampler = Sampler(steps=steps, inversion_iters=0)
-    a_top = float(backend.alphas_cumprod[timesteps(backend.alphas_cumprod, steps, sampler.spacing)[-1]])
-    shift = 0.0 if start_mean is None else a_top**0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    shift = 0.0 if start_mean is None else top_alpha(backend, sampler) ** 0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(seed)
     outs, oor, total = [], 0, 0
     for i in range(0, n, batch):

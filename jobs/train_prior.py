@@ -201,7 +201,9 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     tmp.mkdir()
     save_diffusers_folder(ema_model, ddim, tmp, shard_mb)
     if face_rgb is not None:
-        (tmp / "anondata.json").write_text(json.dumps(
+        from anondata.backends import ANONDATA_CONFIG
+
+        (tmp / ANONDATA_CONFIG).write_text(json.dumps(
             {"about": "mean RGB in [-1, 1] of the training crops inside the aligned face ellipse (jobs/train_prior.py)",
              "face_mean": face_rgb}, indent=2) + "\n")
     (tmp / "train_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -48,8 +48,7 @@ class GuessAnonymizer(Anonymizer):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
         super().__init__(anon.backend, anon.sampler, batch_size=anon.batch_size, sign_cell=anon.sign_cell,
-                         background=anon.background)
-        self.face_mean = anon.face_mean  # the same centre, whatever the folder says now
+                         background=anon.background, flip_centre=anon.flip_centre)
         self.p = p
         self.seed = seed
 

@@ -84,8 +84,8 @@ class AnonymizerActor:
     """One per GPU (or CPU slot). Loads the model once; each call anonymizes a batch of rows
     and returns public results plus sealed envelopes."""
 
-    def __init__(self, *, model: str, device: str, steps, inversion_iters, sign_cell, background: str, flip_centre: str, model_batch: int,
-                 face_spec: dict, lossless: bool, recipients: list[bytes], dataset_id: str):
+    def __init__(self, *, model: str, device: str, steps, inversion_iters, sign_cell: int, background: str,
+                 flip_centre: str, model_batch: int, face_spec: dict, lossless: bool, recipients: list[bytes], dataset_id: str):
         import torch
 
         torch.set_num_threads(1)
