@@ -16,6 +16,7 @@ one level; the original's sha256 makes anything larger an error, never a silent 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,20 @@ def _scheme_sampler(sampler: scheme.Sampler, sign_cell: int, background: str) ->
     """The scheme fixes the timesteps ("leading" for a sign per value, "logsnr" for cells) and the
     background path (v3 "noised", v1/v2 "inverted")."""
     return replace(sampler, spacing="logsnr" if sign_cell else "leading", background=background)
+
+
+class _Made(NamedTuple):
+    """What a record was made with besides the model and sampler settings: restore groups records
+    by it and runs each group exactly so (face_mean () = no centre, v1/v2)."""
+
+    batch: int
+    sign_cell: int
+    background: str
+    face_mean: tuple[int, ...]
+
+    @classmethod
+    def of(cls, rec: RestoreRecord) -> "_Made":
+        return cls(rec.batch, rec.sign_cell, rec.background, rec.face_mean or ())
 
 
 # What a v3 flip reflects around: the model's mean face (anondata.json; 0 without one) or 0.
@@ -199,8 +214,7 @@ class Anonymizer:
         s = np.stack([keystream.cell_signs(k, shape, cell) for k in keys])
         return torch.from_numpy(s).to(self.backend.device)
 
-    def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, batch: int,
-             smp: scheme.Sampler, cell: int, face_mean: tuple[int, ...] | None,
+    def _run(self, x: np.ndarray, keys: list[bytes], masks: np.ndarray, overflow: np.ndarray, made: _Made,
              carry: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """transform in batches of exactly `batch` images -> (float levels (N, R, R, 3), unrounded;
         for a latent model when anonymizing, the restore records' carries (N, C, h, w) float16).
@@ -212,9 +226,11 @@ class Anonymizer:
         anonymizing it in a batch of many computed, and lossless restore stays bit-exact."""
         dev, dt = self.backend.device, self.backend.dtype
         latent = hasattr(self.backend, "carry")
+        batch, cell = made.batch, made.sign_cell
+        smp = _scheme_sampler(self.sampler, cell, made.background)
         n, out, carries = len(x), [], []
-        centre = None if face_mean is None else torch.tensor(  # every chunk has `batch` images
-            [[v / FACE_MEAN_UNIT for v in face_mean]] * batch, dtype=torch.float64).to(dev, dt)
+        centre = None if not made.face_mean else torch.tensor(  # every chunk has `batch` images
+            [[v / FACE_MEAN_UNIT for v in made.face_mean]] * batch, dtype=torch.float64).to(dev, dt)
         for i in range(0, n, batch):
             idx = np.minimum(np.arange(i, i + batch), n - 1)  # pad with copies of the last image
             levels = torch.from_numpy(x[idx].astype(np.float64) + overflow[idx]).permute(0, 3, 1, 2)
@@ -250,8 +266,8 @@ class Anonymizer:
                     f"hide a face (an empty mask would publish the input); use a larger mask"
                     + (" or a smaller sign_cell" if self.sign_cell > 1 else "")
                 )
-        levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), self.batch_size,
-                                    self.sampler, self.sign_cell, self.face_mean)
+        made = _Made(self.batch_size, self.sign_cell, self.background, self.face_mean or ())
+        levels, carries = self._run(images, keys, masks, np.zeros(images.shape, np.int16), made)
         levels = np.round(levels)
         m3 = masks[..., None]
         stored = np.where(m3, np.clip(levels, 0, 255), images).astype(np.uint8)
@@ -280,19 +296,12 @@ class Anonymizer:
 
     def _restore_levels(self, stored: np.ndarray, keys: list[bytes], records: list[RestoreRecord]) -> np.ndarray:
         out = np.empty_like(stored)
-        # each record at the batch shape and with the scheme it was made with
-        def scheme_of(r):
-            return r.batch, r.sign_cell, r.background, r.face_mean or ()
-
-        for key in sorted({scheme_of(r) for r in records}):
-            batch, cell, bg, fm = key
-            sel = [i for i, r in enumerate(records) if scheme_of(r) == key]
+        for made in sorted({_Made.of(r) for r in records}):  # each at the batch shape and scheme it was made with
+            sel = [i for i, r in enumerate(records) if _Made.of(r) == made]
             masks = np.stack([records[i].mask for i in sel])
             overflow = np.stack([records[i].overflow for i in sel])
             carry = None if records[sel[0]].carry is None else np.stack([records[i].carry for i in sel])
-            smp = _scheme_sampler(self.sampler, cell, bg)
-            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, batch, smp, cell,
-                                        fm or None, carry)[0])
+            levels = np.round(self._run(stored[sel], [keys[i] for i in sel], masks, overflow, made, carry)[0])
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 

@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decay-floor", type=float, default=0.1, help="learning rate at the end of the decay, / --lr")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--offset-noise", type=float, default=0.0,
+                   help="add this std times one normal per image and channel to the training noise "
+                        "(offset noise): pure noise then no longer reads as grey at the top timestep "
+                        "(model card, 'Why the colours are off'); 0.1 is the usual value")
     p.add_argument("--max-steps", type=int, default=0, help="0 = no step limit")
     p.add_argument("--max-minutes", type=float, default=0.0, help="0 = no time limit (this invocation)")
     p.add_argument("--save-every-min", type=float, default=10.0)
@@ -288,6 +292,8 @@ def main(argv=None) -> int:
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)
         flip = torch.rand(args.batch_size, generator=gen) < 0.5
         noise = torch.randn((args.batch_size, 3, args.resolution, args.resolution), generator=gen)
+        if args.offset_noise:
+            noise += args.offset_noise * torch.randn((args.batch_size, 3, 1, 1), generator=gen)
         t = torch.randint(0, train_sched.config.num_train_timesteps, (args.batch_size,), generator=gen)
         x = data[idx.to(data.device)].float().div_(127.5).sub_(1.0)
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
@@ -325,7 +331,8 @@ def main(argv=None) -> int:
 
     def save(reason: str) -> None:
         meta = {"step": step, "arch": _arch(args), "params": n_params, "batch_size": args.batch_size,
-                "lr": args.lr, "ema_decay": args.ema_decay, "data": os.path.basename(args.data),
+                "lr": args.lr, "ema_decay": args.ema_decay,
+                "offset_noise": args.offset_noise, "data": os.path.basename(args.data),
                 "images": n, "reason": reason, "scheduler": SCHEDULER_KW,
                 "command": " ".join([os.path.basename(sys.executable), "jobs/train_prior.py", *sys.argv[1:]])
                 if argv is None else "in-process"}

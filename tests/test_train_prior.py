@@ -121,6 +121,20 @@ def test_architecture_mismatch_on_resume_is_a_clear_error(trained, capsys):
         job.main(["--data", str(data), "--run", str(run), "--max-steps", "6", *other])
 
 
+def test_offset_noise_reaches_the_training_noise_and_the_snapshot_meta(tmp_path):
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    losses = {}
+    for offset in ("0", "0.5"):
+        run = tmp_path / f"run-{offset}"
+        assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--offset-noise", offset,
+                         *TINY]) == 0
+        losses[offset] = [json.loads(line)["loss"] for line in (run / "loss.jsonl").read_text().splitlines()]
+        meta = json.loads((run / "latest" / "train_meta.json").read_text())
+        assert meta["offset_noise"] == float(offset)
+    assert losses["0"] != losses["0.5"]  # same seed: only the offset differs
+
+
 def test_parquet_without_image_bytes_is_rejected(tmp_path):
     job = _load_job()
     image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
