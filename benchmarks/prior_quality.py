@@ -31,21 +31,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def levels_from(top_t: int, steps: int) -> list[tuple[int, int | None]]:
+    """[(t, s)] DDIM steps from the clean end, like scheme._levels, but evenly spaced from top_t
+    down to t = 1 (top_t 951 with 20 steps is the scheme's own "leading" grid)."""
+    ts = [int(round(v)) for v in np.linspace(1, top_t, steps)]
+    if len(set(ts)) != steps:
+        raise SystemExit(f"error: --top-t {top_t} is too low for {steps} distinct steps")
+    return [(t, ts[k - 1] if k else None) for k, t in enumerate(ts)]
+
+
 def sample(model: str, n: int, steps: int, seed: int, batch: int,
-           start_mean: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+           start_mean: np.ndarray | None = None, top_t: int | None = None) -> tuple[np.ndarray, float]:
     """-> (uint8 (n, R, R, 3), share of pixels outside [-1, 1] before clipping).
 
     start_mean (RGB in [-1, 1]): add sqrt(a_T) * start_mean to the starting noise. At the top
     timestep the data are not gone (a_T > 0), and the model reads each channel's mean off its
     input there; pure noise says "grey", so samples come out grey-centred with random casts. A
-    diagnostic, not what the anonymizer does (its starting point is the inverted photo)."""
+    diagnostic, not what the anonymizer does (its starting point is the inverted photo).
+
+    top_t: start there instead of at the scheme's top level (t = 951 for 20 steps), another
+    diagnostic: a higher start leaves less of the data in x_T for the model to read. With
+    epsilon prediction the start cannot be t = 999 (a_T ~ 2e-9: the first step divides the
+    noise estimate's error by sqrt(a_T))."""
     from anondata.backends import load_backend
-    from anondata.scheme import Sampler, generate, top_alpha
+    from anondata.scheme import Sampler, generate, generate_step, top_alpha
 
     backend = load_backend(model, device="cpu", dtype=torch.float32)
     r = backend.resolution
     sampler = Sampler(steps=steps, inversion_iters=0)
-    shift = 0.0 if start_mean is None else top_alpha(backend, sampler) ** 0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    levels = None if top_t is None else levels_from(top_t, steps)
+    a_top = top_alpha(backend, sampler) if top_t is None else float(backend.alphas_cumprod[top_t])
+    shift = 0.0 if start_mean is None else a_top**0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(seed)
     outs, oor, total = [], 0, 0
     for i in range(0, n, batch):
@@ -54,7 +70,12 @@ def sample(model: str, n: int, steps: int, seed: int, batch: int,
         mask = torch.ones_like(z, dtype=torch.bool)
         bg = [torch.zeros_like(z)] * (steps + 1)  # unused: the mask covers everything
         with torch.no_grad():
-            x = backend.decode(generate(backend, z, mask, bg, sampler))
+            if levels is None:
+                z = generate(backend, z, mask, bg, sampler)
+            else:
+                for t, s in reversed(levels):
+                    z = generate_step(backend, z, t, s, mask, z)
+            x = backend.decode(z)
         oor += int((x.abs() > 1).sum())
         total += x.numel()
         u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -128,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here too")
     p.add_argument("--shift-start", action="store_true",
                    help="diagnostic: start from noise + sqrt(a_T) x the training data's channel means (needs --data)")
+    p.add_argument("--top-t", type=int, default=None,
+                   help="diagnostic: start sampling at this timestep (default: the scheme's top level, 951 at 20 steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -137,10 +160,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --shift-start needs the training data for its channel means; {args.data} is absent")
         start_mean = np.array(channel_stats(load_real(args.data, None, args.seed))["mean"]) * 2 - 1
     t0 = time.perf_counter()
-    samples, out_of_range = sample(args.model, args.n, args.steps, args.seed, args.batch, start_mean)
+    samples, out_of_range = sample(args.model, args.n, args.steps, args.seed, args.batch, start_mean, args.top_t)
     t_sample = time.perf_counter() - t0
     res = {"model": args.model, "n": args.n, "ddim_steps": args.steps, "seed": args.seed,
-           "start_mean": None if start_mean is None else start_mean.round(4).tolist(),
+           "start_mean": None if start_mean is None else start_mean.round(4).tolist(), "top_t": args.top_t,
            "sample_seconds": round(t_sample, 1), "out_of_range_share": round(out_of_range, 5),
            "face_rate": detect_rates(samples), "samples": channel_stats(samples)}
     if Path(args.data).is_file():
