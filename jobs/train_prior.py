@@ -49,6 +49,14 @@ SCHEDULER_KW = dict(
 )
 
 
+def scheduler_kw(args) -> dict:
+    """The noise schedule and objective this run trains (and its snapshots' scheduler/ says)."""
+    kw = dict(SCHEDULER_KW, prediction_type=args.prediction_type)
+    if args.zero_snr:
+        kw["rescale_betas_zero_snr"] = True
+    return kw
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="Parquet file with an `image` column")
@@ -68,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "set it on a resumed run to anneal before stopping")
     p.add_argument("--decay-steps", type=int, default=2000, help="length of that decay")
     p.add_argument("--decay-floor", type=float, default=0.1, help="learning rate at the end of the decay, / --lr")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
+                   help="what the UNet predicts; changing it on a resumed run fine-tunes to the new objective")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="rescale the betas to zero terminal SNR (Lin et al. 2024): t = 999 is pure noise, so "
+                        "samples can start there; needs --prediction-type v_prediction")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--offset-noise", type=float, default=0.0,
@@ -144,13 +157,13 @@ def build_unet(args: argparse.Namespace):
     )
 
 
-def build_schedulers():
+def build_schedulers(kw: dict):
     """The training schedule and a DDIM scheduler with the same betas (what the
     anonymizer samples and inverts with). No clipping: the scheme needs exact eps."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    train = DDPMScheduler(**SCHEDULER_KW, clip_sample=False)
-    ddim = DDIMScheduler(**SCHEDULER_KW, clip_sample=False, set_alpha_to_one=True)
+    train = DDPMScheduler(**kw, clip_sample=False)
+    ddim = DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
     return train, ddim
 
 
@@ -239,6 +252,8 @@ def lr_at(step: int, args) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.zero_snr and args.prediction_type != "v_prediction":
+        raise SystemExit("error: --zero-snr needs --prediction-type v_prediction (at zero SNR the noise is the input)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -261,7 +276,8 @@ def main(argv=None) -> int:
     ema.requires_grad_(False)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_sched, ddim = build_schedulers()
+    sched_kw = scheduler_kw(args)
+    train_sched, ddim = build_schedulers(sched_kw)
     acp = train_sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=cuda or None)
@@ -306,7 +322,8 @@ def main(argv=None) -> int:
             g["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and cuda):
             pred = fwd(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        target = noise if args.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -333,7 +350,7 @@ def main(argv=None) -> int:
         meta = {"step": step, "arch": _arch(args), "params": n_params, "batch_size": args.batch_size,
                 "lr": args.lr, "ema_decay": args.ema_decay,
                 "offset_noise": args.offset_noise, "data": os.path.basename(args.data),
-                "images": n, "reason": reason, "scheduler": SCHEDULER_KW,
+                "images": n, "reason": reason, "scheduler": sched_kw,
                 "command": " ".join([os.path.basename(sys.executable), "jobs/train_prior.py", *sys.argv[1:]])
                 if argv is None else "in-process"}
         _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),

@@ -135,6 +135,23 @@ def test_offset_noise_reaches_the_training_noise_and_the_snapshot_meta(tmp_path)
     assert losses["0"] != losses["0.5"]  # same seed: only the offset differs
 
 
+def test_v_prediction_zero_snr_snapshot_loads_as_such(tmp_path):
+    from anondata.backends import load_backend
+
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="needs --prediction-type v_prediction"):
+        job.main(["--data", str(data), "--run", str(run), "--max-steps", "1", "--zero-snr", *TINY])
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--prediction-type", "v_prediction",
+                     "--zero-snr", *TINY]) == 0
+    backend = load_backend(str(run / "latest"), device="cpu")
+    assert backend.prediction_type == "v_prediction"
+    assert float(backend.alphas_cumprod[-1]) == 0.0 and float(backend.alphas_cumprod[-2]) > 0.0
+    meta = json.loads((run / "latest" / "train_meta.json").read_text())
+    assert meta["scheduler"]["prediction_type"] == "v_prediction" and meta["scheduler"]["rescale_betas_zero_snr"]
+
+
 def test_parquet_without_image_bytes_is_rejected(tmp_path):
     job = _load_job()
     image_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
