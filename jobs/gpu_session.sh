@@ -11,6 +11,9 @@
 # restore"), so the one to ship is the latest that still restores (35 dB median, 25 dB worst face,
 # over the job's face ellipse: no CPU snapshot does, so expect prior-unrestorable.tar).
 #
+# Objective: v-prediction with zero terminal SNR (OBJECTIVE="" for epsilon): a CPU fine-tune of the
+# shipped epsilon prior to it lifted the face rate from 80.5% to 97.7% in 2,879 steps (model card).
+#
 # Prepare here (both folders are git-ignored, about 45 MiB together):
 #   mkdir -p .gpu && cp ../shared/data/celeba64-train.parquet .gpu/
 #   python -c "import pyarrow.parquet as pq; pq.write_table(pq.read_table('../shared/data/celeba-ids-dev.parquet', \
@@ -32,7 +35,7 @@ cat "$OUT/gpu.txt"
 
 if [ "${TRAIN_MIN:-3}" != 0 ]; then
   timeout $(( ${TRAIN_MIN:-3} * 60 + 90 )) python3 jobs/train_prior.py --data .gpu/celeba64-train.parquet --run /tmp/prior \
-    --device "${DEVICE:-cuda}" --bf16 --compile --channels-last ${EXTRA:-} --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 300 \
+    --device "${DEVICE:-cuda}" --bf16 --compile --channels-last ${OBJECTIVE---prediction-type v_prediction --zero-snr} ${EXTRA:-} --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 300 \
     --ema-decay 0.9995 --channels "${CHANNELS:-32,64,64,128}" --layers-per-block "${LPB:-1}" --attn-levels 3 \
     --max-minutes "${TRAIN_MIN:-3}" --save-every-min "${SAVE_MIN:-0.5}" --log-every 100 2>&1 | tee "$OUT/train.log" | tail -5
   cp /tmp/prior/loss.jsonl "$OUT/" 2>/dev/null
