@@ -45,7 +45,6 @@ if str(ROOT) not in sys.path:  # anondata.faces (the face ellipse), also without
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
-    prediction_type="epsilon",
 )
 
 
