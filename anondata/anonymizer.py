@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import keystream, scheme
-from .backends import load_backend
+from .backends import EARLIER_EMBEDDED, load_backend
 from .errors import AnondataError, InputError, IntegrityError
 from .restore_record import FACE_MEAN_UNIT, MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
 
@@ -330,9 +330,12 @@ class Anonymizer:
 
     def _check_compatible(self, rec: RestoreRecord, i: int) -> None:
         if rec.model_sha256 != self.backend.info["sha256"]:
+            earlier = EARLIER_EMBEDDED.get(rec.model_sha256)
+            hint = (f"; that is the embedded prior of anondata {earlier}: restore with pip install "
+                    f"'anondata=={earlier}', or --model a copy of its models/embedded folder") if earlier else ""
             raise InputError(
                 f"record {i} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
-                f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model"
+                f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model{hint}"
             )
         latent_shape = getattr(self.backend, "latent_shape", None)
         theirs = None if rec.carry is None else tuple(rec.carry.shape)

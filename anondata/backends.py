@@ -38,6 +38,10 @@ import torch.nn.functional as F
 from .errors import InputError
 
 EMBEDDED_DIR = Path(__file__).parent / "models" / "embedded"
+# Weights sha256 of embedded priors this package no longer ships -> the anondata version that
+# shipped them. A release restores only with the model that made it, so a restore that meets one
+# of these can say what to install (MODEL_CARD.md, "Earlier versions").
+EARLIER_EMBEDDED = {"6bee9653e02c4d6604c9dd4f07306a14beee1163c1a6f6b621360861eed98b7f": "0.1.0"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

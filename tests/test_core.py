@@ -3,6 +3,7 @@ background bit-identity, lossless exactness, batching, strict records and clear 
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,13 @@ def test_model_mismatch_is_refused(tmp_path, faces, run):
     other = Anonymizer.from_pretrained(tiny_model_dir(tmp_path, trained=False), steps=STEPS, inversion_iters=ITERS)
     with pytest.raises(InputError, match="same --model"):
         other.restore(out, keys, recs)
+    # A record from an embedded prior an earlier anondata shipped names the version that restores it.
+    from anondata.backends import EARLIER_EMBEDDED
+
+    old_sha, version = next(iter(EARLIER_EMBEDDED.items()))
+    old = [replace(r, model_sha256=old_sha) for r in recs]
+    with pytest.raises(InputError, match=re.escape(f"pip install 'anondata=={version}'")):
+        other.restore(out, keys, old)
 
 
 def test_settings_mismatch_is_refused(model_dir, run):
