@@ -12,8 +12,9 @@ so compare snapshots at the same --n. Face rate and colour are measured afterwar
 Restore is measured over the face ellipse the job uses on aligned crops (--mask ellipse), what a
 release gets under the default scheme (v3, whose background path matters there); --mask full is
 the whole crop, as the rule was first calibrated. Over the ellipse, with the defaults: step
-3,177 of the CPU run 33.7 / 30.2 dB (median / worst of 16; flip around zero), the shipped step 14,294 26.1 / 23.1:
-neither passes 35 / 25 (benchmarks/README.md).
+3,177 of the CPU run 33.7 / 30.2 dB (median / worst of 16; flip around zero), 0.1.0's step 14,294
+26.1 / 23.1, the shipped v-prediction step 17,173 32.7 / 26.3: none passes 35 / 25
+(benchmarks/README.md).
 
     python jobs/pick_snapshot.py --run /tmp/prior --faces .gpu/faces16.parquet --device cuda --tar $OUT/prior.tar
 """

@@ -12,7 +12,8 @@ inside the package. The run is built to survive being stopped at any moment:
   swaps the ``latest`` symlink to it atomically, so ``RUN/latest`` is always loadable;
 - the loss is appended to ``RUN/loss.jsonl``.
 
-Example (the CPU run of the shipped model, one thread)::
+Example (the start of the CPU run behind the shipped model, one thread; the model card has
+every invocation)::
 
     OMP_NUM_THREADS=1 python jobs/train_prior.py --data ../shared/data/celeba64-train.parquet \\
         --run /work/runs/prior --threads 1 --max-minutes 100
