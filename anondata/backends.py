@@ -388,6 +388,11 @@ def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     return sched.alphas_cumprod.clone()
 
 
+def model_sha256(name_or_path: str) -> str:
+    """The weights sha256 a backend for this model would report, without loading it."""
+    return weights_sha256(_resolve(str(name_or_path))[0])
+
+
 def _resolve(name_or_path: str) -> tuple[Path, str, str | None]:
     """-> (local folder, display name, revision)."""
     if name_or_path == "embedded":

@@ -130,3 +130,39 @@ def test_resume_checks_it_is_the_same_job(identities, tiny_model, tmp_path):
     with pytest.raises(InputError, match="--recipient"):
         run_anonymize(JobOptions(**{**opts.__dict__, "recipients": [identities["stranger"][1]], "resume": True}))
     assert os.path.isfile(tmp_path / "out" / ".anondata-work" / "plan.json")
+
+
+def test_resume_refuses_other_weights_than_the_written_shards(identities, tiny_model, tmp_path):
+    """The plan names the model ("embedded", a folder), not its weights; an upgrade of anondata
+    changes what "embedded" is. Resume checks before any work (no Ray needed) and, for an
+    embedded prior an earlier anondata shipped, names the version that finishes the job."""
+    from anondata import canonical
+    from anondata.backends import EARLIER_EMBEDDED, model_sha256
+    from anondata.errors import InputError
+    from anondata.identity import load_identity, load_recipient
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, make_plan, run_anonymize
+    from anondata.job.sources import open_source
+
+    write_face_parquet(tmp_path / "a.parquet", 4)
+    opts = JobOptions(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
+                      signing_key=identities["runner"][0], model=tiny_model, shard_size=2, progress=False)
+    plan = make_plan(open_source(opts.source), opts, [load_recipient(identities["owner"][1])],
+                     load_identity(identities["runner"][0]))
+    journal = Journal(opts.out)
+    journal.create(plan)
+    first = plan["splits"][0]["shards"][0]["name"]
+
+    def written_with(sha):
+        info = {"model": {"name": "embedded", "sha256": sha, "revision": ""}, "settings": {}, "device": "cpu"}
+        journal.commit(first, {"shard": first, "split": "train", "records": [], "faces": 0,
+                               "model": canonical.dumps(info).decode()})
+
+    old = next(iter(EARLIER_EMBEDDED))
+    written_with(old)
+    with pytest.raises(InputError, match=f"anondata {EARLIER_EMBEDDED[old]}: finish the job with that version"):
+        run_anonymize(JobOptions(**{**opts.__dict__, "resume": True}))
+    written_with("ab" * 32)
+    with pytest.raises(InputError, match=f"now has weights sha256 {model_sha256(tiny_model)[:12]}") as e:
+        run_anonymize(JobOptions(**{**opts.__dict__, "resume": True}))
+    assert "abababababab" in str(e.value) and "anondata 0" not in str(e.value)

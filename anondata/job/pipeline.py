@@ -208,6 +208,24 @@ def _resume_checks(plan: dict, source: Source, recipients, signer) -> None:
         raise InputError("--resume: the --signing-key differs from the interrupted job's; give the same one")
 
 
+def _same_model_as_committed(model: str, committed: dict) -> None:
+    """A release has one model, so a resumed job must finish with the weights its written shards
+    used. The plan names the model ("embedded", a folder), not its weights, and an upgrade of
+    anondata changes what "embedded" is: check before any work rather than fail at the end."""
+    from ..backends import EARLIER_EMBEDDED, model_sha256
+
+    theirs = {canonical.loads(c["model"].encode(), "model info")["model"]["sha256"] for c in committed.values()}
+    ours = model_sha256(model)
+    if theirs != {ours}:
+        old = sorted(theirs - {ours})[0]
+        hint = (f" (the embedded prior of anondata {EARLIER_EMBEDDED[old]}: finish the job with that version)"
+                if old in EARLIER_EMBEDDED else "")
+        raise InputError(
+            f"--resume: the job's model {model!r} now has weights sha256 {ours[:12]}…, its written shards used "
+            f"{old[:12]}…{hint}; resume with the same weights, or start a new job"
+        )
+
+
 def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     """On --resume everything that shapes the output comes from the plan, not the command line."""
     o = plan["options"]
@@ -366,6 +384,8 @@ def run_anonymize(opts: JobOptions) -> JobResult:
         journal.create(plan)
 
     committed = journal.committed()
+    if opts.resume and committed:
+        _same_model_as_committed(opts.model, committed)
     shard_info = {}
     tasks = []
     for s in plan["splits"]:
