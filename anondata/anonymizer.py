@@ -61,7 +61,7 @@ class _Made(NamedTuple):
 
 
 # What a v3 flip reflects around: the model's mean face (anondata.json; 0 without one) or 0.
-# Measured on CelebA (docs/EVAL.md): the mean face gives strangers skin tones (colour shift -5
+# Measured on CelebA (docs/EVAL.md, 0.1.0's prior): the mean face gives strangers skin tones (colour shift -5
 # levels of red against -27) and keeps a little more identity (98% of faces beyond dlib's 0.6
 # against 100%).
 FLIP_CENTRES = ("mean-face", "zero")
@@ -252,7 +252,7 @@ class Anonymizer:
 
         floor_db (key-only records): a record whose key-only restore would come back below this
         PSNR over its mask keeps the lossless residual anyway. Key-only restore is not uniformly
-        good (one of 16 CelebA faces at 26.5 dB on the embedded prior, most faces below 15 dB on a
+        good (one of 16 CelebA faces at 26.5 dB on an early embedded prior, most faces below 15 dB on a
         sharper one, benchmarks/README.md), and a record the owner cannot restore is lost; the
         check costs one restore pass, as lossless mode does."""
         images = self._check_images(images, "images")

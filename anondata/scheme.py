@@ -50,9 +50,10 @@ BACKGROUNDS = ("noised", "inverted")
 
 @dataclass(frozen=True)
 class Sampler:
-    # Defaults from benchmarks/restore_fidelity.py on the embedded prior: 10 steps x 4 Anderson
-    # iterations restore at 43.9 dB median through uint8 (benchmarks/README.md), at 70 model
-    # calls per transform; more steps cost time without a fidelity gain there.
+    # Defaults from benchmarks/restore_fidelity.py on the embedded prior of the time (step 3,177):
+    # 10 steps x 4 Anderson iterations restore at 43.9 dB median through uint8 (benchmarks/README.md),
+    # at 70 model calls per transform; more steps cost time without a fidelity gain there (as on
+    # the shipped prior: 32.7 dB at 10 x 4, 31.1 at 20 x 4).
     steps: int = 10
     inversion_iters: int = 4
     spacing: str = "leading"  # the scheme fixes it: "leading" for a sign per value, "logsnr" for sign cells

@@ -68,9 +68,9 @@ def register(sub) -> None:
     g.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations")
     g.add_argument("--sign-cell", type=count, default=0, metavar="N",
                    help="the key flips one sign per N x N cell of the model's grid, the same in every channel, "
-                        "so key-only restore holds up on a sharp prior (CelebA, embedded prior, face box: 31.5 dB "
-                        "at 2 against 27.1 per value, both around zero), at a price in identity (dlib: 94%% of faces beyond 0.6 at 2, "
-                        "against 100%%). Default 0: a sign per value, which hides most; restore is exact through "
+                        "so key-only restore holds up on a sharp prior (CelebA, anondata 0.1.0's embedded prior, face box: "
+                        "31.5 dB at 2 against 27.1 per value, both around zero), at a price in identity (dlib: 94%% of faces "
+                        "beyond 0.6 at 2, against 100%%). Default 0: a sign per value, which hides most; restore is exact through "
                         "the lossless residual either way (docs/SCHEME.md, 'Sign cells'; docs/EVAL.md)")
     g.add_argument("--background", choices=["noised", "inverted"], default="noised",
                    help="the background's path through the noise levels: noised (scheme v3, the default) or "
@@ -78,8 +78,9 @@ def register(sub) -> None:
                         "come out orange and oversaturated; docs/SCHEME.md, 'The background path')")
     g.add_argument("--flip-centre", choices=["mean-face", "zero"], default="mean-face",
                    help="what the sign flip reflects around (scheme v3): the model's public mean face (the "
-                        "default: strangers get skin tones; CelebA: 98%% of faces beyond dlib's 0.6, colour shift "
-                        "-5 levels) or zero (grey strangers that hide a little more: 100%%, -27 levels of red); "
+                        "default: strangers get skin tones; CelebA, embedded prior: 98%% of faces beyond dlib's 0.6, colour "
+                        "shift within 3 levels) or zero (grey strangers that hid a little more on 0.1.0's prior: "
+                        "100%%, -27 levels of red); "
                         "ignored with --background inverted; docs/SCHEME.md, 'The flip's centre'")
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
