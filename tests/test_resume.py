@@ -110,25 +110,41 @@ def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path)
         assert len(got) == 2
 
 
-def test_resume_checks_it_is_the_same_job(identities, tiny_model, tmp_path):
-    """--resume refuses another source or other keys (no Ray needed: checked before any work)."""
-    from anondata.errors import InputError
-    from anondata.job.journal import Journal
-    from anondata.job.pipeline import JobOptions, make_plan, run_anonymize
+def _planned_job(identities, tiny_model, tmp_path):
+    """A job whose plan is written and no shard run yet (as if killed right after planning):
+    -> (options, plan, journal). Resume's refusals happen before any work, so no Ray is needed."""
     from anondata.identity import load_identity, load_recipient
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, make_plan
     from anondata.job.sources import open_source
 
     write_face_parquet(tmp_path / "a.parquet", 4)
-    write_face_parquet(tmp_path / "b.parquet", 5)
     opts = JobOptions(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
                       signing_key=identities["runner"][0], model=tiny_model, shard_size=2, progress=False)
     plan = make_plan(open_source(opts.source), opts, [load_recipient(identities["owner"][1])],
                      load_identity(identities["runner"][0]))
-    Journal(opts.out).create(plan)
+    journal = Journal(opts.out)
+    journal.create(plan)
+    return opts, plan, journal
+
+
+def _resumed(opts, **changes):
+    from anondata.job.pipeline import JobOptions
+
+    return JobOptions(**{**opts.__dict__, **changes, "resume": True})
+
+
+def test_resume_checks_it_is_the_same_job(identities, tiny_model, tmp_path):
+    """--resume refuses another source or other keys (no Ray needed: checked before any work)."""
+    from anondata.errors import InputError
+    from anondata.job.pipeline import run_anonymize
+
+    opts, _plan, _journal = _planned_job(identities, tiny_model, tmp_path)
+    write_face_parquet(tmp_path / "b.parquet", 5)
     with pytest.raises(InputError, match="source does not match"):
-        run_anonymize(JobOptions(**{**opts.__dict__, "source": str(tmp_path / "b.parquet"), "resume": True}))
+        run_anonymize(_resumed(opts, source=str(tmp_path / "b.parquet")))
     with pytest.raises(InputError, match="--recipient"):
-        run_anonymize(JobOptions(**{**opts.__dict__, "recipients": [identities["stranger"][1]], "resume": True}))
+        run_anonymize(_resumed(opts, recipients=[identities["stranger"][1]]))
     assert os.path.isfile(tmp_path / "out" / ".anondata-work" / "plan.json")
 
 
@@ -139,18 +155,9 @@ def test_resume_refuses_other_weights_than_the_written_shards(identities, tiny_m
     from anondata import canonical
     from anondata.backends import EARLIER_EMBEDDED, model_sha256
     from anondata.errors import InputError
-    from anondata.identity import load_identity, load_recipient
-    from anondata.job.journal import Journal
-    from anondata.job.pipeline import JobOptions, make_plan, run_anonymize
-    from anondata.job.sources import open_source
+    from anondata.job.pipeline import run_anonymize
 
-    write_face_parquet(tmp_path / "a.parquet", 4)
-    opts = JobOptions(source=str(tmp_path / "a.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
-                      signing_key=identities["runner"][0], model=tiny_model, shard_size=2, progress=False)
-    plan = make_plan(open_source(opts.source), opts, [load_recipient(identities["owner"][1])],
-                     load_identity(identities["runner"][0]))
-    journal = Journal(opts.out)
-    journal.create(plan)
+    opts, plan, journal = _planned_job(identities, tiny_model, tmp_path)
     first = plan["splits"][0]["shards"][0]["name"]
 
     def written_with(sha):
@@ -161,8 +168,8 @@ def test_resume_refuses_other_weights_than_the_written_shards(identities, tiny_m
     old = next(iter(EARLIER_EMBEDDED))
     written_with(old)
     with pytest.raises(InputError, match=f"anondata {EARLIER_EMBEDDED[old]}: finish the job with that version"):
-        run_anonymize(JobOptions(**{**opts.__dict__, "resume": True}))
+        run_anonymize(_resumed(opts))
     written_with("ab" * 32)
     with pytest.raises(InputError, match=f"now has weights sha256 {model_sha256(tiny_model)[:12]}") as e:
-        run_anonymize(JobOptions(**{**opts.__dict__, "resume": True}))
+        run_anonymize(_resumed(opts))
     assert "abababababab" in str(e.value) and "anondata 0" not in str(e.value)
