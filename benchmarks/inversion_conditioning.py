@@ -26,7 +26,7 @@ import torch
 
 from anondata import scheme
 from anondata.backends import load_backend
-from anondata.keystream import new_key, signs as key_signs
+from anondata.keystream import signs as key_signs
 from anondata.testing import TINY32_DIR
 from restore_fidelity import faces
 
@@ -36,7 +36,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, report=print,
-            spacing: str = scheme.Sampler().spacing) -> dict:
+            spacing: str = scheme.Sampler().spacing, seed: int = 0) -> dict:
     """-> {"rows": [per level: t, err_float, fwd_float, err_uint8], "rounding": error at y, "amplification"}."""
     be = load_backend(model, device="cpu", dtype=dtype)
     sampler = scheme.Sampler(steps, iters, spacing)
@@ -44,7 +44,8 @@ def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, repo
     x8, src = faces(be.resolution, n)
     x = torch.from_numpy(x8).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
     m = torch.ones_like(x, dtype=torch.bool)
-    signs = torch.from_numpy(np.stack([key_signs(new_key(), tuple(x.shape[1:])) for _ in x])).to(dtype)
+    rng = np.random.default_rng(seed)  # fixed keys: how much rounding grows depends on the face and its key
+    signs = torch.from_numpy(np.stack([key_signs(rng.bytes(32), tuple(x.shape[1:])) for _ in x])).to(dtype)
     bg = scheme.background_trajectory(be, x, m, sampler)
 
     truth = [None] * (len(levels) + 1)  # the generation trajectory of the anonymized image
@@ -53,7 +54,7 @@ def measure(model: str, n: int, steps: int, iters: int, dtype: torch.dtype, repo
         truth[k - 1] = scheme.generate_step(be, truth[k], *levels[k - 1], m, bg[k - 1])
     y_stored = torch.round((truth[0] + 1) * 127.5).clamp(0, 255) / 127.5 - 1
 
-    report(f"faces={len(x)} ({src}) steps={steps} iters={iters} spacing={spacing} dtype={dtype}")
+    report(f"faces={len(x)} ({src}) steps={steps} iters={iters} spacing={spacing} dtype={dtype} seed={seed}")
     report("| level | t | error to truth (float y) | forward residual (float y) | error to truth (uint8 y) |")
     report("|---|---|---|---|---|")
     rounding = rel(y_stored, truth[0])
@@ -81,10 +82,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--spacing", default=scheme.Sampler().spacing, choices=scheme.SPACINGS,
                    help="timesteps: leading (a sign per value, the default) or logsnr (sign cells)")
+    p.add_argument("--seed", type=int, default=0, help="the faces' keys (fixed, so settings compare on the same keys)")
     a = p.parse_args(argv)
     print(f"model={a.model}")
     measure(str(TINY32_DIR) if a.model == "tiny" else a.model, a.n, a.steps, a.iters, getattr(torch, a.dtype),
-            report=lambda line: print(line, flush=True), spacing=a.spacing)
+            report=lambda line: print(line, flush=True), spacing=a.spacing, seed=a.seed)
     return 0
 
 

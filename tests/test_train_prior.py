@@ -196,23 +196,52 @@ def test_learning_rate_schedule():
     assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
 
 
-def test_pick_snapshot_tars_the_latest_that_passes_and_nothing_when_none_does(trained, tmp_path, capsys):
-    _job, _data, run, _first = trained
+def _pick_module():
     spec = importlib.util.spec_from_file_location("pick_snapshot", ROOT / "jobs" / "pick_snapshot.py")
     pick = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pick)
+    return pick
+
+
+def test_pick_snapshot_measures_faces_and_restore_and_ships_nothing_without_faces(trained, tmp_path, capsys):
+    _job, _data, run, _first = trained
+    pick = _pick_module()
     snaps = sorted(p.name for p in (run / "snapshots").glob("step-*"))
     assert len(snaps) >= 2
-    common = ["--run", str(run), "--faces", str(tmp_path / "absent.parquet"), "--n", "2", "--grid", "2x1"]
+    common = ["--run", str(run), "--faces", str(tmp_path / "absent.parquet"), "--n", "2", "--grid", "2x1",
+              "--quality-n", "2", "--detectors", "hog", "--min-db", "-1000", "--floor-db", "-1000"]
     tar = tmp_path / "prior.tar"
-    assert pick.main([*common, "--min-db", "1000", "--tar", str(tar)]) == 1
-    assert not tar.exists()
-    assert pick.main([*common, "--min-db", "-1000", "--floor-db", "-1000", "--tar", str(tar)]) == 0
+    # a 32 px model trained for seconds makes no faces: nothing is shipped, however well it restores
+    assert pick.main([*common, "--tar", str(tar)]) == 1
     out = capsys.readouterr().out
-    assert all(f"| {s} |" in out for s in snaps) and f"picked {snaps[-1]}" in out
+    assert not tar.exists() and "nothing to ship" in out
+    assert all(f"| {s} | 0.0% |" in out and s in out for s in snaps)
+    assert pick.main([*common, "--min-faces", "0", "--tar", str(tar)]) == 0
+    assert f"picked {snaps[-1]}: makes faces and restores" in capsys.readouterr().out
     import tarfile
 
     with tarfile.open(tar) as t:
         names = t.getnames()
     assert names[0] == snaps[-1] and all(n.split("/")[0] == snaps[-1] for n in names)
     assert any(n.endswith(".safetensors") for n in names)
+
+
+@pytest.mark.parametrize("rows, picked, says", [
+    # (faces, restore median, restore worst) per snapshot, oldest first
+    ([(0.55, 44, 30), (0.93, 36, 26), (0.97, 36, 25), (0.99, 33, 26)], 2, "makes faces and restores"),
+    ([(0.55, 44, 30), (0.93, 34, 20), (0.97, 34, 26), (0.99, 33, 24)], 2, "makes faces; none of those restores"),
+    ([(0.55, 44, 30), (0.80, 36, 26), (0.89, 40, 30)], None, "nothing to ship"),
+])
+def test_pick_snapshot_rule(tmp_path, capsys, rows, picked, says):
+    """Faces first (a snapshot below 90% is never shipped), then the latest that also restores at
+    35 / 25 dB, else the best median restore among those with faces (ties: the later)."""
+    pick = _pick_module()
+    for i in range(len(rows)):
+        (tmp_path / "snapshots" / f"step-{i:07d}").mkdir(parents=True)
+    pick.measure = lambda snap, a: dict(zip(("faces", "restore_db_median", "restore_db_min"),
+                                            rows[int(snap.name[5:])]))
+    rc = pick.main(["--run", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == (1 if picked is None else 0) and says in out
+    if picked is not None:
+        assert f"picked step-{picked:07d}: {says}" in out

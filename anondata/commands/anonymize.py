@@ -65,7 +65,9 @@ def register(sub) -> None:
     g = p.add_argument_group("anonymization")
     g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
     g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: the model's)")
-    g.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations")
+    g.add_argument("--inversion-iters", type=count, default=None,
+                   help="fixed-point inversion iterations (default 4; on the embedded prior 16 restore a face "
+                        "from the key alone at 35.1 dB median against 32.7, at 3x the model calls)")
     g.add_argument("--sign-cell", type=count, default=0, metavar="N",
                    help="the key flips one sign per N x N cell of the model's grid, the same in every channel, "
                         "so key-only restore holds up on a sharp prior (CelebA, anondata 0.1.0's embedded prior, face box: "
