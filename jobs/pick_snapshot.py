@@ -19,8 +19,8 @@ residual (exact at any sharpness), and `--lossy-restore` keeps the residual for 
 nothing is tarred (exit status 1). The shipped step 17,173 (v-prediction, CPU) is such a
 faces-only pick: 98.4% faces, 32.7 / 26.3 dB (median / worst of 16); 0.1.0's step 14,294 made
 79.7% faces (26.1 / 23.1 dB) and step 3,177 of the epsilon run 54.7% (33.7 / 30.2 dB): neither
-would be picked. The worst of n faces falls as n grows (19-21 dB on 64 faces where 16 gave 26.5),
-so compare snapshots at the same --n.
+would be picked. The worst of n faces falls as n grows (step 3,177 over the whole crop: 26.5 dB
+of 16 faces, 19-21 of 64), so compare snapshots at the same --n.
 
     python jobs/pick_snapshot.py --run /tmp/prior --faces .gpu/faces16.parquet --device cuda \
         --detectors hog --tar $OUT/prior.tar
