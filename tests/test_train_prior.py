@@ -18,8 +18,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("train_prior", ROOT / "jobs" / "train_prior.py")
+def _load_job(name: str = "train_prior"):
+    """A fresh copy of jobs/<name>.py (tests may replace its functions)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -196,16 +197,9 @@ def test_learning_rate_schedule():
     assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
 
 
-def _pick_module():
-    spec = importlib.util.spec_from_file_location("pick_snapshot", ROOT / "jobs" / "pick_snapshot.py")
-    pick = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pick)
-    return pick
-
-
 def test_pick_snapshot_measures_faces_and_restore_and_ships_nothing_without_faces(trained, tmp_path, capsys):
     _job, _data, run, _first = trained
-    pick = _pick_module()
+    pick = _load_job("pick_snapshot")
     snaps = sorted(p.name for p in (run / "snapshots").glob("step-*"))
     assert len(snaps) >= 2
     common = ["--run", str(run), "--faces", str(tmp_path / "absent.parquet"), "--n", "2", "--grid", "2x1",
@@ -235,7 +229,7 @@ def test_pick_snapshot_measures_faces_and_restore_and_ships_nothing_without_face
 def test_pick_snapshot_rule(tmp_path, capsys, rows, picked, says):
     """Faces first (a snapshot below 90% is never shipped), then the latest that also restores at
     35 / 25 dB, else the best median restore among those with faces (ties: the later)."""
-    pick = _pick_module()
+    pick = _load_job("pick_snapshot")
     for i in range(len(rows)):
         (tmp_path / "snapshots" / f"step-{i:07d}").mkdir(parents=True)
     pick.measure = lambda snap, a: dict(zip(("faces", "restore_db_median", "restore_db_min"),
