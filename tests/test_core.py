@@ -399,6 +399,34 @@ def test_inversion_conditioning_benchmark_measures_what_restore_loses(monkeypatc
     sys.modules.pop("inversion_conditioning", None)
 
 
+def test_inversion_variants_benchmark_runs_its_variant_and_puts_the_scheme_back(monkeypatch, anon, faces, run):
+    """benchmarks/inversion_variants.py swaps the scheme for one row: N iterations at every level
+    is the default itself (bit-identical), more at the clean end or log-SNR timesteps make another
+    image, and the scheme is as before afterwards, also after an error inside."""
+    import sys
+
+    from anondata import anonymizer, scheme
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import inversion_variants
+
+    keys, out, _ = run
+    before = scheme.invert, anonymizer._scheme_sampler
+    with inversion_variants.variant(f"clean-end:{STEPS}x{ITERS}"):
+        assert scheme.invert is not before[0]
+        assert np.array_equal(anon.anonymize(faces, keys)[0], out)
+    for name in ("clean-end:2x12", "logsnr"):
+        with inversion_variants.variant(name):
+            assert not np.array_equal(anon.anonymize(faces, keys)[0], out)
+    with pytest.raises(RuntimeError), inversion_variants.variant("logsnr"):
+        raise RuntimeError
+    assert (scheme.invert, anonymizer._scheme_sampler) == before
+    assert np.array_equal(anon.anonymize(faces, keys)[0], out)
+    with pytest.raises(SystemExit, match="unknown variant"), inversion_variants.variant("fast"):
+        pass
+    sys.modules.pop("inversion_variants", None)
+
+
 def test_timesteps_logsnr_and_leading():
     """Scheme v2's log-SNR timesteps on the cosine schedule the embedded prior and tiny32 use
     (docs/SCHEME.md, "Timesteps"), and v1's leading spacing, which v1 records still restore with."""
