@@ -5,7 +5,7 @@ noise with a deterministic sampler, flip the signs of the face-region noise with
 per-record secret key, and generate again. Restoring runs the same steps with the same key.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["Anonymizer", "__version__"]
 

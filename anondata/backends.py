@@ -41,7 +41,10 @@ EMBEDDED_DIR = Path(__file__).parent / "models" / "embedded"
 # Weights sha256 of embedded priors this package no longer ships -> the anondata version that
 # shipped them. A release restores only with the model that made it, so a restore that meets one
 # of these can say what to install (MODEL_CARD.md, "Earlier versions").
-EARLIER_EMBEDDED = {"6bee9653e02c4d6604c9dd4f07306a14beee1163c1a6f6b621360861eed98b7f": "0.1.0"}
+EARLIER_EMBEDDED = {
+    "6bee9653e02c4d6604c9dd4f07306a14beee1163c1a6f6b621360861eed98b7f": "0.1.0",
+    "59ff85b2076061e814d55df74712b7fcea8327f2797b6001c0d3369a68180cfb": "0.2.0",
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -10,7 +10,7 @@
   iteration z_t <- (z_s - c2 * eps(z_t, t)) / c1 inside the mask (`inversion_iters` times, with
   Anderson mixing), with z_t = b_t outside, which is what makes restore work. It also undoes the
   generation's contraction, so restore from 8 bits amplifies rounding by as much as the prior
-  contracts (3x on a soft early prior, 21x on the shipped one, 59x on 0.1.0's: docs/SCHEME.md).
+  contracts (3x on a soft early prior, 16x on the shipped one, 59x on 0.1.0's: docs/SCHEME.md).
 - flip_s: multiply the latent inside the mask by the ±1 signs of the record key (keystream.py;
   v3 reflects around c = sqrt(a_T) * the model's mean face instead of 0: `flip`;
   sign cells: one sign per cell, shared by the channels, so the flip keeps the fine detail that the
@@ -53,9 +53,9 @@ class Sampler:
     # Defaults from benchmarks/restore_fidelity.py on the embedded prior of the time (step 3,177):
     # 10 steps x 4 Anderson iterations restore at 43.9 dB median through uint8 (benchmarks/README.md),
     # at 60 model calls per transform (10 x (1 + iters) + 10; 70 with v1's inverted background);
-    # more steps cost time without a fidelity gain there (as on the shipped prior: 32.7 dB at 10 x 4,
-    # 31.1 at 20 x 4). On the shipped prior more iterations do help, slowly: 34.1 dB at 10 x 8, 35.1
-    # at 10 x 16 (180 calls); releases restore through the lossless residual, so 4 stays.
+    # more steps cost time without a fidelity gain there (as on the shipped prior: 33.4 dB at 10 x 4,
+    # 33.5 at 20 x 4). On the shipped prior more iterations do help: 36.2 dB at 10 x 8 (100 calls),
+    # 34.9 at 10 x 16 (180); releases restore through the lossless residual, so 4 stays.
     steps: int = 10
     inversion_iters: int = 4
     spacing: str = "leading"  # the scheme fixes it: "leading" for a sign per value, "logsnr" for sign cells

@@ -14,7 +14,7 @@
 #
 # Objective: v-prediction with zero terminal SNR (OBJECTIVE="" for epsilon): a CPU fine-tune of the
 # epsilon prior of 0.1.0 to it lifted the face rate from 80.5% to 97.7% in 2,879 steps; that
-# fine-tune is the shipped prior since 0.2.0 (model card).
+# fine-tune is the shipped prior since 0.2.0 (step 16,049 of it since 0.3.0; model card).
 #
 # Prepare here (both folders are git-ignored, about 49 MiB together):
 #   mkdir -p .gpu && cp ../shared/data/celeba64-train.parquet .gpu/

@@ -17,9 +17,9 @@ and tars the latest snapshot that reaches --min-faces and also restores at >= --
 residual (exact at any sharpness), and `--lossy-restore` keeps the residual for a face below
 30 dB, so restore is then a cost (larger records), not a loss. When no snapshot makes faces,
 nothing is tarred (exit status 1). On the CPU v-prediction run (snapshots 14,965, 16,049 and
-the shipped 17,173; 2026-11-28) all three make faces (100 / 100 / 98.4%), none restores at
-35 / 25 (30.8 / 24.4, 33.5 / 25.4, 32.8 / 26.2 dB, median / worst of 16), and it picks 16,049:
-the shipped prior was chosen before the rule weighed faces (model card). 0.1.0's step 14,294
+17,173; 2026-11-28) all three make faces (100 / 100 / 98.4%), none restores at 35 / 25 (30.8 /
+24.4, 33.5 / 25.4, 32.8 / 26.2 dB, median / worst of 16), and it picks 16,049, the prior shipped
+since 0.3.0 (0.2.0 shipped 17,173, chosen before the rule weighed faces; model card). 0.1.0's step 14,294
 made 79.7% faces and step 3,177 of the epsilon run 54.7%: neither would be picked. The worst of n faces falls as n grows (step 3,177 over the whole crop: 26.5 dB
 of 16 faces, 19-21 of 64), so compare snapshots at the same --n.
 

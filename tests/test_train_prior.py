@@ -185,6 +185,10 @@ def test_shipped_embedded_prior_is_small_sharded_fp16_and_loads_offline(monkeypa
     anon = Anonymizer.from_pretrained("embedded", device="cpu", steps=2, inversion_iters=0)
     assert anon.resolution == 64 and anon.face_mean == (3204, -193, -1772)  # anondata.json
     assert anon.model_info["name"] == "embedded"
+    # the priors earlier versions shipped are named by restore errors; the current one must not be
+    from anondata.backends import EARLIER_EMBEDDED
+
+    assert anon.model_info["sha256"] not in EARLIER_EMBEDDED and len(set(EARLIER_EMBEDDED.values())) == len(EARLIER_EMBEDDED)
 
 
 def test_learning_rate_schedule():
