@@ -1,9 +1,10 @@
 """The CelebA evaluation behind docs/EVAL.md: anonymize a subset with the job, then `anondata eval`.
 
 Everything it writes (the subset, the keys, the release, the report with its face grids) goes
-under --work, outside the repository: CelebA is research-only and its faces never enter the repo.
+under --work (default runs/eval, which git ignores): CelebA is research-only and its faces never
+enter the repo.
 
-    python benchmarks/eval_celeba.py --work /work/runs/eval --identities 10 --per-identity 5 \\
+    python benchmarks/eval_celeba.py --work runs/eval --identities 10 --per-identity 5 \\
         --restore-sample 20 --attack-sample 6 --gallery-limit 1200
 
 Steps (each skipped when its output exists, so an interrupted run continues):
@@ -82,7 +83,9 @@ def headline(m: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="/work/runs/eval", help="output folder, outside the repo")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "eval"),
+                    help="output folder; it holds real faces, keep it private (default: runs/eval in the checkout, "
+                         "git-ignored)")
     ap.add_argument("--source", default=str(DATA))
     ap.add_argument("--model", default=str(ROOT / "anondata" / "models" / "embedded"))
     ap.add_argument("--identities", type=int, default=10)

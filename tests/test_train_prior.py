@@ -201,6 +201,39 @@ def test_learning_rate_schedule():
     assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
 
 
+def test_prior_quality_ddpm_sampler_is_seeded_and_handles_zero_terminal_snr(trained, tmp_path):
+    """benchmarks/prior_quality.py --sampler ddpm: the reference sampler for the prior's spread.
+    Same seed, same samples; another seed, others; on a zero-terminal-SNR v-prediction schedule
+    it starts at t = 999, where a = 0, and must still give finite images."""
+    import shutil
+    import sys
+
+    _job, _data, run, _first = trained
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import prior_quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    snap = sorted((run / "snapshots").glob("step-*"))[-1]
+    a, oor_a = prior_quality.sample_ddpm(str(snap), 3, 4, seed=0, batch=2)
+    b, oor_b = prior_quality.sample_ddpm(str(snap), 3, 4, seed=0, batch=2)
+    c, _ = prior_quality.sample_ddpm(str(snap), 3, 4, seed=1, batch=2)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and oor_a == oor_b and not np.array_equal(a, c)
+    zsnr = tmp_path / "zsnr"
+    shutil.copytree(snap, zsnr)
+    cfg_path = zsnr / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, beta_schedule="squaredcos_cap_v2")
+    cfg_path.write_text(json.dumps(cfg))
+    z, oor_z = prior_quality.sample_ddpm(str(zsnr), 3, 4, seed=0, batch=3)
+    assert 0 <= oor_z < 1 and len({img.tobytes() for img in z}) == 3
+    # the same start with epsilon prediction divides by sqrt(a) = 0: refused, not averaged into the stats
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "epsilon"}))
+    with pytest.raises(SystemExit, match="non-finite"):
+        prior_quality.sample_ddpm(str(zsnr), 3, 4, seed=0, batch=3)
+
+
 def test_pick_snapshot_measures_faces_and_restore_and_ships_nothing_without_faces(trained, tmp_path, capsys):
     _job, _data, run, _first = trained
     pick = _load_job("pick_snapshot")
