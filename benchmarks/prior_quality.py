@@ -42,6 +42,13 @@ def levels_from(top_t: int, steps: int) -> list[tuple[int, int | None]]:
     return [(t, ts[k - 1] if k else None) for k, t in enumerate(ts)]
 
 
+def _stored(batches: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+    """Decoded samples in [-1, 1] -> (uint8 (n, R, R, 3) as stored, share of values outside [-1, 1])."""
+    x = torch.cat([b.cpu() for b in batches])
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return u8, int((x.abs() > 1).sum()) / x.numel()
+
+
 def sample(model: str, n: int, steps: int, seed: int, batch: int,
            start_mean: np.ndarray | None = None, top_t: int | None = None,
            device: str = "cpu") -> tuple[np.ndarray, float]:
@@ -66,7 +73,7 @@ def sample(model: str, n: int, steps: int, seed: int, batch: int,
     a_top = top_alpha(backend, sampler) if top_t is None else float(backend.alphas_cumprod[top_t])
     shift = 0.0 if start_mean is None else a_top**0.5 * torch.tensor(start_mean, dtype=torch.float32).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(seed)
-    outs, oor, total = [], 0, 0
+    outs = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         z = (torch.randn((b, 3, r, r), generator=g) + shift).to(device)  # drawn on the CPU: same samples anywhere
@@ -78,12 +85,8 @@ def sample(model: str, n: int, steps: int, seed: int, batch: int,
             else:
                 for t, s in reversed(levels):
                     z = generate_step(backend, z, t, s, mask, z)
-            x = backend.decode(z)
-        oor += int((x.abs() > 1).sum())
-        total += x.numel()
-        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        outs.append(u8)
-    return np.concatenate(outs), oor / total
+            outs.append(backend.decode(z))
+    return _stored(outs)
 
 
 def sample_ddpm(model: str, n: int, steps: int, seed: int, batch: int, device: str = "cpu") -> tuple[np.ndarray, float]:
@@ -101,7 +104,7 @@ def sample_ddpm(model: str, n: int, steps: int, seed: int, batch: int, device: s
     sched.set_timesteps(steps)
     r = unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    outs, oor, total = [], 0, 0
+    outs = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         x = torch.randn((b, 3, r, r), generator=g)
@@ -112,10 +115,8 @@ def sample_ddpm(model: str, n: int, steps: int, seed: int, batch: int, device: s
         if not torch.isfinite(x).all():  # e.g. epsilon prediction at a = 0: x0 = (x - eps) / 0
             raise SystemExit(f"error: DDPM sampling of {model} gave non-finite pixels; is its schedule "
                              "zero-terminal-SNR without v-prediction?")
-        oor += int((x.abs() > 1).sum())
-        total += x.numel()
-        outs.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(outs), oor / total
+        outs.append(x)
+    return _stored(outs)
 
 
 def load_real(path: str, n: int | None, seed: int) -> np.ndarray:
@@ -219,11 +220,12 @@ def main(argv=None) -> int:
         p.error("--shift-start and --top-t are diagnostics of the DDIM sampler; drop them with --sampler ddpm")
     torch.set_num_threads(args.threads)
 
+    real_all = load_real(args.data, None, args.seed) if Path(args.data).is_file() else None
     start_mean = None
     if args.shift_start:
-        if not Path(args.data).is_file():
+        if real_all is None:
             raise SystemExit(f"error: --shift-start needs the training data for its channel means; {args.data} is absent")
-        start_mean = np.array(channel_stats(load_real(args.data, None, args.seed))["mean"]) * 2 - 1
+        start_mean = np.array(channel_stats(real_all)["mean"]) * 2 - 1
     t0 = time.perf_counter()
     detectors = tuple(args.detectors.split(","))
     if args.sampler == "ddpm":
@@ -236,8 +238,7 @@ def main(argv=None) -> int:
            "start_mean": None if start_mean is None else start_mean.round(4).tolist(), "top_t": args.top_t,
            "sample_seconds": round(t_sample, 1), "out_of_range_share": round(out_of_range, 5),
            "face_rate": detect_rates(samples, detectors=detectors), "samples": channel_stats(samples)}
-    if Path(args.data).is_file():
-        real_all = load_real(args.data, None, args.seed)
+    if real_all is not None:
         res["data"] = channel_stats(real_all)
         res["data_face_rate"] = detect_rates(real_all[np.random.default_rng(args.seed).choice(len(real_all), args.n, replace=False)],
                                              detectors=detectors)

@@ -201,19 +201,15 @@ def test_learning_rate_schedule():
     assert job.lr_at(150, a) == job.lr_at(10_000, a) == pytest.approx(1e-4)
 
 
-def test_prior_quality_ddpm_sampler_is_seeded_and_handles_zero_terminal_snr(trained, tmp_path):
+def test_prior_quality_ddpm_sampler_is_seeded_and_handles_zero_terminal_snr(trained, tmp_path, monkeypatch):
     """benchmarks/prior_quality.py --sampler ddpm: the reference sampler for the prior's spread.
     Same seed, same samples; another seed, others; on a zero-terminal-SNR v-prediction schedule
     it starts at t = 999, where a = 0, and must still give finite images."""
     import shutil
-    import sys
 
     _job, _data, run, _first = trained
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import prior_quality
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import prior_quality
     snap = sorted((run / "snapshots").glob("step-*"))[-1]
     a, oor_a = prior_quality.sample_ddpm(str(snap), 3, 4, seed=0, batch=2)
     b, oor_b = prior_quality.sample_ddpm(str(snap), 3, 4, seed=0, batch=2)
