@@ -67,6 +67,11 @@ class _Made(NamedTuple):
 FLIP_CENTRES = ("mean-face", "zero")
 
 
+def _non_finite() -> AnondataError:
+    return AnondataError("the model generated non-finite values (NaN or infinity); none were stored: "
+                         "check the model, its dtype and device")
+
+
 def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """PSNR of two uint8 (R, R, 3) images over the mask's pixels (inf when identical or no mask)."""
     d = a[mask].astype(np.float64) - b[mask].astype(np.float64)
@@ -241,10 +246,15 @@ class Anonymizer:
             y, z = scheme.transform(self.backend, xt, m, signs, smp, carry=c, centre=centre)
             keep = min(batch, n - i)
             y_levels = (y.double() + 1) * 127.5
+            # NaN passes every range check (NaN > x is False) and casts to 0: never store or restore it
+            if not bool(torch.isfinite(y_levels[:keep]).all()):
+                raise _non_finite()
             out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
             if latent and carry is None:  # what restore will see: rounded levels inside the mask, input outside
                 seen = torch.where(m[:, None], torch.round(y_levels).to(levels.device, levels.dtype), levels)
                 carries.append(self.backend.carry(z, (seen / 127.5 - 1).to(dev, dt), m)[:keep].cpu().numpy())
+                if not np.isfinite(carries[-1]).all():
+                    raise _non_finite()
         return np.concatenate(out), (np.concatenate(carries) if carries else None)
 
     def anonymize(self, images, keys, masks=None, lossless: bool = False, floor_db: float | None = None):

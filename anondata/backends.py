@@ -391,6 +391,24 @@ def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     return sched.alphas_cumprod.clone()
 
 
+def check_model(name_or_path: str) -> None:
+    """Fail here, once, with one line, on what every worker would otherwise fail on when loading:
+    no such folder, no scheduler config, no UNet config, a missing weight file. Reads configs and
+    file names only (a Hub id is fetched, which loading would do anyway)."""
+    folder = _resolve(str(name_or_path))[0]
+    _scheduler_config(folder)
+    dirs = _component_dirs(folder)
+    if "unet" not in dirs:
+        raise InputError(f"model folder {folder} has no UNet config (unet/config.json or config.json)")
+    for d in dirs.values():
+        files = _loaded_weight_files(d)
+        if not files:
+            raise InputError(f"model folder {d} holds no weight file (diffusion_pytorch_model.safetensors or .bin)")
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"model folder {d}: weight shard {missing[0]} is missing")
+
+
 def model_sha256(name_or_path: str) -> str:
     """The weights sha256 a backend for this model would report, without loading it."""
     return weights_sha256(_resolve(str(name_or_path))[0])

@@ -90,6 +90,10 @@ def loads(data: bytes, what: str = "document") -> Any:
         )
     except json.JSONDecodeError as e:
         raise FormatError(f"{what}: not JSON ({e.msg} at char {e.pos})") from None
+    except FormatError as e:  # from the hooks (a duplicate key, a float): name the document
+        raise FormatError(f"{what}: {e}") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise FormatError(f"{what}: an integer has too many digits (outside the I-JSON range)") from None
     except RecursionError:
         raise FormatError(f"{what}: nested too deeply") from None
     try:

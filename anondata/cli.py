@@ -1,8 +1,8 @@
 """`anondata` command line. Each subcommand lives in `anondata/commands/<name>.py` and
 exposes `register(subparsers)`; the module's `run(args) -> int` does the work.
 
-Errors a user can fix (`AnondataError`) print one line and exit 2; anything else is a bug
-and keeps its traceback."""
+Errors a user can fix (`AnondataError`, and an `OSError` naming a path, such as an --out folder
+under a file) print one line and exit 2; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except AnondataError as e:
         print(f"anondata {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user named: a bug, keep the traceback
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        print(f"anondata {args.command}: error: {where}: {e.strerror or e}; check the path (its folders must exist "
+              "and be writable)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"anondata {args.command}: interrupted", file=sys.stderr)

@@ -67,7 +67,7 @@ def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | N
     from .job.pipeline import JobOptions, run_anonymize
     from .job.restore import run_restore
     from .keystream import new_key
-    from .manifest import load_envelopes, read_manifest, verify_release
+    from .manifest import open_release
 
     root = Path(out)
     if root.exists() and any(root.iterdir()):
@@ -94,19 +94,21 @@ def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | N
     log(f"    {res.anonymized} anonymized, {res.quarantined} quarantined")
 
     log("3/5 verify the signed manifest and every file hash")
-    summary = verify_release(release, load_identity(keys / "runner.key").recipient)
+    summary = open_release(release, load_identity(keys / "runner.key").recipient, keep_envelopes=False).summary
     log(f"    ok: {summary['records']} records, signed by {summary['signer_name']}")
 
     log("4/5 restore every record with the owner's key")
     restored_dir = root / "restored"
-    run_restore(str(release), str(keys / "owner.key"), str(restored_dir), model=model, progress=progress)
+    run_restore(str(release), str(keys / "owner.key"), str(restored_dir), model=model, progress=progress,
+                signer_path=str(keys / "runner.pub"))
 
     log("5/5 grid: original | anonymized | restored | wrong key")
     import pyarrow.parquet as pq
 
-    m = read_manifest(release)
+    rel = open_release(release, load_identity(keys / "runner.key").recipient)
+    m = rel.manifest
     owner = load_identity(keys / "owner.key")
-    opened = open_records(load_envelopes(release), owner, m["dataset_id"])
+    opened = open_records(rel.envelopes, owner, m["dataset_id"])
     anon = Anonymizer.from_pretrained(model, steps=m["settings"]["steps"],
                                       inversion_iters=m["settings"]["inversion_iters"], batch_size=1)
     names = sorted(photos)  # the image folder's order: ids train-000000, train-000001, ...

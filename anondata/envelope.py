@@ -13,7 +13,7 @@ import io
 import re
 import secrets
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sized
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -161,7 +161,11 @@ def seal_records(recipients: list[Recipient], dataset_id: str, items) -> pa.Tabl
         try:
             record_id, key, record = item
         except (TypeError, ValueError):
-            raise FormatError(f"expected (record_id, key, restore_record), got {item!r:.80}") from None
+            # Type and length only: the item holds a record key, which must never reach a message.
+            size = f" of length {len(item)}" if isinstance(item, Sized) else ""
+            raise FormatError(
+                f"expected (record_id, key, restore_record), got a {type(item).__name__}{size}"
+            ) from None
         check_record_id(record_id)
         if record_id in seen:
             raise FormatError(f"record {record_id!r} is listed twice")
@@ -193,11 +197,23 @@ def table_dataset_id(table: pa.Table, what: str = "envelope table") -> str:
     return check_dataset_id(obj["dataset_id"])
 
 
+def _same_field(a: pa.Field, b: pa.Field) -> bool:
+    """Exactly the same field: name, type, nullability and metadata at every nesting level
+    (pyarrow's own equality ignores a list element's name and, by default, field metadata)."""
+    return (
+        a.name == b.name
+        and a.nullable == b.nullable
+        and a.metadata == b.metadata
+        and a.type.equals(b.type, check_metadata=True)
+        and all(_same_field(a.type.field(i), b.type.field(i)) for i in range(a.type.num_fields))
+    )
+
+
 def _rows(table: pa.Table, what: str) -> list[tuple[str, bytes, list[dict]]]:
     """Validate an envelope table completely (schema, metadata, every value) and return its rows."""
     if not isinstance(table, pa.Table):
         raise FormatError(f"{what}: expected a pyarrow.Table")
-    if not table.schema.remove_metadata().equals(_BASE_SCHEMA):
+    if len(table.schema) != len(_BASE_SCHEMA) or not all(map(_same_field, table.schema, _BASE_SCHEMA)):
         raise FormatError(f"{what}: schema is not the envelope schema (docs/FORMAT.md): got {table.schema.remove_metadata()}")
     table_dataset_id(table, what)
     for name in ("record_id", "payload", "wraps"):

@@ -20,3 +20,8 @@ class IntegrityError(AnondataError):
 
 class KeyError_(AnondataError):
     """A key file that cannot be used: wrong kind, unreadable, wrong recipient."""
+
+
+class SetupError(InputError):
+    """The installation cannot do the job at all (a face detector or model that cannot be loaded):
+    stops the job before any record is processed, never quarantines records one by one."""

@@ -43,6 +43,31 @@ _HPKE_KEM = {KEM_X25519: hpke.KEM.X25519, KEM_HYBRID: hpke.KEM.MLKEM768_X25519}
 MAX_KEY_FILE = 64 * 1024
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{0,128}\Z")
 
+# Degenerate public keys, refused at load (docs/FORMAT.md, "Identity files"); the blocklists are
+# libsodium's (ge25519_has_small_order, and has_small_order for X25519).
+_P25519 = 2**255 - 19
+_ORDER8_Y = ("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+             "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+_ORDER8_U = ("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+             "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157")
+# Ed25519: y of the 8 points of order 1, 2, 4, 8 (bit 255, the sign of x, is ignored). An
+# Ed25519 key of small order verifies forged signatures.
+_SMALL_ORDER_Y = frozenset([0, 1, _P25519 - 1] + [int.from_bytes(bytes.fromhex(h), "little") for h in _ORDER8_Y])
+# X25519: u of order 1, 2, 4, 8 on the curve or its twist (p and p + 1 fail the range check).
+# A low-order key makes the HPKE shared secret one that everybody knows.
+_LOW_ORDER_U = frozenset([0, 1, _P25519 - 1] + [int.from_bytes(bytes.fromhex(h), "little") for h in _ORDER8_U])
+
+
+def _degenerate_public_key(kem_public: bytes, sign_public: bytes) -> str | None:
+    """Which public key is a degenerate encoding, or None (constant blocklists and ranges)."""
+    y = int.from_bytes(sign_public, "little") & ((1 << 255) - 1)
+    if y >= _P25519 or y in _SMALL_ORDER_Y:
+        return "sign_public is not a valid public key (a small-order or non-canonical Ed25519 point)"
+    u = int.from_bytes(kem_public[-32:], "little")  # the X25519 part of both KEMs
+    if u >= _P25519 or u in _LOW_ORDER_U:  # u >= p includes every value with bit 255 set
+        return "kem_public is not a valid public key (an X25519 value of low order, >= 2^255-19 or with bit 255 set)"
+    return None
+
 
 def _load_kem_private(kem: str, raw: bytes):
     if kem == KEM_X25519:
@@ -89,6 +114,9 @@ class Recipient:
             raise FormatError(f"recipient {self.name!r}: unknown kem {self.kem!r}")
         if len(self.kem_public) != KEM_SIZES[self.kem][1] or len(self.sign_public) != 32:
             raise FormatError(f"recipient {self.name!r}: key has the wrong length")
+        bad = _degenerate_public_key(self.kem_public, self.sign_public)
+        if bad:
+            raise FormatError(f"recipient {self.name!r}: {bad}")
         try:
             object.__setattr__(self, "_hpke_public", _load_kem_public(self.kem, self.kem_public))
             object.__setattr__(
@@ -156,12 +184,12 @@ class Recipient:
         _check_version(obj["version"], what)
         if not isinstance(obj["kem"], str) or not isinstance(obj["name"], str):
             raise FormatError(f"{what}: kem and name must be strings")
-        return cls(
-            kem=obj["kem"],
-            kem_public=canonical.b64d(obj["kem_public"], f"{what}.kem_public"),
-            sign_public=canonical.b64d(obj["sign_public"], f"{what}.sign_public"),
-            name=obj["name"],
-        )
+        kem_public = canonical.b64d(obj["kem_public"], f"{what}.kem_public")
+        sign_public = canonical.b64d(obj["sign_public"], f"{what}.sign_public")
+        try:
+            return cls(kem=obj["kem"], kem_public=kem_public, sign_public=sign_public, name=obj["name"])
+        except FormatError as e:  # name the file, not only the key's label
+            raise FormatError(f"{what}: {e}") from None
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "recipient") -> Recipient:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__, canonical
 from .envelope import (
     DATASET_ID_RE,
+    MAX_ENVELOPE_FILE,
     FINGERPRINT_RE,
     check_dataset_id,
     check_record_id,
@@ -25,7 +28,7 @@ from .envelope import (
 )
 from .errors import FormatError, IntegrityError, KeyError_
 from .files import atomic_write, new_folder, read_bounded
-from .identity import KEM_SIZES, Identity, Recipient
+from .identity import KEM_SIZES, Identity, Recipient, _check_name
 
 MANIFEST_FORMAT = "anondata-manifest"
 GRANT_FORMAT = "anondata-grant"
@@ -225,6 +228,24 @@ def _files(v, path, kind):
         _str(e["sha256"], f"{p}.sha256", SHA256_RE)
 
 
+def _recipient_refs(v, path):
+    """A non-empty list of {fingerprint, kem, name}, each fingerprint once: the manifest's
+    `recipients` (a release nobody can restore is a writer's bug), a grant's `to`."""
+    if not isinstance(v, list) or not v:
+        _fail(path, "expected a non-empty list")
+    fps = set()
+    for i, r in enumerate(v):
+        p = f"{path}[{i}]"
+        _obj(r, p, {"fingerprint", "kem", "name"})
+        _str(r["fingerprint"], f"{p}.fingerprint", FINGERPRINT_RE)
+        if not isinstance(r["kem"], str) or r["kem"] not in KEM_SIZES:
+            _fail(f"{p}.kem", f"unknown kem {r['kem']!r:.40}")
+        _check_name(r["name"], f"manifest {p}")  # the rule of .pub files and the JSON schema
+        if r["fingerprint"] in fps:
+            _fail(f"{p}.fingerprint", "listed twice")
+        fps.add(r["fingerprint"])
+
+
 def validate_manifest(m) -> None:
     """Every rule of the manifest schema (schemas/manifest.schema.json) plus cross-field checks."""
     _obj(
@@ -252,19 +273,7 @@ def validate_manifest(m) -> None:
         Recipient.from_json(m["signer"], "manifest $.signer")
     except FormatError as e:
         raise FormatError(str(e)) from None
-    if not isinstance(m["recipients"], list):
-        _fail("$.recipients", "expected a list")
-    fps = set()
-    for i, r in enumerate(m["recipients"]):
-        p = f"$.recipients[{i}]"
-        _obj(r, p, {"fingerprint", "kem", "name"})
-        _str(r["fingerprint"], f"{p}.fingerprint", FINGERPRINT_RE)
-        if r["kem"] not in KEM_SIZES:
-            _fail(f"{p}.kem", f"unknown kem {r['kem']!r:.40}")
-        _str(r["name"], f"{p}.name", maxlen=128)
-        if r["fingerprint"] in fps:
-            _fail(f"{p}.fingerprint", "listed twice")
-        fps.add(r["fingerprint"])
+    _recipient_refs(m["recipients"], "$.recipients")
     _files(m["shards"], "$.shards", "shards")
     _files(m["envelopes"], "$.envelopes", "envelopes")
     if not isinstance(m["records"], list):
@@ -298,6 +307,8 @@ def validate_manifest(m) -> None:
         counts[r["status"]] += 1
     counts["total"] = len(m["records"])
     _obj(m["counts"], "$.counts", set(counts))
+    for k in counts:  # before comparing: true == 1 in Python
+        _int(m["counts"][k], f"$.counts.{k}")
     if m["counts"] != counts:
         _fail("$.counts", f"{m['counts']} does not match the records ({counts})")
     for i, (s, n) in enumerate(zip(m["shards"], per_shard)):
@@ -336,8 +347,31 @@ def _check_signature(data: bytes, sig: bytes, embedded: dict, signer: Recipient 
 # ---- verify ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A release checked by `open_release`: the manifest and envelope tables are the parsed
+    forms of the very bytes whose signature and hashes were checked, so a file swapped on disk
+    after the check is never used."""
+
+    root: Path
+    manifest: dict
+    summary: dict
+    envelopes: list | None  # envelope tables; None for a public copy (no keys/) or when not asked for
+    signer_pinned: bool
+
+
 def verify_release(release_dir, signer: Recipient | None = None) -> dict:
-    """Signature, hashes, row counts, schemas. Raises naming the first failure; returns a summary."""
+    """Signature, hashes, row counts, schemas. Raises naming the first failure; returns a summary.
+    Without `signer` it proves integrity only (whoever can write the folder can re-sign it)."""
+    return open_release(release_dir, signer, keep_envelopes=False).summary
+
+
+def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool = True) -> VerifiedRelease:
+    """Verify a release (docs/FORMAT.md, "Verifying a release") and return what was checked.
+
+    `signer` is required, not defaulted: HPKE base mode lets anyone seal to a public key, so
+    envelopes are only as authentic as the manifest signature, and that only proves who signed
+    when the key is pinned. Pass None only on purpose (the CLI's `--any-signer`)."""
     root = Path(release_dir)
     if not root.is_dir():
         raise FormatError(f"{root}: not a release folder")
@@ -353,29 +387,10 @@ def verify_release(release_dir, signer: Recipient | None = None) -> dict:
     m = parse_manifest(data)
     dataset_id = m["dataset_id"]
 
-    for i, s in enumerate(m["shards"]):
+    for s in m["shards"]:
         _check_file(root, s, f"shard {s['path']}")
-    keys_dir = root / "keys"
-    envelopes_checked = keys_dir.is_dir()
-    if envelopes_checked:
-        anonymized = {r["id"] for r in m["records"] if r["status"] == "anonymized"}
-        seen: set[str] = set()
-        for e in m["envelopes"]:
-            what = f"envelope file {e['path']}"
-            _check_file(root, e, what)
-            table = read_envelope_table(root / e["path"])
-            if table_dataset_id(table, what) != dataset_id:
-                raise IntegrityError(f"{what}: belongs to another dataset")
-            ids = table.column("record_id").to_pylist()
-            for rid in ids:
-                if rid not in anonymized:
-                    raise IntegrityError(f"{what}: record {rid!r} is not an anonymized record of this manifest")
-                if rid in seen:
-                    raise IntegrityError(f"{what}: record {rid!r} has envelopes in two files")
-                seen.add(rid)
-        if seen != anonymized:
-            missing = sorted(anonymized - seen)[:5]
-            raise IntegrityError(f"anonymized record(s) without an envelope: {missing}")
+    envelopes_checked = (root / "keys").is_dir()
+    tables = _envelope_tables(root, m, f"{root}") if envelopes_checked else None
     listed = {s["path"] for s in m["shards"]} | {e["path"] for e in m["envelopes"]}
     for sub in ("data", "keys"):
         d = root / sub
@@ -384,7 +399,7 @@ def verify_release(release_dir, signer: Recipient | None = None) -> dict:
                 rel = f.relative_to(root).as_posix()
                 if (f.is_file() or f.is_symlink()) and rel not in listed:
                     raise IntegrityError(f"{rel}: file is not listed in the manifest (leftover or added?)")
-    return {
+    summary = {
         "dataset_id": dataset_id,
         "shards": len(m["shards"]),
         "envelope_files": len(m["envelopes"]),
@@ -396,20 +411,68 @@ def verify_release(release_dir, signer: Recipient | None = None) -> dict:
         "signer_pinned": signer is not None,
         "manifest_sha256": hashlib.sha256(data).hexdigest(),
     }
+    return VerifiedRelease(root, m, summary, tables if keep_envelopes else None, signer is not None)
+
+
+def _envelope_tables(base: Path, m: dict, where: str) -> list:
+    """The manifest's envelope files under `base` (a release folder, or the folder above a copy
+    of its keys/), each read once: size, SHA-256 and rows checked on the bytes that are then
+    parsed; the strict table checks; the dataset id; each anonymized record in exactly one file."""
+    anonymized = {r["id"] for r in m["records"] if r["status"] == "anonymized"}
+    seen: set[str] = set()
+    tables = []
+    for e in m["envelopes"]:
+        what = f"envelope file {e['path']}"
+        table = read_envelope_table(_read_checked(base, e, what, where))
+        if table_dataset_id(table, what) != m["dataset_id"]:
+            raise IntegrityError(f"{what}: belongs to another dataset")
+        for rid in table.column("record_id").to_pylist():
+            if rid not in anonymized:
+                raise IntegrityError(f"{what}: record {rid!r} is not an anonymized record of this manifest")
+            if rid in seen:
+                raise IntegrityError(f"{what}: record {rid!r} has envelopes in two files")
+            seen.add(rid)
+        tables.append(table)
+    if seen != anonymized:
+        missing = sorted(anonymized - seen)[:5]
+        raise IntegrityError(f"anonymized record(s) without an envelope: {missing}")
+    return tables
 
 
 def _check_file(root: Path, entry: dict, what: str) -> None:
+    """A shard: streamed (shards can be large); restore re-checks each photo it reads against
+    the hash inside its authenticated envelope, so a later swap is caught there."""
     path = root / entry["path"]
     if path.is_symlink() or not path.is_file():
         raise IntegrityError(f"{what}: missing (or not a regular file)")
     digest, size = sha256_file(path)
+    _check_entry(entry, what, size, digest, lambda: _parquet_rows(path, what))
+
+
+def _read_checked(root: Path, entry: dict, what: str, where: str, doc: str = "the manifest") -> bytes:
+    """A listed envelope file's bytes, read once and checked against its entry."""
+    path = root / entry["path"]
+    if path.is_symlink() or not path.is_file():
+        raise IntegrityError(f"{what}: missing from {where} (or not a regular file)")
+    size = path.stat().st_size
     if size != entry["bytes"]:
-        raise IntegrityError(f"{what}: {size} bytes, the manifest says {entry['bytes']}")
+        raise IntegrityError(f"{what}: {size} bytes, {doc} says {entry['bytes']}")
+    if size > MAX_ENVELOPE_FILE:
+        raise IntegrityError(f"{what}: too large for an envelope table ({size} bytes)")
+    data = read_bounded(path, "envelope", size, IntegrityError)  # a file grown since the stat fails here
+    _check_entry(entry, what, len(data), hashlib.sha256(data).hexdigest(), lambda: _parquet_rows(pa.BufferReader(data), what), doc)
+    return data
+
+
+def _check_entry(entry: dict, what: str, size: int, digest: str, rows, doc: str = "the manifest") -> None:
+    """Size, then hash, then (only for bytes the manifest vouches for) the Parquet row count."""
+    if size != entry["bytes"]:
+        raise IntegrityError(f"{what}: {size} bytes, {doc} says {entry['bytes']}")
     if digest != entry["sha256"]:
-        raise IntegrityError(f"{what}: SHA-256 does not match the manifest (file changed)")
-    rows = _parquet_rows(path, what)
-    if rows != entry["rows"]:
-        raise IntegrityError(f"{what}: {rows} rows, the manifest says {entry['rows']}")
+        raise IntegrityError(f"{what}: SHA-256 does not match {doc} (file changed)")
+    n = rows()
+    if n != entry["rows"]:
+        raise IntegrityError(f"{what}: {n} rows, {doc} says {entry['rows']}")
 
 
 # ---- grant folders ----------------------------------------------------------------------------
@@ -467,55 +530,73 @@ def validate_grant(g) -> None:
         _fail("grant.records", "must list each granted record once (one per envelope row)")
     for rid in g["records"]:
         check_record_id(rid)
-    if not isinstance(g["to"], list) or not g["to"]:
-        _fail("grant.to", "expected a non-empty list")
-    for i, r in enumerate(g["to"]):
-        _obj(r, f"grant.to[{i}]", {"fingerprint", "kem", "name"})
-        _str(r["fingerprint"], f"grant.to[{i}].fingerprint", FINGERPRINT_RE)
+    _recipient_refs(g["to"], "grant.to")
 
 
-def read_grant(grant_dir, signer: Recipient | None = None) -> tuple[dict, list]:
-    """Verify a grant folder (signature, hash, rows) and return (grant doc, [envelope table])."""
+def read_grant(grant_dir, release: VerifiedRelease) -> tuple[dict, list]:
+    """Verify a grant folder against the verified release it is for and return (grant doc,
+    [envelope table]).
+
+    Who may grant: a recipient of the release (its manifest, signed by the pinned signer, lists
+    them by fingerprint, which covers their signing key). Only a recipient can open the
+    envelopes a grant re-seals, so this authenticates the grant without a second pinned key."""
     root = Path(grant_dir)
+    name = str(root / GRANT)  # messages name the folder: a grantee may hold several
     data = read_bounded(root / GRANT, "grant", 1 << 30)
     sig = read_bounded(root / GRANT_SIG, "grant signature", 1024)
     if not data.endswith(b"\n") or data.endswith(b"\n\n"):
-        raise FormatError(f"{GRANT}: expected canonical JSON followed by exactly one newline")
-    g = canonical.loads(data[:-1], GRANT)
+        raise FormatError(f"{name}: expected canonical JSON followed by exactly one newline")
+    g = canonical.loads(data[:-1], name)
     if not isinstance(g, dict) or "granted_by" not in g:
-        raise FormatError(f"{GRANT}: no granted_by field")
-    _check_signature(data, sig, g["granted_by"], signer, GRANT)
+        raise FormatError(f"{name}: no granted_by field")
+    named = _check_signature(data, sig, g["granted_by"], None, name)
+    m = release.manifest
+    if named.fingerprint not in {r["fingerprint"] for r in m["recipients"]}:
+        raise IntegrityError(
+            f"{name}: signed by {named.label}, who is not a recipient of this release "
+            f"(its manifest lists {', '.join(r['fingerprint'] for r in m['recipients'])}); only a recipient can grant"
+        )
     validate_grant(g)
+    if g["dataset_id"] != m["dataset_id"]:
+        raise IntegrityError(f"{name}: made for dataset {g['dataset_id']}, not this release ({m['dataset_id']})")
+    anonymized = {r["id"] for r in m["records"] if r["status"] == "anonymized"}
+    stray = [r for r in g["records"] if r not in anonymized]
+    if stray:
+        raise IntegrityError(f"{name}: record(s) {', '.join(map(repr, stray[:5]))} are not anonymized records of this release")
     e = g["envelopes"][0]
-    _check_file(root, e, f"grant file {e['path']}")
-    table = read_envelope_table(root / e["path"])
+    table = read_envelope_table(_read_checked(root, e, f"grant file {e['path']}", str(root), doc=name))
     if table_dataset_id(table, GRANT_TABLE) != g["dataset_id"] or table.column("record_id").to_pylist() != g["records"]:
-        raise IntegrityError(f"{GRANT_TABLE}: does not match {GRANT}")
+        raise IntegrityError(f"{root / GRANT_TABLE}: does not match {name}")
     return g, [table]
 
 
-def load_envelopes(path, signer: Recipient | None = None) -> list:
-    """Envelope tables from a release folder, its keys/ folder, or a grant folder, each verified
-    against its signed document first. What `restore --keys` should call."""
-    p = Path(path)
+def release_envelopes(release: VerifiedRelease, keys=None) -> list:
+    """The envelope tables to open records of a verified release with: its own keys/ (default),
+    a grant folder (`read_grant`), or another folder holding a copy of its keys/ (each file
+    checked against this manifest). What `restore --keys` calls; restore MUST NOT read
+    envelopes any other way (HPKE base mode: anyone can seal to a public key)."""
+    if keys is None:
+        if release.envelopes is None:
+            raise KeyError_(f"{release.root}: no keys/ folder (a public copy): use the private copy of the release "
+                            "(restore and eval also take --keys KEYS_OR_GRANT_DIR)")
+        return release.envelopes
+    p = Path(keys)
     if (p / GRANT).exists():
-        return read_grant(p, signer)[1]
-    release = p if (p / MANIFEST).exists() else p.parent if (p.name == "keys" and (p.parent / MANIFEST).exists()) else None
-    if release is None:
-        raise FormatError(f"{p}: neither a release folder (manifest.json) nor a grant folder (grant.json)")
-    verify_release(release, signer)
-    m = read_manifest(release)
-    if not (release / "keys").is_dir():
-        raise KeyError_(f"{release}: no keys/ folder (a public copy): pass --keys KEYS_OR_GRANT_DIR")
-    return [read_envelope_table(release / e["path"]) for e in m["envelopes"]]
+        return read_grant(p, release)[1]
+    base = p.parent if p.name == "keys" else p
+    if not (base / "keys").is_dir():
+        raise FormatError(f"{p}: neither a grant folder (grant.json) nor a keys/ folder or a folder holding one")
+    return _envelope_tables(base, release.manifest, str(p))
 
 
 __all__ = [
+    "VerifiedRelease",
     "build_manifest",
-    "load_envelopes",
+    "open_release",
     "parse_manifest",
     "read_grant",
     "read_manifest",
+    "release_envelopes",
     "validate_manifest",
     "verify_release",
     "write_grant",

@@ -126,7 +126,8 @@ def main() -> None:
                   *([] if a.flip_centre is None else ["--flip-centre", a.flip_centre])], log)
     report = Path(a.report) if a.report else next(work / f"report-{i}" for i in range(1, 1000)
                                                     if not (work / f"report-{i}").exists())
-    run(py + ["eval", str(work / "release"), "--source", str(src), "--identity", str(work / "owner.key"),
+    run(py + ["eval", str(work / "release"), "--signer", str(work / "owner.pub"), "--source", str(src),
+              "--identity", str(work / "owner.key"),
               "--identity-column", "identity", "--model", str(work / "model"),
               "--restore-sample", str(a.restore_sample), "--attack-sample", str(a.attack_sample),
               "--gallery-limit", str(a.gallery_limit), "--report", str(report)], log)

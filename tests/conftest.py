@@ -106,6 +106,18 @@ def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def damage_first_data_page(path) -> None:
+    """Flip bytes inside the first column chunk's data page, leaving the footer valid: a file that
+    opens and counts its rows but cannot be read."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    b = bytearray(Path(path).read_bytes())
+    for i in range(meta.data_page_offset + 20, meta.data_page_offset + meta.total_compressed_size - 20, 7):
+        b[i] ^= 0xFF
+    Path(path).write_bytes(bytes(b))
+
+
 def write_face_parquet(path, n: int, *, corrupt=(), seed: int = 0, id_column: str | None = "record_id",
                        jpeg_every: int = 2, size=(44, 40)) -> list[dict]:
     """A datasets-style Parquet file (Image feature) of n synthetic faces; rows in `corrupt`

@@ -51,6 +51,12 @@ def test_loads_rejects_non_canonical(text):
         loads(text)
 
 
+def test_integer_past_pythons_digit_limit_is_a_format_error():
+    for text in (b"1" * 5000, b'{"a":-' + b"9" * 5000 + b"}"):
+        with pytest.raises(FormatError, match="too many digits"):
+            loads(text, "doc")
+
+
 def test_dumps_rejects_unencodable():
     for bad in (1.5, {"a": float("nan")}, {1: "x"}, "\ud800", 2**60, b"bytes", object()):
         with pytest.raises(FormatError):

@@ -17,9 +17,23 @@ from anondata.cli import main
 from anondata.envelope import open_records, seal_records, write_envelope_table
 from anondata.errors import IntegrityError, KeyError_
 from anondata.identity import load_identity, load_recipient
-from anondata.manifest import build_manifest, load_envelopes, read_manifest, verify_release, write_signed_manifest
+from anondata.manifest import (
+    build_manifest,
+    file_entry,
+    open_release,
+    read_manifest,
+    release_envelopes,
+    verify_release,
+    write_grant,
+    write_signed_manifest,
+)
 
 REPO = Path(__file__).parents[1]
+
+
+def envelopes(root, signer_pub, keys=None):
+    """Envelope tables the way restore gets them: through a release verified against a pinned signer."""
+    return release_envelopes(open_release(root, load_recipient(signer_pub)), keys)
 
 
 def cli(capsys, *argv):
@@ -85,25 +99,30 @@ def test_grant_then_restore_exactly_those(release, capsys):
     tmp, root, did, secrets_by_id = release
     grant = tmp / "grant"
     code, out, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
-                         "--ids", "r1,r4", "--out", grant)
+                         "--ids", "r1,r4", "--out", grant, "--signer", tmp / "owner.pub")
     assert code == 0, err
     assert sorted(os.listdir(grant)) == ["grant.json", "grant.json.sig", "grant.keys.parquet"]
     other = load_identity(tmp / "other.key")
-    tables = load_envelopes(grant, signer=load_recipient(tmp / "owner.pub"))
+    tables = envelopes(root, tmp / "owner.pub", grant)
     assert open_records(tables, other, did) == {i: secrets_by_id[i] for i in ("r1", "r4")}
     with pytest.raises(KeyError_, match="r2"):
         open_records(tables, other, did, ids=["r2"])
     with pytest.raises(KeyError_):  # nothing of the full release either
-        open_records(load_envelopes(root), other, did)
-    with pytest.raises(IntegrityError):  # grant checked against the expected granter
-        load_envelopes(grant, signer=load_recipient(tmp / "new.pub"))
+        open_records(envelopes(root, tmp / "owner.pub"), other, did)
+    # a grant signed by someone who is not a recipient of the release (HPKE base mode lets anyone
+    # seal to other.pub): refused, naming the granter
+    forged = tmp / "forged"
+    write_grant(forged, tables[0], load_identity(tmp / "new.key"), [other.recipient], did,
+                verify_release(root)["manifest_sha256"])
+    with pytest.raises(IntegrityError, match="not a recipient of this release"):
+        envelopes(root, tmp / "owner.pub", forged)
     # tampered grant file: caught by the signed hash
     gfile = grant / "grant.keys.parquet"
     b = bytearray(gfile.read_bytes())
     b[len(b) // 2] ^= 1
     gfile.write_bytes(b)
     with pytest.raises(IntegrityError, match="SHA-256"):
-        load_envelopes(grant)
+        envelopes(root, tmp / "owner.pub", grant)
     # bad ids, non-owner, existing out dir: one clear line each
     for argv, msg in [
         (["--identity", tmp / "owner.key", "--ids", "nope", "--out", tmp / "g2"], "'nope'"),
@@ -111,33 +130,89 @@ def test_grant_then_restore_exactly_those(release, capsys):
         (["--identity", tmp / "owner.key", "--ids", "r1", "--out", grant], "not empty"),
         (["--identity", tmp / "owner.pub", "--ids", "r1", "--out", tmp / "g4"], "public key"),
     ]:
-        code, _, err = cli(capsys, "grant", root, "--to", tmp / "other.pub", *argv)
+        code, _, err = cli(capsys, "grant", root, "--to", tmp / "other.pub", "--signer", tmp / "owner.pub", *argv)
         assert code == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_commands_that_use_a_release_need_its_signer_pinned(release, capsys):
+    tmp, root, did, _ = release
+    grant = ["grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub", "--ids", "r1", "--out", tmp / "g"]
+    for argv in (grant,
+                 ["restore", root, "--identity", tmp / "owner.key", "--out", tmp / "r"],
+                 ["rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub"],
+                 ["publish", root, "--repo", "someone/x", "--dry-run"],
+                 ["eval", root, "--source", root / "data", "--report", tmp / "e"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "--signer" in err and "Traceback" not in err, (argv[0], err)
+    assert not any((tmp / d).exists() for d in ("g", "r", "e"))
+    # mallory re-signs the release over envelopes of her own (anyone can seal to owner.pub): refused
+    mallory = tmp / "mallory"
+    assert cli(capsys, "keygen", mallory)[0] == 0
+    env = root / "keys/train-00000-of-00001.keys.parquet"
+    write_envelope_table(env, seal_records([load_recipient(tmp / "owner.pub")], did,
+                                           [(f"r{i}", b"\xee" * 32, b"evil") for i in range(6)]))
+    m = read_manifest(root)
+    m["envelopes"] = [file_entry(root, "keys/train-00000-of-00001.keys.parquet", "envelopes")]
+    m["signer"] = load_recipient(tmp / "mallory.pub").to_json()
+    write_signed_manifest(root, m, load_identity(tmp / "mallory.key"))
+    code, _, err = cli(capsys, *grant, "--signer", tmp / "owner.pub")
+    assert code == 2 and "not by the expected signer" in err and not (tmp / "g").exists(), err
+    code, out, err = cli(capsys, *grant, "--any-signer")  # on purpose: it opens, and says it did not check
+    assert code == 0 and "not checked" in err, err
 
 
 def test_rewrap_rotates_and_resigns(release, capsys):
     tmp, root, did, secrets_by_id = release
     shard_before = (root / "data/train-00000-of-00001.parquet").read_bytes()
     code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
-                         "--signing-key", tmp / "new.key")
+                         "--signing-key", tmp / "new.key", "--signer", tmp / "owner.pub")
     assert code == 0, err
     assert (root / "data/train-00000-of-00001.parquet").read_bytes() == shard_before
     new = load_identity(tmp / "new.key")
     s = verify_release(root, new.recipient)
     assert s["signer"] == new.fingerprint
-    assert open_records(load_envelopes(root), new, did) == secrets_by_id
+    assert open_records(envelopes(root, tmp / "new.pub"), new, did) == secrets_by_id
     with pytest.raises(KeyError_):
-        open_records(load_envelopes(root), load_identity(tmp / "owner.key"), did)
+        open_records(envelopes(root, tmp / "new.pub"), load_identity(tmp / "owner.key"), did)
     assert [r["fingerprint"] for r in read_manifest(root)["recipients"]] == [new.fingerprint]
     assert oct(os.stat(root / "keys/train-00000-of-00001.keys.parquet").st_mode & 0o777) == "0o600"
     # the old key can no longer rewrap
-    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub")
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
+                       "--signer", tmp / "new.pub")
     assert code == 2 and "no envelope" in err
     # default signing key is --identity's
-    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "new.key", "--to", tmp / "other.pub", "--to", tmp / "new.pub")
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "new.key", "--to", tmp / "other.pub", "--to", tmp / "new.pub",
+                       "--signer", tmp / "new.pub")
     assert code == 0, err
     verify_release(root, new.recipient)
-    assert open_records(load_envelopes(root), load_identity(tmp / "other.key"), did) == secrets_by_id
+    assert open_records(envelopes(root, tmp / "new.pub"), load_identity(tmp / "other.key"), did) == secrets_by_id
+
+
+def test_rewrap_by_a_key_that_lost_access_changes_nothing(release, capsys):
+    tmp, root, did, _ = release
+    assert cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+               "--signing-key", tmp / "new.key", "--signer", tmp / "owner.pub")[0] == 0
+    before = {p: p.read_bytes() for p in (root / "manifest.json", root / "manifest.json.sig")}
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+                       "--signer", tmp / "new.pub")
+    assert code == 2 and "nothing to rewrap" in err and "owner" in err, err
+    assert all(p.read_bytes() == b for p, b in before.items())  # not re-signed by the revoked key
+
+
+def test_id_and_path_mistakes_get_one_line_errors(release, capsys):
+    tmp, root, did, _ = release
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub"]
+    code, _, err = cli(capsys, "restore", root, *base, "--ids", "", "--out", tmp / "all")  # an empty $IDS is not "all"
+    assert code == 2 and "no record ids" in err and not (tmp / "all").exists()
+    code, _, err = cli(capsys, "grant", root, *base, "--to", tmp / "other.pub", "--ids", "nosuch", "--out", tmp / "g")
+    assert code == 2 and "not in this release" in err and "'nosuch'" in err
+    (tmp / "afile").write_text("")
+    code, _, err = cli(capsys, "grant", root, *base, "--to", tmp / "other.pub", "--ids", "r1", "--out", tmp / "afile" / "g")
+    assert code == 2 and "afile" in err and "Traceback" not in err and err.count("\n") == 1, err
+    m = (root / "manifest.json").read_bytes()
+    (root / "manifest.json").write_bytes(m.replace(b'"counts":{', b'"counts":{"total":1,', 1))
+    code, _, err = cli(capsys, "verify", root)
+    assert code == 2 and "manifest.json" in err and "duplicate object key 'total'" in err, err
 
 
 def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):
@@ -152,12 +227,12 @@ def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):
 
     monkeypatch.setattr(manifest_mod, "_write_grant_files", half_then_fail)
     code, _, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
-                       "--ids", "r1", "--out", tmp / "g")
+                       "--ids", "r1", "--out", tmp / "g", "--signer", tmp / "owner.pub")
     assert code == 2 and "disk full" in err
     assert not (tmp / "g").exists() and not [p for p in os.listdir(tmp) if p.startswith(".g.")]
     monkeypatch.undo()
     code, _, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
-                       "--ids", "r1", "--out", tmp / "g")
+                       "--ids", "r1", "--out", tmp / "g", "--signer", tmp / "owner.pub")
     assert code == 0 and sorted(os.listdir(tmp / "g")) == ["grant.json", "grant.json.sig", "grant.keys.parquet"], err
 
 
@@ -167,7 +242,8 @@ def _rewrap_killed(tmp, root, crash_at=None):
     if crash_at:
         env["ANONDATA_TEST_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-c", "import sys; from anondata.cli import main; sys.exit(main(sys.argv[1:]))",
-                           "rewrap", str(root), "--identity", str(tmp / "owner.key"), "--to", str(tmp / "new.pub")],
+                           "rewrap", str(root), "--identity", str(tmp / "owner.key"), "--to", str(tmp / "new.pub"),
+                           "--signer", str(tmp / "owner.pub")],
                           env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -183,7 +259,7 @@ def test_rewrap_killed_after_staging_completes_on_rerun(release):
     assert r.returncode == 0 and "completed an interrupted rewrap" in r.stdout, r.stderr
     assert not (root / ".rewrap").exists()
     verify_release(root)
-    assert open_records(load_envelopes(root), load_identity(tmp / "new.key"), did) == secrets_by_id
+    assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
 
 
 def test_rewrap_half_staged_or_half_renamed_recovers(release, capsys):
@@ -202,10 +278,12 @@ def test_rewrap_half_staged_or_half_renamed_recovers(release, capsys):
         os.replace(root / ".rewrap" / name, root / name)
     with pytest.raises(IntegrityError):
         verify_release(root)  # the old signature over the new manifest: loud, never a silent pass
-    code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "new.key", "--to", tmp / "new.pub")
+    # the same command again (the staged manifest is signed by its --signing-key, here --identity's)
+    code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+                         "--signer", tmp / "owner.pub")
     assert code == 0 and "completed an interrupted rewrap" in out, err
     verify_release(root)
-    assert open_records(load_envelopes(root), load_identity(tmp / "new.key"), did) == secrets_by_id
+    assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
 
 
 def test_rewrap_on_public_copy_fails_cleanly(release, capsys):
@@ -213,7 +291,8 @@ def test_rewrap_on_public_copy_fails_cleanly(release, capsys):
 
     tmp, root, _, _ = release
     shutil.rmtree(root / "keys")
-    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub")
+    code, _, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+                       "--signer", tmp / "owner.pub")
     assert code == 2 and "keys/" in err
 
 
@@ -230,7 +309,7 @@ def test_keygen_and_verify_do_not_import_torch(release):
 
 
 def test_help_texts(capsys):
-    for cmd in ("keygen", "verify", "grant", "rewrap"):
+    for cmd in ("keygen", "verify", "grant", "rewrap", "restore", "publish", "eval"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert len(capsys.readouterr().out) > 300

@@ -467,3 +467,24 @@ def test_masks_too_small_to_hide_a_face_are_refused(model_dir, faces):
     assert v1.sign_cell == 0 and v1.secret_signs(small) == 3 * int(small.sum())
     with pytest.raises(InputError, match=r"masks\[0\].*secret signs"):
         v1.anonymize(faces[:1], fixed_keys(1), masks=np.zeros((1, 32, 32), bool))
+
+
+def test_non_finite_model_output_is_an_error_never_an_image(anon, faces, run, monkeypatch):
+    """NaN passes the overflow check (NaN > 32767 is False) and casts to 0: a broken model would
+    have published black faces as anonymized. Anonymize and restore must both refuse it."""
+    from anondata import scheme
+    from anondata.errors import AnondataError
+
+    real = scheme.transform
+    keys, out, recs = run
+    for bad in (float("nan"), float("inf")):
+        def broken(*a, bad=bad, **kw):
+            y, z = real(*a, **kw)
+            return y * bad, z
+
+        monkeypatch.setattr(scheme, "transform", broken)
+        with pytest.raises(AnondataError, match="non-finite values"):
+            anon.anonymize(faces[:2], keys[:2])
+        with pytest.raises(AnondataError, match="non-finite values"):
+            anon.restore(out[:2], keys[:2], recs[:2])
+        monkeypatch.setattr(scheme, "transform", real)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import secrets
 from pathlib import Path
 
@@ -208,6 +209,30 @@ def test_wrong_schema_and_metadata(people):
             open_records([bad], people["a"], DID)
 
 
+def test_schema_check_is_exact_at_every_level(people):
+    from anondata.envelope import WRAP_TYPE
+
+    t = seal_records([people["a"].recipient], DID, items(2))
+    fields = list(t.schema)
+    item_list = pa.list_(pa.field("item", WRAP_TYPE, nullable=False))
+    noted_wrap = pa.struct([WRAP_TYPE.field(0), WRAP_TYPE.field(1).with_metadata({b"k": b"v"})])
+    cases = {
+        "list element named item": fields[:2] + [pa.field("wraps", item_list, nullable=False)],
+        "field metadata on record_id": [fields[0].with_metadata({b"note": b"hello"})] + fields[1:],
+        "field metadata inside wraps": fields[:2] + [pa.field("wraps", pa.list_(pa.field("element", noted_wrap, nullable=False)), nullable=False)],
+    }
+    for what, bad_fields in cases.items():
+        bad = pa.Table.from_pylist(t.to_pylist(), schema=pa.schema(bad_fields, metadata=t.schema.metadata))
+        with pytest.raises(FormatError, match="not the envelope schema"):
+            open_records([bad], people["a"], DID)
+            pytest.fail(what)
+        buf = io.BytesIO()
+        pq.write_table(bad, buf, use_compliant_nested_type=False)  # a writer that keeps Arrow's list naming
+        with pytest.raises(FormatError, match="not the envelope schema"):
+            read_envelope_table(buf.getvalue())
+            pytest.fail(what)
+
+
 def _parquet(t) -> bytes:
     buf = io.BytesIO()
     pq.write_table(t, buf)
@@ -268,6 +293,15 @@ def test_seal_input_checks(people):
         seal_records([a, a], DID, [("r", bytes(32), b"")])
 
 
+def test_malformed_seal_item_error_shows_no_key_bytes(people):
+    key = bytes.fromhex("deadbeef" * 8)
+    for item, n in [(("r1", key), 2), (("r1", key, b"rr", "extra"), 4), (["r1", key], 2)]:
+        with pytest.raises(FormatError, match=f"got a {type(item).__name__} of length {n}") as e:
+            seal_records([people["a"].recipient], DID, [item])
+        msg = str(e.value)
+        assert not any(s in msg for s in (repr(key)[2:18], key.hex()[:8], canonical.b64e(key)[:8])), msg
+
+
 def test_golden_vectors():
     doc = json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))
     checked = {"ok": 0, "IntegrityError": 0, "KeyError_": 0}
@@ -293,23 +327,54 @@ def test_golden_vectors():
 
 
 def test_vector_intermediates_match_spec():
-    """The spec's derivations (FORMAT.md) reproduce the vector's intermediate values."""
-    from cryptography.hazmat.primitives import hashes
+    """Every vector's intermediates (hpke_info, data_key, payload_key, payload_nonce), X25519 and
+    hybrid, recomputed from FORMAT.md with `cryptography` alone, not anondata's helpers."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes, hpke
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    from anondata.identity import hpke_suite
+    def private(key_file):  # "Identity files": an X25519 scalar, or ML-KEM-768 seed (64) || X25519 scalar
+        key = json.loads((VECTORS / key_file).read_text(encoding="utf-8"))
+        raw = canonical.b64d(key["kem_secret"])
+        if key["kem"] == "X25519":
+            return hpke.KEM.X25519, x25519.X25519PrivateKey.from_private_bytes(raw)
+        ml, xk = mlkem.MLKEM768PrivateKey.from_seed_bytes(raw[:64]), x25519.X25519PrivateKey.from_private_bytes(raw[64:])
+        return hpke.KEM.MLKEM768_X25519, hpke.MLKEM768X25519PrivateKey(ml, xk)
 
-    v = json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))["vectors"][0]
-    ident = vector_identity("alice")
-    info = b"anondata/wrap/v1\x00" + v["dataset_id"].encode() + v["record_id"].encode()
-    assert canonical.b64d(v["hpke_info"]) == info
-    dk = hpke_suite("X25519").decrypt(canonical.b64d(v["sealed"]), ident.hpke_private, info=info)
-    assert dk == canonical.b64d(v["data_key"])
-    pk = HKDF(hashes.SHA256(), 32, None, b"anondata/payload/v1\x00" + v["dataset_id"].encode() + v["record_id"].encode()).derive(dk)
-    assert pk == canonical.b64d(v["payload_key"])
-    plain = ChaCha20Poly1305(pk).decrypt(bytes(12), canonical.b64d(v["payload"]), None)
-    assert plain == b"\x01" + canonical.b64d(v["record_key"]) + canonical.b64d(v["restore_record"])
+    opened = set()
+    for v in json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))["vectors"]:
+        what = v["description"]
+        kem, sk = private(v["identity"])
+        binding = v["dataset_id"].encode() + v["record_id"].encode()
+        info = b"anondata/wrap/v1\x00" + binding  # what the opener binds
+        sealed_info = canonical.b64d(v["hpke_info"])  # what the envelope was sealed with
+        assert re.fullmatch(rb"anondata/wrap/v1\x00[0-9a-f]{32}.+", sealed_info, re.S), what
+        nonce = canonical.b64d(v["payload_nonce"])
+        assert nonce == bytes(12), what
+        suite = hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+        if v["data_key"] is None:  # the negative vectors that fail at the HPKE layer
+            assert v["payload_key"] is None and v["expect"] != "ok", what
+            with pytest.raises((InvalidTag, ValueError)):
+                suite.decrypt(canonical.b64d(v["sealed"]), sk, info=info)
+            if sealed_info != info:  # moved to another record or dataset: intact, only the binding differs
+                suite.decrypt(canonical.b64d(v["sealed"]), sk, info=sealed_info)
+            continue
+        assert sealed_info == info, what
+        dk = suite.decrypt(canonical.b64d(v["sealed"]), sk, info=info)
+        assert dk == canonical.b64d(v["data_key"]), what
+        pk = HKDF(hashes.SHA256(), 32, None, b"anondata/payload/v1\x00" + binding).derive(dk)
+        assert pk == canonical.b64d(v["payload_key"]), what
+        payload = canonical.b64d(v["payload"])
+        if v["expect"] != "ok":  # the flipped tag
+            with pytest.raises(InvalidTag):
+                ChaCha20Poly1305(pk).decrypt(nonce, payload, None)
+            continue
+        plain = ChaCha20Poly1305(pk).decrypt(nonce, payload, None)
+        assert plain == b"\x01" + canonical.b64d(v["record_key"]) + canonical.b64d(v["restore_record"]), what
+        opened.add((kem, v["record_id"]))
+    assert len(opened) == 6 and {k for k, _ in opened} == {hpke.KEM.X25519, hpke.KEM.MLKEM768_X25519}
 
 
 @settings(max_examples=300, deadline=None)

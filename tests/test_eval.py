@@ -226,7 +226,8 @@ def test_cli_on_a_release(release, identities, tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "anondata.cli", "eval", str(release["dir"]), "--source", str(release["source"]),
            "--identity", identities["owner"][0], "--identity-column", "label", "--report", str(out),
            "--model", tiny_model, "--attack-sample", "1", "--wrong-bits", "1", "--leakage-p", "0.5,1", "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    signer = ["--signer", identities["runner"][1]]
+    p = subprocess.run(cmd + signer, capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert p.returncode == 0, p.stderr
     assert "faces:" in p.stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -237,11 +238,11 @@ def test_cli_on_a_release(release, identities, tiny_model, tmp_path):
     assert m["restore"]["restored"]["bit_exact_share"] == 1.0
     assert m["identity"]["reidentification"]["anonymized"]["probes"] == 6
     # a stranger holds no envelope: a clear error, no traceback
-    p = subprocess.run(cmd[:8] + [identities["stranger"][0], "--model", tiny_model, "--report", str(tmp_path / "r2")],
+    p = subprocess.run(cmd[:8] + [identities["stranger"][0], "--model", tiny_model, "--report", str(tmp_path / "r2"), *signer],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "error" in p.stderr
     # a source that is not the release's
-    p = subprocess.run(cmd[:6] + [str(tmp_path / "nope.parquet"), "--report", str(tmp_path / "r3")],
+    p = subprocess.run(cmd[:6] + [str(tmp_path / "nope.parquet"), "--report", str(tmp_path / "r3"), *signer],
                        capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert p.returncode == 2 and "does not exist" in p.stderr
 

@@ -230,6 +230,40 @@ def test_cross_check_quarantines_a_photo_with_a_face_the_first_detector_missed()
             FaceSpec(**bad)
 
 
+def test_cross_check_face_in_a_crop_corner_is_not_counted_as_anonymized():
+    """A small face only the second detector finds, centred inside the first face's crop but in
+    its corner, where the paste-back weight is 0: it used to count as covered and was published
+    untouched. Now the photo is quarantined; the same face seen a little shifted and larger by the
+    second detector still counts as covered."""
+
+    class Fixed:
+        name = "fixed"
+
+        def __init__(self, boxes):
+            self.boxes = boxes
+
+        def detect(self, rgb):
+            return [detect.Face(b, 1.0) for b in self.boxes]
+
+    big, small = (100, 100, 200, 200), (205, 200, 225, 220)
+    detect.register("big-face", lambda arg: Fixed([big]))
+    detect.register("big-and-corner", lambda arg: Fixed([big, small]))
+    detect.register("big-jittered", lambda arg: Fixed([(104, 92, 210, 203)]))
+    img = np.random.default_rng(7).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    run = lambda cc: anonymize_photos(InvertAnon(), [img], [new_key()],  # noqa: E731
+                                      FaceSpec(mode="detect", detector="big-face", cross_check=cc))[0]
+    plain = run(None)
+    (x0, y0, x1, y1), = _crops(plain.record)
+    assert x0 <= 215 < x1 and y0 <= 210 < y1  # the small face's centre is inside the crop ...
+    assert np.array_equal(plain.image[200:220, 205:225], img[200:220, 205:225])  # ... yet left as it was
+    res = run("big-and-corner")
+    assert res.image is None and res.record is None
+    assert "'big-and-corner' (--cross-check) found 1 face(s) that 'big-face' did not, first at box [205, 200, 225, 220]" \
+        in res.quarantine_reason
+    same = run("big-jittered")
+    assert same.quarantine_reason is None and same.faces == 1
+
+
 def test_unusable_detector_setting_raises_for_the_whole_batch(anon):
     with pytest.raises(InputError, match="yunet"):
         anonymize_photos(anon, [np.zeros((64, 64, 3), np.uint8)], [new_key()], FaceSpec(mode="detect", detector="yunet"))
@@ -364,6 +398,17 @@ def test_record_is_parsed_strictly(anon, one, edit, needle):
     img, keys, res = one
     with pytest.raises(FormatError, match=needle):
         restore_photos(anon, [res.image], keys, [_edit(res.record, edit)])
+
+
+def test_photo_record_version_must_be_an_integer_not_true():
+    r = 2
+    rec = {"v": 1, "kind": "anondata/photo", "width": 4, "height": 4, "resolution": r, "mask": "full",
+           "anon_sha256": "0" * 64, "lossless": None,
+           "faces": [{"crop": [0, 0, 4, 4], "ellipse": None, "feather": None, "core": canonical.b64e(b"x"),
+                      "fix": canonical.b64e(zlib.compress(bytes(2 * r * r * 3)))}]}
+    _parse_record(canonical.dumps(rec), "photo")
+    with pytest.raises(FormatError, match="unsupported version True"):
+        _parse_record(canonical.dumps(dict(rec, v=True)), "photo")
 
 
 def test_non_canonical_record_rejected(anon, one):

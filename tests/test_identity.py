@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anondata import canonical
-from anondata.errors import AnondataError, FormatError, IntegrityError, KeyError_
+from anondata.errors import FormatError, IntegrityError, KeyError_
 from anondata.identity import (
     KEM_HYBRID,
     KEM_X25519,
@@ -129,12 +129,51 @@ def test_wrong_file_kind_hints(tmp_path):
         load_recipient(tmp_path / "missing.pub")
 
 
-def test_low_order_x25519_public_key_rejected_at_seal():
-    from anondata.envelope import seal_records
+def _verifies(key, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
 
-    r = Recipient(KEM_X25519, bytes(32), bytes(32), "zero")  # parses: X25519 accepts any 32 bytes
-    with pytest.raises(AnondataError):
-        seal_records([r], "0" * 32, [("a", bytes(32), b"")])
+    try:
+        key.verify(signature, message)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def test_degenerate_public_keys_are_refused_at_load(tmp_path):
+    import re
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+    from anondata.identity import _LOW_ORDER_U, _SMALL_ORDER_Y
+
+    p = 2**255 - 19
+
+    def le(n: int) -> bytes:
+        return n.to_bytes(32, "little")
+
+    # The blocklists hold what they claim, checked with the primitives: X25519 refuses the all-zero
+    # secret a low-order key gives; a small-order Ed25519 key accepts the signature (R = neutral, S = 0).
+    for u in _LOW_ORDER_U:
+        with pytest.raises(ValueError):
+            x25519.X25519PrivateKey.generate().exchange(x25519.X25519PublicKey.from_public_bytes(le(u)))
+    for y in _SMALL_ORDER_Y:
+        key = ed25519.Ed25519PublicKey.from_public_bytes(le(y))
+        assert any(_verifies(key, le(1) + bytes(32), bytes([m])) for m in range(64)), y
+    alice, bob = (json.loads((VECTORS / f"{n}.pub").read_text()) for n in ("alice", "bob"))
+    a_kem, b_kem = canonical.b64d(alice["kem_public"]), canonical.b64d(bob["kem_public"])
+    cases = [(alice, "sign_public", le(y | s << 255)) for y in _SMALL_ORDER_Y | {p, p + 1, p + 7, 2**255 - 1} for s in (0, 1)]
+    cases += [(alice, "kem_public", le(u)) for u in _LOW_ORDER_U | {p, p + 1, 2**255 - 1}]
+    cases += [(alice, "kem_public", a_kem[:31] + bytes([a_kem[31] | 0x80])),  # bit 255 set
+              (bob, "kem_public", b_kem[:-32] + le(p - 1))]  # the hybrid's X25519 part
+    path = tmp_path / "degenerate.pub"
+    for obj, field, raw in cases:
+        path.write_bytes(canonical.dumps(dict(obj, **{field: canonical.b64e(raw)})) + b"\n")
+        with pytest.raises(KeyError_, match=re.escape(str(path)) + f".*{field} is not a valid public key"):
+            load_recipient(path)
+            pytest.fail(f"{field} {raw.hex()}")
+    with pytest.raises(FormatError, match="kem_public is not a valid public key"):
+        Recipient(KEM_X25519, bytes(32), canonical.b64d(alice["sign_public"]), "zero")
+    assert load_recipient(VECTORS / "alice.pub").name == "alice" and load_recipient(VECTORS / "bob.pub").name == "bob"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -72,7 +72,7 @@ def test_restore_selected_ids_bit_exact_and_refusals(release, identities, tiny_m
     out, rows = release["dir"], release["rows"]
     by_id = {r["record_id"]: r for r in rows}
     res = run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001", "rec-005"],
-                      png=True, model=tiny_model, progress=False)
+                      png=True, model=tiny_model, signer_path=identities["runner"][1], progress=False)
     assert res.restored == 2
     got = _public_rows(tmp_path / "r")
     assert [g["record_id"] for g in got] == ["rec-001", "rec-005"]
@@ -83,13 +83,45 @@ def test_restore_selected_ids_bit_exact_and_refusals(release, identities, tiny_m
         assert (tmp_path / "r" / "png" / "train" / f"{g['record_id']}.png").is_file()
 
     with pytest.raises(KeyError_, match="rec-001"):  # a key that is no recipient: refused by id
-        run_restore(str(out), identities["stranger"][0], str(tmp_path / "s"), ids=["rec-001"], model=tiny_model)
+        run_restore(str(out), identities["stranger"][0], str(tmp_path / "s"), ids=["rec-001"], model=tiny_model, signer_path=identities["runner"][1])
     with pytest.raises(InputError, match="rec-002.*quarantined"):
-        run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["rec-002"], model=tiny_model)
+        run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["rec-002"], model=tiny_model, signer_path=identities["runner"][1])
     with pytest.raises(InputError, match="nope"):
-        run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["nope"], model=tiny_model)
+        run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["nope"], model=tiny_model, signer_path=identities["runner"][1])
     with pytest.raises(InputError, match="not empty"):
-        run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"], model=tiny_model)
+        run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"], model=tiny_model, signer_path=identities["runner"][1])
+
+
+def test_restore_through_a_grant_and_through_a_copy_of_keys(release, identities, tiny_model, tmp_path):
+    import shutil
+
+    from anondata.cli import main
+    from anondata.errors import IntegrityError
+    from anondata.job.restore import run_restore
+
+    out, runner_pub = release["dir"], identities["runner"][1]
+    by_id = {r["record_id"]: r for r in release["rows"]}
+    assert main(["grant", str(out), "--signer", runner_pub, "--identity", identities["owner"][0],
+                 "--to", identities["stranger"][1], "--ids", "rec-001", "--out", str(tmp_path / "g")]) == 0
+    run_restore(str(out), identities["stranger"][0], str(tmp_path / "r"), keys=str(tmp_path / "g"),
+                model=tiny_model, signer_path=runner_pub, progress=False)
+    (got,) = _public_rows(tmp_path / "r")  # exactly the granted record, exactly its original pixels
+    assert got["record_id"] == "rec-001"
+    assert np.array_equal(decode_image(got["image"]["bytes"], "x")[0],
+                          decode_image(by_id["rec-001"]["image"]["bytes"], "x")[0])
+    # the public copy, with the owner's keys/ kept elsewhere: each file checked against this manifest
+    public, private = tmp_path / "public", tmp_path / "private"
+    shutil.copytree(out, public, ignore=shutil.ignore_patterns("keys"))
+    shutil.copytree(out / "keys", private / "keys")
+    run_restore(str(public), identities["owner"][0], str(tmp_path / "r2"), keys=str(private), ids=["rec-005"],
+                model=tiny_model, signer_path=runner_pub, progress=False)
+    assert [g["record_id"] for g in _public_rows(tmp_path / "r2")] == ["rec-005"]
+    env = sorted((private / "keys").glob("*.parquet"))[0]
+    env.write_bytes(env.read_bytes()[:-1] + bytes([env.read_bytes()[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match="SHA-256|bytes|rows"):
+        run_restore(str(public), identities["owner"][0], str(tmp_path / "r3"), keys=str(private), ids=["rec-005"],
+                    model=tiny_model, signer_path=runner_pub, progress=False)
+    assert not (tmp_path / "r3").exists()
 
 
 def test_failed_restore_leaves_no_half_restored_folder(release, identities, tiny_model, tmp_path, monkeypatch):
@@ -108,21 +140,21 @@ def test_failed_restore_leaves_no_half_restored_folder(release, identities, tiny
     monkeypatch.setattr(faces_mod, "restore_photos", second_fails)
     with pytest.raises(IntegrityError, match="rec-005"):
         run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001", "rec-005"],
-                    png=True, model=tiny_model, progress=False, batch_size=1)
+                    png=True, model=tiny_model, signer_path=identities["runner"][1], progress=False, batch_size=1)
     assert len(calls) == 2 and os.listdir(tmp_path) == []  # no --out folder, no hidden work folder
 
 
 def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     (tmp_path / "ids.txt").write_text("# wanted\nrec-006\n\n")
     r = subprocess.run(
-        [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["owner"][0],
+        [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["owner"][0], "--signer", identities["runner"][1],
          "--ids-file", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "o"), "--model", tiny_model, "--no-progress"],
         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=240,
     )
     assert r.returncode == 0, r.stderr
     assert [g["record_id"] for g in _public_rows(tmp_path / "o")] == ["rec-006"]
     r = subprocess.run(
-        [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["stranger"][0],
+        [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["stranger"][0], "--signer", identities["runner"][1],
          "--ids", "rec-000", "--out", str(tmp_path / "p"), "--model", tiny_model],
         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=240,
     )
@@ -160,7 +192,7 @@ def test_image_folder_derived_ids_and_quarantine_reasons(ray_address, identities
     ds = datasets.load_dataset(str(tmp_path / "out"), split="faces")
     assert ds.column_names == ["record_id", "image"] and ds["record_id"] == ["faces-000000", "faces-000001", "faces-000004"]
     run_restore(str(tmp_path / "out"), identities["owner"][0], str(tmp_path / "r"), ids=["faces-000001"],
-                model=tiny_model, progress=False)
+                model=tiny_model, signer_path=identities["runner"][1], progress=False)
     got = _public_rows(tmp_path / "r")[0]
     assert np.array_equal(decode_image(got["image"]["bytes"], "x")[0], decode_image(encode(imgs[1], "JPEG"), "x")[0])
 
@@ -214,7 +246,8 @@ def test_cli_help_and_argument_errors():
     h = run("anonymize", "--help")
     assert h.returncode == 0
     for opt in ("--recipient", "--signing-key", "--image-column", "--id-column", "--split", "--limit",
-                "--gpus", "--batch-size", "--resume", "--faces", "--on-no-face", "RAY_ADDRESS"):
+                "--gpus", "--batch-size", "--resume", "--faces", "--on-no-face", "RAY_ADDRESS",
+                "--drop-column", "--keep-column"):
         assert opt in h.stdout
     assert run("restore", "--help").returncode == 0 and "--ids-file" in run("restore", "--help").stdout
     assert "--include-envelopes" in run("publish", "--help").stdout
@@ -300,7 +333,7 @@ def test_lossy_release_restores_every_record_close_or_exact(ray_address, identit
     ))
     assert res.anonymized == 3
     ids = [r["record_id"] for r in rows]
-    run_restore(str(tmp_path / "out"), identities["owner"][0], str(tmp_path / "r"), ids=ids, model=tiny_model,
+    run_restore(str(tmp_path / "out"), identities["owner"][0], str(tmp_path / "r"), ids=ids, model=tiny_model, signer_path=identities["runner"][1],
                 progress=False)
     got = {r["record_id"]: decode_image(r["image"]["bytes"], "x")[0] for r in _public_rows(tmp_path / "r")}
     anon = {r["record_id"]: decode_image(r["image"]["bytes"], "x")[0] for r in _public_rows(tmp_path / "out")}
@@ -330,3 +363,51 @@ def test_resume_keeps_the_scheme_of_the_plan():
     opts = JobOptions(source="s", out="o", recipients=[], signing_key="k")
     got = _options_from_plan(opts, {"options": {**base, "background": "noised", "flip_centre": "zero"}})
     assert got.flip_centre == "zero"
+
+
+def test_other_picture_columns_and_rows_past_limit(ray_address, identities, tiny_model, tmp_path):
+    """The audit's leak: a second Image column, raw bytes and a list of images went to the public
+    shards with the real faces. The job refuses such a source before any work, naming the
+    columns; with --drop-column / --keep-column the release holds exactly the kept ones, with
+    features metadata `datasets` loads. And every input record is in the manifest: the rows
+    --limit cuts as skipped."""
+    import datasets
+    import pyarrow as pa
+
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest, verify_release
+
+    imgs = synthetic_faces(4)
+    rows = [{"record_id": f"rec-{i}", "image": {"bytes": encode(a), "path": None},
+             "original": {"bytes": encode(a), "path": f"alice_{i}.png"}, "thumb": encode(a[::2, ::2]),
+             "gallery": [{"bytes": encode(a), "path": None}], "file_name": f"alice_{i}.png"} for i, a in enumerate(imgs)]
+    feats = datasets.Features({"record_id": datasets.Value("string"), "image": datasets.Image(), "original": datasets.Image(),
+                               "thumb": datasets.Value("binary"), "gallery": datasets.Sequence(datasets.Image()),
+                               "file_name": datasets.Value("string")})
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=feats.arrow_schema), src)
+    base = dict(source=str(src), recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                model=tiny_model, shard_size=2, batch_size=2, progress=False, **FAST)
+    with pytest.raises(InputError, match="original .*thumb .*gallery .*--drop-column NAME.*--keep-column NAME"):
+        run_anonymize(JobOptions(out=str(tmp_path / "refused"), **base))
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "out"
+    res = run_anonymize(JobOptions(out=str(out), drop_columns=["original", "gallery"], keep_columns=["thumb"], limit=3,
+                                   **base))
+    assert (res.anonymized, res.quarantined, res.skipped) == (3, 0, 1)
+    verify_release(out)
+    m = read_manifest(out)
+    assert [(r["id"], r["status"]) for r in m["records"]] == [
+        ("rec-0", "anonymized"), ("rec-1", "anonymized"), ("rec-2", "anonymized"), ("rec-3", "skipped")]
+    assert "beyond --limit 3" in m["records"][3]["reason"]
+    # own cache: datasets' cache key for a local folder named "out" can match another test's release
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert ds.column_names == ["record_id", "image", "thumb", "file_name"]
+    assert ds["thumb"] == [r["thumb"] for r in rows[:3]] and ds["file_name"] == [r["file_name"] for r in rows[:3]]
+    for p in (out / "data").glob("*.parquet"):
+        features = json.loads(pq.read_schema(p).metadata[b"huggingface"])["info"]["features"]
+        assert set(features) == {"record_id", "image", "thumb", "file_name"}
+    card = (out / "README.md").read_text()
+    assert "except `gallery`, `original`" in card and "`thumb`: published unchanged" in card
+    assert "skipped records: 1" in card

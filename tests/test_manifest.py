@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +26,7 @@ from anondata.manifest import (
     build_manifest,
     parse_manifest,
     read_manifest,
+    validate_grant,
     validate_manifest,
     verify_release,
     write_signed_manifest,
@@ -229,6 +233,17 @@ def test_golden_release_vector(tmp_path):
         verify_release(VECTORS / "release", load_recipient(VECTORS / "bob.pub"))
 
 
+def test_cli_verify_of_the_vector_release_prints_ok():
+    """FORMAT.md, "Test vectors": the spec's command, as written there, run from the repository root."""
+    repo = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-m", "anondata", "verify", "tests/vectors/release", "--signer", "tests/vectors/alice.pub"],
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # "On success it prints `ok: N shards, M envelope files, K records (...), signed by NAME (FP)`"
+    assert re.fullmatch(r"ok: 1 shards, 1 envelope files, 5 records \(3 anonymized, 1 quarantined, 1 skipped\), "
+                        r"signed by alice \(2da0fcf8cc8bf1e3afa01c14a9be9734\)\n", r.stdout), r.stdout
+
+
 def test_json_schema_accepts_what_we_write(tmp_path, owner):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
@@ -280,3 +295,39 @@ def test_fuzz_manifest_fields(field, value):
     # accepted only if it is a legal manifest by the schema as well
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(m, json.loads(SCHEMA.read_text()))
+
+
+def _parse_edited(edit) -> dict:
+    m = json.loads(_BASE)
+    edit(m)
+    return parse_manifest(canonical.dumps(m) + b"\n")
+
+
+def test_counts_must_be_integers_not_booleans():
+    _parse_edited(lambda m: None)
+    with pytest.raises(FormatError, match=r"\$\.counts\.quarantined: expected an integer"):
+        _parse_edited(lambda m: m["counts"].update(quarantined=True, skipped=True))
+
+
+def test_recipient_names_follow_the_pub_file_rule():
+    for name in ("a\nb", "\x00", "x\x7f", "x" * 129):
+        with pytest.raises(FormatError, match=r"\$\.recipients\[0\]: name must be .* without control characters"):
+            _parse_edited(lambda m: m["recipients"][0].update(name=name))
+
+
+def test_grant_to_is_checked_like_the_manifest_recipients():
+    ok = {"fingerprint": "2da0fcf8cc8bf1e3afa01c14a9be9734", "kem": "X25519", "name": "alice"}
+    grant = {"dataset_id": "f03dc616d188f83464b57270433c159c", "format": "anondata-grant",
+             "envelopes": [{"bytes": 1, "path": "grant.keys.parquet", "rows": 1, "sha256": "0" * 64}],
+             "granted_by": json.loads((VECTORS / "alice.pub").read_text()), "manifest_sha256": "0" * 64,
+             "records": ["img-000"], "to": [ok], "version": 1}
+    validate_grant(grant)
+    for to, match in [
+        ([dict(ok, kem="NOPE")], r"grant\.to\[0\]\.kem: unknown kem 'NOPE'"),
+        ([dict(ok, kem=["X25519"])], r"grant\.to\[0\]\.kem: unknown kem"),
+        ([dict(ok, name=123)], r"grant\.to\[0\]: name must be"),
+        ([dict(ok, name="a\x1bb")], r"grant\.to\[0\]: name must be .* without control characters"),
+        ([ok, dict(ok, name="again")], r"grant\.to\[1\]\.fingerprint: listed twice"),
+    ]:
+        with pytest.raises(FormatError, match=match):
+            validate_grant(dict(grant, to=to))

@@ -7,20 +7,27 @@ import shutil
 
 import pytest
 
-from anondata.errors import AnondataError, InputError
+from anondata.errors import AnondataError, InputError, IntegrityError
+from anondata.identity import load_recipient
 from anondata.job import publish as pub
+
+
+@pytest.fixture()
+def runner(identities):
+    """The key that signed the `release` fixture: publish pins it."""
+    return load_recipient(identities["runner"][1])
 
 
 def _all_files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def test_public_file_set_excludes_keys(release):
+def test_public_file_set_excludes_keys(release, runner):
     out = release["dir"]
-    files = pub.public_files(out)
+    files = pub.public_files(out, runner)
     shards = [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
     assert files == ["README.md", "manifest.json", "manifest.json.sig", *shards]
-    with_keys = pub.public_files(out, include_envelopes=True)
+    with_keys = pub.public_files(out, runner, include_envelopes=True)
     assert with_keys == files + [f"keys/train-0000{i}-of-00003.keys.parquet" for i in range(3)]
     # the patterns upload_folder gets admit exactly these files from the folder
     for chosen in (files, with_keys):
@@ -29,18 +36,18 @@ def test_public_file_set_excludes_keys(release):
         assert admitted == sorted(chosen)
 
 
-def test_publish_calls_upload_once_with_that_set(release):
+def test_publish_calls_upload_once_with_that_set(release, runner):
     calls = []
-    files = pub.publish(release["dir"], "someone/faces-anon", private=True,
+    files = pub.publish(release["dir"], "someone/faces-anon", signer=runner, private=True,
                         uploader=lambda *a, **k: calls.append((a, k)))
     assert len(calls) == 1
     (folder, repo, sent), kw = calls[0]
     assert repo == "someone/faces-anon" and sent == files and kw["private"] is True
     assert not any(f.startswith("keys/") for f in sent)
-    assert pub.publish(release["dir"], "someone/x", dry_run=True, uploader=lambda *a, **k: 1 / 0) == files
+    assert pub.publish(release["dir"], "someone/x", signer=runner, dry_run=True, uploader=lambda *a, **k: 1 / 0) == files
 
 
-def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, monkeypatch):
+def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, runner, monkeypatch):
     import huggingface_hub
 
     seen = {}
@@ -57,7 +64,7 @@ def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, monke
             return type("Info", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    files = pub.public_files(release["dir"])
+    files = pub.public_files(release["dir"], runner)
     assert pub.upload(release["dir"], "me/ds", files, private=False) == "https://hub/commit/1"
     assert seen["create"] == ("me/ds", "dataset", False, True)
     up = seen["upload"]
@@ -73,25 +80,28 @@ def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, monke
         pub.upload(release["dir"], "me/ds", files)
 
 
-def test_refuses_unfinished_tampered_or_bad_repo(release, tmp_path):
+def test_refuses_unfinished_tampered_or_bad_repo(release, runner, identities, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(release["dir"], copy)
     with pytest.raises(InputError, match="USER/NAME"):
-        pub.publish(copy, "not a repo", dry_run=True)
+        pub.publish(copy, "not a repo", signer=runner, dry_run=True)
     (copy / ".anondata-work").mkdir()
     with pytest.raises(InputError, match="--resume"):
-        pub.public_files(copy)
+        pub.public_files(copy, runner)
     (copy / ".anondata-work").rmdir()
     shard = copy / "data" / "train-00001-of-00003.parquet"
     shard.write_bytes(shard.read_bytes() + b"x")
     with pytest.raises(AnondataError, match="train-00001"):
-        pub.public_files(copy)
+        pub.public_files(copy, runner)
     shutil.rmtree(copy)
     shutil.copytree(release["dir"], copy)
     shutil.rmtree(copy / "keys")  # a public copy can be re-published, not with envelopes
-    assert pub.public_files(copy)[-1].startswith("data/")
+    assert pub.public_files(copy, runner)[-1].startswith("data/")
     with pytest.raises(InputError, match="keys/"):
-        pub.public_files(copy, include_envelopes=True)
+        pub.public_files(copy, runner, include_envelopes=True)
+    owner = load_recipient(identities["owner"][1])  # a release signed by another key is not published
+    with pytest.raises(IntegrityError, match="not by the expected signer"):
+        pub.public_files(copy, owner)
 
 
 def test_glob_characters_in_names_are_escaped():

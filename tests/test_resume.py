@@ -101,7 +101,7 @@ def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path)
         from anondata.job.restore import run_restore
 
         ids = [rows[0]["record_id"], rows[N - 1]["record_id"]]
-        run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=ids, model=tiny_model, progress=False)
+        run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=ids, model=tiny_model, signer_path=identities["runner"][1], progress=False)
         got = [r for p in sorted((tmp_path / "r" / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
         by_id = {r["record_id"]: r for r in rows}
         for g in got:
@@ -173,3 +173,75 @@ def test_resume_refuses_other_weights_than_the_written_shards(identities, tiny_m
     with pytest.raises(InputError, match=f"now has weights sha256 {model_sha256(tiny_model)[:12]}") as e:
         run_anonymize(_resumed(opts))
     assert "abababababab" in str(e.value) and "anondata 0" not in str(e.value)
+
+
+def test_resume_refuses_a_source_whose_files_changed(identities, tiny_model, tmp_path, capsys):
+    """The audit's case: one image renamed between the killed run and --resume shifts the rows
+    of an image folder (one photo published twice, another never processed) while the row
+    count stays the same. Refused before any work; a plan from before the fingerprint is
+    resumed with a warning."""
+    from anondata.errors import InputError
+    from anondata.identity import load_identity, load_recipient
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, _same_source_contents, make_plan, run_anonymize
+    from anondata.job.sources import open_source
+    from conftest import encode, synthetic_faces
+
+    d = tmp_path / "pics"
+    d.mkdir()
+    for n, a in zip("abcd", synthetic_faces(4)):
+        (d / f"{n}.png").write_bytes(encode(a))
+    opts = JobOptions(source=str(d), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
+                      signing_key=identities["runner"][0], model=tiny_model, shard_size=2, progress=False)
+    plan = make_plan(open_source(opts.source), opts, [load_recipient(identities["owner"][1])],
+                     load_identity(identities["runner"][0]))
+    Journal(opts.out).create(plan)
+    (d / "a.png").rename(d / "e.png")
+    with pytest.raises(InputError, match="changed since the job started.*split 'train': its files"):
+        run_anonymize(_resumed(opts))
+    old = {k: v for k, v in plan.items() if k != "source_fingerprint"}
+    _same_source_contents(old, open_source(str(d)))
+    assert "no fingerprint" in capsys.readouterr().err
+
+
+def test_resume_checks_the_device_and_settings_of_the_written_shards(ray_address, identities, tiny_model, tmp_path,
+                                                                      monkeypatch):
+    """Each marker records model, settings and device, and the release must have one of each. A
+    resume that would differ (another device, a changed anondata.json) used to do all the work
+    and then never finish; now it stops before any record, naming what differs, and a job whose
+    shards ran on CPU stays on CPU on a cluster with GPUs."""
+    import ray
+
+    from anondata import canonical
+    from anondata.errors import InputError
+    from anondata.identity import load_recipient
+    from anondata.job.pipeline import _same_marker_as_committed, run_anonymize
+    from anondata.job.worker import AnonymizerActor
+
+    opts, plan, journal = _planned_job(identities, tiny_model, tmp_path)
+    first = plan["splits"][0]["shards"][0]["name"]
+    actor = AnonymizerActor(model=tiny_model, device="cpu", steps=None, inversion_iters=None, sign_cell=0,
+                            background="noised", flip_centre="mean-face", model_batch=1, face_spec=plan["options"]["faces"],
+                            lossless=True, recipients=[], dataset_id=plan["dataset_id"])
+    real = canonical.loads(actor.model_json.encode(), "m")
+
+    def written_with(**changes):
+        journal.commit(first, {"shard": first, "split": "train", "records": [], "faces": 0,
+                               "model": canonical.dumps({**real, **changes}).decode()})
+
+    written_with(device="cuda")
+    with pytest.raises(InputError, match="nothing was processed.*made on cuda, this run would use cpu.*GPUs"):
+        run_anonymize(_resumed(opts))
+    written_with(settings={**real["settings"], "face_mean": "1,2,3"})
+    with pytest.raises(InputError, match="settings: face_mean 1,2,3 -> "):
+        run_anonymize(_resumed(opts))
+    assert [p.name for p in journal.done_dir.iterdir()] == [f"{first}.json"]  # no shard was run
+
+    written_with()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    recipients = [load_recipient(identities["owner"][1])]
+    pinned = _resumed(opts)
+    _same_marker_as_committed(pinned, plan, recipients, journal.committed())
+    assert pinned.gpus == 0  # the GPU is there, but the written shards ran on CPU
+    with pytest.raises(InputError, match="made on cpu, this run would use cuda \\(resume with --gpus 0\\)"):
+        _same_marker_as_committed(_resumed(opts, gpus=1), plan, recipients, journal.committed())

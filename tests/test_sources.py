@@ -14,7 +14,7 @@ import pytest
 from anondata.errors import InputError
 from anondata.job.shards import build_public_table, output_schema, shard_name
 from anondata.job.sources import derived_id, image_bytes, open_source
-from conftest import encode, synthetic_faces, write_face_parquet
+from conftest import damage_first_data_page, encode, synthetic_faces, write_face_parquet
 
 
 def test_parquet_file_keeps_schema_and_reads_ranges(tmp_path):
@@ -99,6 +99,21 @@ def test_image_folder_sorted_with_derived_ids(tmp_path):
         open_source(str(tmp_path / "empty"))
 
 
+def test_broken_link_in_an_image_folder_is_a_record_and_a_damaged_page_a_clear_error(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(encode(synthetic_faces(1)[0]))
+    (tmp_path / "imgs" / "b.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    s = open_source(str(tmp_path / "imgs"))
+    assert s.splits[0].rows == 2 and s.fingerprint()  # counted (then quarantined as unreadable), not dropped
+    assert s.read("train", 0, 2).column("image").to_pylist()[1] is None
+    # a Parquet file whose footer is fine but whose data page is not
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    damage_first_data_page(tmp_path / "f.parquet")
+    s = open_source(str(tmp_path / "f.parquet"))
+    with pytest.raises(InputError, match=r"f\.parquet: rows 0-1 cannot be read"):
+        s.read(s.splits[0].name, 0, 2)
+
+
 def test_save_to_disk_dataset_and_dict(tmp_path):
     import datasets
 
@@ -126,7 +141,7 @@ def test_path_only_image_cells_are_read_from_disk(tmp_path):
     assert image_bytes(s, {"bytes": None, "path": "p.png"}) == (img, None)
     assert image_bytes(s, {"bytes": None, "path": str(tmp_path / "pics" / "p.png")}) == (img, None)
     data, err = image_bytes(s, {"bytes": None, "path": "gone.png"})
-    assert data is None and "gone.png" in err
+    assert data is None and "cannot be read" in err and "gone" not in err  # the manifest is public: no file names
     assert image_bytes(s, None)[0] is None and image_bytes(s, b"abc") == (b"abc", None)
 
 
@@ -220,3 +235,70 @@ def test_binary_image_column_stays_binary(tmp_path):
     assert schema.field("img").type == pa.large_binary()
     t = build_public_table(s.read("train", 0, 2, ["id"]), schema, "img", [b"new"], [False, True], None)
     assert t.to_pylist() == [{"id": 9, "img": b"new"}]
+
+
+def test_other_picture_columns_are_refused_until_dropped_or_kept(tmp_path):
+    """Only the image column is anonymized and the others are published as they are, so any
+    other column that can hold a picture, at any depth, stops the job until it is dropped or
+    kept; a dropped column leaves the schema, the features metadata and every read. Strings (a
+    file name) are not pictures."""
+    import datasets
+
+    from anondata.job.sources import choose_columns
+
+    img = encode(synthetic_faces(1)[0])
+    schema = datasets.Features({
+        "record_id": datasets.Value("string"), "image": datasets.Image(), "original": datasets.Image(),
+        "gallery": datasets.Sequence(datasets.Image()), "file_path": datasets.Value("string"),
+        "label": datasets.Value("int64"),
+    }).arrow_schema
+    for name, t in {"thumb": pa.binary(), "digest": pa.binary(4), "meta": pa.struct([("raw", pa.large_binary()), ("w", pa.int32())]),
+                    "by_name": pa.map_(pa.string(), pa.binary()), "nested": pa.list_(pa.list_(pa.binary_view()))}.items():
+        schema = schema.append(pa.field(name, t))
+    row = {"record_id": "r0", "image": {"bytes": img, "path": None}, "original": {"bytes": img, "path": "alice.png"},
+           "gallery": [{"bytes": img, "path": None}], "file_path": "photos/alice.png", "label": 1, "thumb": img,
+           "digest": b"abcd", "meta": {"raw": img, "w": 3}, "by_name": [("a", img)], "nested": [[img]]}
+    f = str(tmp_path / "f.parquet")
+    pq.write_table(pa.Table.from_pylist([row], schema=schema), f)
+    risky = ["original", "gallery", "thumb", "digest", "meta", "by_name", "nested"]
+    with pytest.raises(InputError, match="--drop-column NAME.*--keep-column NAME") as e:
+        choose_columns(open_source(f), [], [])
+    assert all(f"{c} (" in str(e.value) for c in risky)
+    assert not any(f"{c} (" in str(e.value) for c in ("file_path", "label", "record_id"))
+    for c in risky:  # each one alone is enough to refuse
+        with pytest.raises(InputError, match=f"column\\(s\\) {c} "):
+            choose_columns(open_source(f), [x for x in risky if x != c], [])
+
+    s = open_source(f)
+    choose_columns(s, ["original", "gallery", "digest", "meta", "by_name", "nested"], ["thumb"])
+    assert s.schema.names == ["record_id", "image", "file_path", "label", "thumb"]
+    assert s.read("train", 0, 1).column_names == s.schema.names
+    features = json.loads(output_schema(s.schema, "image", add_id=False).metadata[b"huggingface"])["info"]["features"]
+    assert set(features) == {"record_id", "image", "file_path", "label"}  # the Hub's schema names no dropped column
+    for drop, keep, msg in ((["nope"], [], "--drop-column nope: no such column"), ([], ["image"], "image column"),
+                            (["record_id"], [], "id column"), (["thumb"], ["thumb"], "both")):
+        with pytest.raises(InputError, match=msg):
+            choose_columns(open_source(f), drop, keep)
+
+
+def test_fingerprint_sees_renamed_reordered_or_replaced_inputs(tmp_path):
+    """Resume reads rows by position: a renamed image or reordered rows would shift them (one
+    record published twice, another never), which the row counts alone do not show."""
+    d = tmp_path / "pics"
+    d.mkdir()
+    for n, a in zip("abcd", synthetic_faces(4)):
+        (d / f"{n}.png").write_bytes(encode(a))
+    before = open_source(str(d)).fingerprint()
+    assert open_source(str(d)).fingerprint() == before
+    (d / "a.png").rename(d / "e.png")
+    after = open_source(str(d)).fingerprint()["splits"]["train"]
+    assert after["files"] != before["splits"]["train"]["files"] and after["ids"] == before["splits"]["train"]["ids"]
+
+    f = tmp_path / "f.parquet"
+    write_face_parquet(f, 4)
+    s = open_source(str(f), limit=2)
+    assert len(s.ids("train", all_rows=True)) == 4 and len(s.ids("train")) == 2
+    fp = s.fingerprint()
+    pq.write_table(pq.read_table(f).take([0, 1, 3, 2]), f, row_group_size=3)  # same rows, past the limit reordered
+    moved = open_source(str(f), limit=2).fingerprint()["splits"]["train"]
+    assert moved["ids"] != fp["splits"]["train"]["ids"] and moved["files"] != fp["splits"]["train"]["files"]

@@ -38,3 +38,32 @@ def number_list(convert, lo, hi, message: str):
         return v
 
     return parse
+
+
+def add_signer(p) -> None:
+    """--signer / --any-signer for a command that acts on a release's keys or content. One of the
+    two is required: envelopes are sealed with HPKE base mode (anyone can seal to a public key),
+    so they are only as authentic as the manifest signature, which proves nothing unless the
+    signing key is pinned."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--signer", metavar="NAME.pub",
+                   help="the key that must have signed the release (e.g. the runner's .pub); required unless --any-signer")
+    g.add_argument("--any-signer", action="store_true",
+                   help="accept whichever key signed the manifest (proves only that nothing changed since it was "
+                        "signed; for a release that never left your hands)")
+
+
+def signer(args):
+    """The pinned signer (a Recipient), or None with --any-signer after saying so on stderr."""
+    import sys
+
+    from ..errors import InputError
+    from ..identity import load_recipient
+
+    if args.signer:
+        return load_recipient(args.signer)
+    if not args.any_signer:
+        raise InputError("pass --signer NAME.pub (the key that signed the release), or --any-signer to accept "
+                         "whichever key signed it")
+    print("warning: --any-signer: the release's signer is not checked", file=sys.stderr)
+    return None

@@ -14,10 +14,18 @@ sources:
   a folder of image files, a datasets save_to_disk folder, or a Hub dataset id (USER/NAME).
 
 output (DIR):
-  data/{split}-NNNNN-of-NNNNN.parquet   every input column; the image column anonymized (PNG)
+  data/{split}-NNNNN-of-NNNNN.parquet   every input column but --drop-column ones; the image column
+                                        anonymized (PNG)
   keys/{split}-NNNNN-of-NNNNN.keys.parquet   record keys sealed to the recipients (private)
   README.md, manifest.json, manifest.json.sig
   Records that cannot be anonymized are quarantined: left out, listed in the manifest.
+  Records past --limit are listed in the manifest as skipped.
+
+other columns:
+  only --image-column is anonymized; every other column is published as it is. A source with
+  another column that can hold pictures (binary data at any depth: a second Image column, raw
+  bytes, a list or struct of images) is refused until each is named: --drop-column NAME leaves
+  it out of the release, --keep-column NAME publishes it unchanged (you state it holds no faces).
 
 cluster:
   runs on Ray Data. With RAY_ADDRESS set (e.g. RAY_ADDRESS=auto after `ray start --head`)
@@ -61,7 +69,14 @@ def register(sub) -> None:
                    help="column with unique record ids (default: record_id when present, else {split}-{row})")
     g.add_argument("--split", default=None, metavar="NAME[,NAME]",
                    help="only these splits; for a source with one unnamed split, its name (default: train)")
-    g.add_argument("--limit", type=positive, default=None, metavar="N", help="only the first N records of each split")
+    g.add_argument("--limit", type=positive, default=None, metavar="N",
+                   help="only the first N records of each split (the manifest lists the rest as skipped)")
+    g.add_argument("--drop-column", action="append", default=[], metavar="NAME",
+                   help="leave this column out of the release (repeat for several); needed for any other "
+                        "column that can hold pictures, which would otherwise be published as it is")
+    g.add_argument("--keep-column", action="append", default=[], metavar="NAME",
+                   help="publish this column unchanged although it can hold pictures: you state it holds no "
+                        "faces (repeat for several)")
     g = p.add_argument_group("anonymization")
     g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
     g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: the model's)")
@@ -121,6 +136,7 @@ def run(args) -> int:
     opts = JobOptions(
         source=args.source, out=args.out, recipients=args.recipient, signing_key=args.signing_key,
         image_column=args.image_column, id_column=args.id_column, splits=splits, limit=args.limit,
+        drop_columns=args.drop_column, keep_columns=args.keep_column,
         model=args.model, steps=args.steps, inversion_iters=args.inversion_iters,
         sign_cell=args.sign_cell, background=args.background, flip_centre=args.flip_centre, faces=args.faces,
         face_box=args.face_box, detector=args.detector, on_no_face=args.on_no_face,
@@ -131,7 +147,8 @@ def run(args) -> int:
     res = run_anonymize(opts)
     print(
         f"{res.out}: {res.anonymized} records anonymized, {res.quarantined} quarantined, "
-        f"{res.shards} shards" + (f" ({res.resumed_shards} kept from the interrupted run)" if res.resumed_shards else ""),
+        f"{res.shards} shards" + (f" ({res.resumed_shards} kept from the interrupted run)" if res.resumed_shards else "")
+        + (f", {res.skipped} skipped (past --limit)" if res.skipped else ""),
         file=sys.stdout,
     )
     if res.quarantined:

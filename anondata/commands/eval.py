@@ -20,14 +20,17 @@ output (OUT, a new folder; it shows real faces, keep it private):
   distances.png, leakage.png, grid.png (original | anonymized | restored | wrong key)
 
 examples:
-  anondata eval release --source faces.parquet --report eval-out
-  anondata eval release --source faces.parquet --identity owner.key --identity-column identity \\
+  anondata eval release --signer runner.pub --source faces.parquet --report eval-out
+  anondata eval release --signer runner.pub --source faces.parquet --identity owner.key --identity-column identity \\
       --limit 50 --restore-sample 20 --attack-sample 8 --report eval-out
 """
 
 
 _bits = number_list(int, 1, 256, "--wrong-bits is a comma-separated list of bit counts in 1..256, e.g. 1,8,64")
 _ps = number_list(float, 0.0, 1.0, "--leakage-p is a comma-separated list of shares in 0..1, e.g. 0.5,0.75,1")
+
+
+from ._args import add_signer, signer
 
 
 def register(sub) -> None:
@@ -43,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json, data/, and keys/ for --identity)")
     p.add_argument("--source", required=True, metavar="SRC", help="the dataset the release was made from")
     p.add_argument("--report", required=True, metavar="OUT", help="new folder for report.html, metrics.json and figures")
+    add_signer(p)
     p.add_argument("--identity", default=None, metavar="NAME.key",
                    help="a recipient's identity: enables restore, wrong-key and leakage measurements")
     p.add_argument("--keys", default=None, metavar="DIR", help="envelopes from a grant folder (default: DIR/keys)")
@@ -78,7 +82,7 @@ def run(args) -> int:
     opts = EvalOptions(wrong_bits=args.wrong_bits, leakage_p=args.leakage_p, restore_sample=args.restore_sample,
                        attack_sample=args.attack_sample,
                        grid_sample=args.grid, seed=args.seed, progress=not args.no_progress)
-    result = evaluate_release(args.dir, args.source, identity_path=args.identity, keys=args.keys,
+    result = evaluate_release(args.dir, args.source, signer=signer(args), identity_path=args.identity, keys=args.keys,
                               identity_column=args.identity_column, model=args.model, limit=args.limit,
                               gallery_limit=args.gallery_limit, opts=opts)
     files = write_report(result, args.report)

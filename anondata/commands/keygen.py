@@ -34,6 +34,8 @@ def run(args) -> int:
 
     prefix = Path(args.name)
     label = prefix.name
+    if args.name.endswith(("/", "\\")) or prefix.is_dir():
+        raise InputError(f"{args.name!r} is a folder: give a name inside it, like {str(prefix / 'alice')!r}")
     if not label or label in (".", ".."):
         raise InputError(f"{args.name!r} is not a usable NAME: give a file name prefix like `alice`")
     if label.endswith((".key", ".pub")):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+from ._args import add_signer, signer
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "publish",
@@ -20,13 +23,14 @@ def register(sub) -> None:
     p.add_argument("--include-envelopes", action="store_true",
                    help="also upload keys/ (sealed to the recipients; only they can open them)")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
+    add_signer(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..job.publish import publish
 
-    files = publish(args.dir, args.repo, private=args.private, include_envelopes=args.include_envelopes,
+    files = publish(args.dir, args.repo, signer=signer(args), private=args.private, include_envelopes=args.include_envelopes,
                     dry_run=args.dry_run)
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} {len(files)} files to datasets/{args.repo}:")

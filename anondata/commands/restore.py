@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+from ._args import add_signer, signer
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "restore",
@@ -24,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="new folder for the restored records")
     p.add_argument("--png", action="store_true", help="also write loose PNG files OUT/png/{split}/{id}.png")
     p.add_argument("--model", default=None, help="model folder or id if the manifest's name is not loadable here")
-    p.add_argument("--signer", default=None, metavar="NAME.pub", help="require the release to be signed by this key")
+    add_signer(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: the device the release was anonymized on (lossless restore is exact only there)")
     p.add_argument("--batch-size", type=int, default=8, help="records per restore step (default: 8)")
@@ -39,9 +42,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     ids = parse_ids(args.ids, args.ids_file)
+    signer(args)  # --signer or --any-signer, before any work
     res = run_restore(
         args.dir, args.identity, args.out, ids=ids, keys=args.keys, png=args.png, model=args.model,
-        signer_path=args.signer, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        signer_path=args.signer, any_signer=args.any_signer, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
     )
     print(f"{res.out}: {res.restored} records restored into {res.shards} shards (original faces: keep private)")
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+from ._args import add_signer, signer
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "rewrap",
@@ -13,38 +16,34 @@ def register(sub) -> None:
             "Only keys/*.keys.parquet change; the shards are not touched. The manifest's "
             "envelope hashes and recipients are updated and it is re-signed with --signing-key "
             "(default: --identity's signing key; pass the new key when rotating away from a "
-            "compromised one, then verify with --signer NEW.pub). Republish manifest.json and "
-            "manifest.json.sig afterwards."
+            "compromised one, then verify with --signer NEW.pub). --signer pins the key that signed "
+            "DIR as it is now; rerunning after an interruption, the rerun's --signing-key instead. "
+            "Republish manifest.json and manifest.json.sig afterwards."
         ),
     )
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json and keys/)")
     p.add_argument("--identity", required=True, metavar="OLD.key", help="identity that can open the envelopes now")
     p.add_argument("--to", required=True, action="append", metavar="NEW.pub", help="new recipient (repeatable)")
     p.add_argument("--signing-key", metavar="KEY", help="identity that re-signs the manifest (default: --identity)")
-    p.add_argument("--signer", metavar="NAME.pub", help="require the current manifest to be signed by this key")
+    add_signer(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from ..envelope import (
-        envelope_table_bytes,
-        read_envelope_table,
-        recipients_per_record,
-        rewrap_table,
-    )
+    from ..envelope import envelope_table_bytes, recipients_per_record, rewrap_table
     from ..errors import KeyError_
     from ..files import atomic_write
     from ..identity import load_identity, load_recipient
     from ..manifest import (
         _recipient_ref,
         file_entry,
-        read_manifest,
         MANIFEST,
         REWRAP_STAGE,
         SIGNATURE,
         manifest_bytes,
+        open_release,
         validate_manifest,
         verify_release,
     )
@@ -53,14 +52,16 @@ def run(args) -> int:
     ident = load_identity(args.identity)
     to = [load_recipient(p) for p in args.to]
     signing = load_identity(args.signing_key) if args.signing_key else ident
-    signer = load_recipient(args.signer) if args.signer else None
+    pinned = signer(args)
     root = Path(args.dir)
-    if roll_forward(root):
+    rolled = roll_forward(root)
+    if rolled:
         print("completed an interrupted rewrap (its staged files are now in place)")
-    summary = verify_release(root, signer)
-    if not summary["envelopes_checked"]:
+    # A completed earlier run of this command re-signed the manifest with its --signing-key.
+    rel = open_release(root, signing.recipient if rolled else pinned)
+    if rel.envelopes is None:
         raise KeyError_(f"{root}: no keys/ folder: rewrap needs the private copy of the release")
-    m = read_manifest(root)
+    m = rel.manifest
     dataset_id = m["dataset_id"]
     target = frozenset(r.fingerprint for r in to)
     if len(target) != len(to):
@@ -68,14 +69,22 @@ def run(args) -> int:
 
     new_files: dict[str, bytes] = {}
     changed = 0
-    for e in m["envelopes"]:
-        table = read_envelope_table(root / e["path"])
+    for e, table in zip(m["envelopes"], rel.envelopes):
         per_record = recipients_per_record(table)
         if all(s == target for s in per_record) and ident.fingerprint not in target:
             continue  # already rewrapped by an interrupted earlier run
         new = rewrap_table(table, ident, to, dataset_id)
         new_files[e["path"]] = envelope_table_bytes(new, e["path"])
         changed += new.num_rows
+
+    if not new_files:
+        # Every envelope is already sealed to exactly --to, and --identity is not among them: a
+        # rerun of a finished rewrap, or an identity that lost access. Re-signing would only
+        # hand the manifest to --signing-key for nothing.
+        if rolled:
+            return 0
+        raise KeyError_(f"nothing to rewrap: every envelope of {root} is already sealed to exactly the --to keys, "
+                        f"and {ident.recipient.label} is not one of them")
 
     # Stage every new file, the signed manifest's signature last; then rename them into place.
     stage = root / REWRAP_STAGE  # outside data/ and keys/, which verify requires to hold only listed files
@@ -110,7 +119,7 @@ def roll_forward(root) -> bool:
     import shutil
     from pathlib import Path
 
-    from ..errors import KeyError_
+    from ..errors import FormatError, KeyError_
     from ..files import read_bounded
     from ..manifest import MANIFEST, MAX_MANIFEST, REWRAP_STAGE, SIGNATURE, parse_manifest
 
@@ -121,7 +130,10 @@ def roll_forward(root) -> bool:
         shutil.rmtree(stage)
         return False
     m_path = stage / MANIFEST if (stage / MANIFEST).is_file() else Path(root) / MANIFEST
-    listed = {e["path"] for e in parse_manifest(read_bounded(m_path, "staged manifest", MAX_MANIFEST))["envelopes"]}
+    try:
+        listed = {e["path"] for e in parse_manifest(read_bounded(m_path, "staged manifest", MAX_MANIFEST), str(m_path))["envelopes"]}
+    except FormatError as e:
+        raise KeyError_(f"{e}: the interrupted rewrap's stage is damaged; remove {stage} and run the rewrap again") from None
     staged = sorted(p.relative_to(stage).as_posix() for p in (stage / "keys").glob("*")) if (stage / "keys").is_dir() else []
     for rel in staged:
         if rel not in listed:

@@ -306,18 +306,19 @@ def _load_anonymizer(m: dict, model: str | None):
     return anon
 
 
-def evaluate_release(release: str, source: str, *, identity_path: str | None = None, keys: str | None = None,
+def evaluate_release(release: str, source: str, *, signer, identity_path: str | None = None, keys: str | None = None,
                      identity_column: str | None = None, model: str | None = None, limit: int | None = None,
                      gallery_limit: int | None = None, opts: EvalOptions | None = None) -> EvalResult:
-    """Evaluate release folder `release` against `source`; with `identity_path` also restore."""
+    """Evaluate release folder `release` against `source`; with `identity_path` also restore.
+    `signer`: the Recipient that must have signed the release, or None on purpose."""
     import pyarrow.parquet as pq
 
     from ..job.sources import image_bytes, open_source
-    from ..manifest import read_manifest, verify_release
+    from ..manifest import open_release
 
     root = Path(release)
-    verify_release(root)
-    m = read_manifest(root)
+    rel = open_release(root, signer, keep_envelopes=identity_path is not None and keys is None)
+    m = rel.manifest
     extra = m.get("extra", {})
     image_column = extra.get("image_column", "image")
     id_column = extra.get("id_column", "record_id")
@@ -387,9 +388,9 @@ def evaluate_release(release: str, source: str, *, identity_path: str | None = N
     if identity_path is not None:
         from ..envelope import open_records
         from ..identity import load_identity
-        from ..manifest import load_envelopes
+        from ..manifest import release_envelopes
 
-        opened = open_records(load_envelopes(keys or root), load_identity(identity_path), m["dataset_id"], wanted)
+        opened = open_records(release_envelopes(rel, keys), load_identity(identity_path), m["dataset_id"], wanted)
         rec_keys = [opened[r][0] for r in wanted]
         rec_records = [opened[r][1] for r in wanted]
         anon = _load_anonymizer(m, model)

@@ -42,6 +42,15 @@ def dataset_card(plan: dict, model: dict, counts: dict, license: str = "other") 
     rows = "\n".join(f"| {s['name']} | {s['rows']} | {len(s['shards'])} |" for s in plan["splits"])
     settings_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(settings.items()))
     box = f", box {tuple(faces['box'])}" if faces.get("box") else ""
+    dropped = plan["options"].get("drop_columns") or []
+    kept = plan["options"].get("keep_columns") or []
+    columns = "every input column is kept" + (
+        f" except {', '.join(f'`{c}`' for c in dropped)} (left out of this release)" if dropped else "")
+    if kept:
+        columns += (f"; {', '.join(f'`{c}`' for c in kept)}: published unchanged, whoever ran the job stated "
+                    "that no face is in it")
+    skipped = (f"- skipped records: {counts['skipped']} (past the job's record limit; listed in `manifest.json`, "
+               "not published)\n" if counts.get("skipped") else "")
     cross = f", cross-check: {faces['cross_check']}" if faces.get("cross_check") else ""
     body = f"""# Anonymized face dataset
 
@@ -64,7 +73,7 @@ with the reason.
 
 - anonymized records: {counts.get('anonymized', 0)}
 - quarantined records: {counts.get('quarantined', 0)} (listed in `manifest.json`, not published)
-- every input column is kept; the `{src['image_column']}` column holds the anonymized image (lossless PNG)
+{skipped}- {columns}; the `{src['image_column']}` column holds the anonymized image (lossless PNG)
 {"- `record_id` was added: the source had no id column, so ids are `{split}-{row}`" + chr(10) if not src.get('id_column') else ""}
 ## How it was anonymized
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
 from .. import canonical
-from ..errors import AnondataError, FormatError, InputError
+from ..errors import AnondataError, FormatError, InputError, SetupError
 from . import card as card_mod
-from .journal import Journal, WORK, crash_hook
+from .journal import CRASH_ENV, Journal, WORK, crash_hook
 from .shards import (
     DERIVED_ID_COLUMN,
     build_public_table,
@@ -30,7 +32,7 @@ from .shards import (
     shard_name,
     write_parquet_atomic,
 )
-from .sources import Source, derived_id, open_source
+from .sources import Source, choose_columns, derived_id, open_source
 
 DEFAULT_SHARD_SIZE = 1000
 MAX_REASON = 1000  # the manifest's limit on a quarantine reason
@@ -46,6 +48,10 @@ class JobOptions:
     id_column: str | None = None
     splits: list[str] | None = None
     limit: int | None = None
+    # Other columns that can hold pictures: left out of the release, or published unchanged on the
+    # runner's word that they hold no faces (sources.choose_columns refuses any not named here)
+    drop_columns: list[str] = field(default_factory=list)
+    keep_columns: list[str] = field(default_factory=list)
     model: str = "embedded"
     steps: int | None = None
     inversion_iters: int | None = None
@@ -82,6 +88,7 @@ class JobResult:
     quarantined: int
     shards: int
     resumed_shards: int
+    skipped: int = 0  # past --limit: listed in the manifest, not processed
 
 
 # ------------------------------------------------------------------------------ planning
@@ -122,23 +129,15 @@ def _face_spec(opts: JobOptions) -> dict:
 def _precheck(opts: JobOptions) -> None:
     """What the workers would otherwise fail on, checked once here with a clean message:
     the face options and whether the model can be found (not loaded: that is the actors' job)."""
-    import re
-
     from ..faces import FaceSpec
 
     spec = _face_spec(opts)
     FaceSpec(**{**spec, "box": tuple(spec["box"]) if spec["box"] else None})
     if opts.batch_size < 1 or (opts.model_batch is not None and opts.model_batch < 1):
         raise InputError("--batch-size must be at least 1")
-    if opts.model == "embedded":
-        from ..backends import EMBEDDED_DIR
+    from ..backends import check_model
 
-        if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
-            raise InputError(f"the embedded face prior is not in this installation ({EMBEDDED_DIR}); pass --model FOLDER")
-    elif not Path(opts.model).expanduser().exists() and not re.match(r"^[\w.-]+/[\w.-]+$", opts.model):
-        raise InputError(f"--model {opts.model}: no such folder, and not a Hub id of the form OWNER/NAME")
-    elif Path(opts.model).expanduser().exists() and not Path(opts.model).expanduser().is_dir():
-        raise InputError(f"--model {opts.model}: not a folder (expected a diffusers model folder)")
+    check_model(opts.model)
 
 
 def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
@@ -149,8 +148,11 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
         raise InputError(f"--shard-size must be at least 1, not {opts.shard_size}")
     seen: dict[str, str] = {}
     splits = []
+    all_ids = {}
     for s in source.splits:
-        ids = source.ids(s.name)
+        # every row, past --limit too: the manifest lists those as skipped, so their ids must be
+        # valid and unique like the others, and the source's fingerprint covers them
+        ids = all_ids[s.name] = source.ids(s.name, all_rows=True)
         for row, rid in enumerate(ids):
             try:
                 check_record_id(rid)
@@ -170,10 +172,11 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
             {"name": shard_name(s.name, i, count), "start": i * opts.shard_size, "stop": min(n, (i + 1) * opts.shard_size)}
             for i in range(count)
         ]
-        splits.append({"name": s.name, "rows": n, "shards": shards})
+        splits.append({"name": s.name, "rows": n, "shards": shards, "skipped": ids[n:]})
     return {
         "dataset_id": secrets.token_hex(16),
         "source": source.describe(),
+        "source_fingerprint": source.fingerprint(all_ids),
         "recipients": sorted(r.fingerprint for r in recipients),
         "signer": signer.recipient.fingerprint,
         "options": {
@@ -187,6 +190,8 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
             "lossless": opts.lossless,
             "shard_size": opts.shard_size,
             "limit": opts.limit or 0,
+            "drop_columns": sorted(set(opts.drop_columns)),
+            "keep_columns": sorted(set(opts.keep_columns)),
             "image_column": opts.image_column,
             "id_column": opts.id_column or "",
             "splits": opts.splits or [],
@@ -206,6 +211,33 @@ def _resume_checks(plan: dict, source: Source, recipients, signer) -> None:
         raise InputError("--resume: the --recipient keys differ from the interrupted job's; give the same ones")
     if plan["signer"] != signer.recipient.fingerprint:
         raise InputError("--resume: the --signing-key differs from the interrupted job's; give the same one")
+    _same_source_contents(plan, source)
+
+
+def _same_source_contents(plan: dict, source: Source) -> None:
+    """describe() only sees row counts; a resumed job reads rows by position, so a renamed or
+    replaced file would publish one record twice and never process another."""
+    want = plan.get("source_fingerprint")
+    if want is None:
+        # A plan from before the fingerprint. Refusing would strand every job interrupted across
+        # the upgrade, and the row counts were still checked: go on, and say what is unchecked.
+        print("warning: --resume: this job was planned by an earlier anondata, which kept no fingerprint of "
+              "the source's contents; make sure its files have not changed since the job started", file=sys.stderr)
+        return
+    have = source.fingerprint()
+    changed = [] if want["columns"] == have["columns"] else ["its columns or their types"]
+    for name, w in want["splits"].items():
+        h = have["splits"].get(name, {})
+        if w["ids"] != h.get("ids"):
+            changed.append(f"split {name!r}: its record ids (values or order)")
+        if w["files"] != h.get("files"):
+            changed.append(f"split {name!r}: its files (names, sizes or Parquet footers)")
+    if changed:
+        raise InputError(
+            f"--resume: the source {source.location} changed since the job started ({'; '.join(changed)}); the "
+            "written shards hold its old rows, so resuming would publish some records twice and never process "
+            "others: put the source back as it was, or start a new job"
+        )
 
 
 def _same_model_as_committed(model: str, committed: dict) -> None:
@@ -223,6 +255,60 @@ def _same_model_as_committed(model: str, committed: dict) -> None:
         raise InputError(
             f"--resume: the job's model {model!r} now has weights sha256 {ours[:12]}…, its written shards used "
             f"{old[:12]}…{hint}; resume with the same weights, or start a new job"
+        )
+
+
+def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committed: dict) -> None:
+    """Every shard's marker records the model, its settings and the device (lossless restore is
+    bit-exact only on the kind of device that made a record), and the release must have one of
+    each: a difference found at the end would cost the whole run and leave the job unfinishable.
+    So build what this run's actors would write, with the actor itself, before any work. A job
+    whose shards so far ran on CPU stays on CPU unless --gpus says otherwise (the markers pin the
+    device: the plan is written before Ray is up, so it cannot know it)."""
+    import torch
+
+    from .worker import AnonymizerActor
+
+    written = {c["model"] for c in committed.values()}
+    if len(written) != 1:
+        raise InputError("--resume: the written shards disagree on the model, settings or device; start a new job")
+    theirs = canonical.loads(written.pop().encode(), "model info")
+    ensure_ray(opts.num_cpus)
+    if theirs.get("device") == "cpu" and opts.gpus is None:
+        opts.gpus = 0
+    device = _pool(opts)[2]
+    threads = torch.get_num_threads()
+    try:  # on CPU whatever the device: the string holds the device by name, and the driver may have no GPU
+        actor = AnonymizerActor(
+            model=opts.model, device="cpu", steps=opts.steps, inversion_iters=opts.inversion_iters,
+            sign_cell=opts.sign_cell, background=opts.background, flip_centre=opts.flip_centre, model_batch=1,
+            face_spec=_face_spec(opts), lossless=opts.lossless, recipients=[r.to_bytes() for r in recipients],
+            dataset_id=plan["dataset_id"],
+        )
+        ours = {**canonical.loads(actor.model_json.encode(), "model info"), "device": device}
+    finally:
+        torch.set_num_threads(threads)
+    diffs = []
+    if theirs.get("device") != ours["device"]:
+        fix = ("resume with --gpus 0" if theirs.get("device") == "cpu"
+               else "resume where the Ray cluster has GPUs (RAY_ADDRESS) and without --gpus 0")
+        diffs.append(f"device: the written shards were made on {theirs.get('device')}, this run would use "
+                     f"{ours['device']} ({fix})")
+    if theirs.get("model") != ours["model"]:
+        diffs.append(f"model: the written shards used {theirs.get('model')}, this run {ours['model']}")
+    old, new = theirs.get("settings") or {}, ours["settings"]
+    changed = [f"{k} {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]
+    if changed:
+        diffs.append(f"settings: {', '.join(changed)} (the model folder's anondata.json or anondata itself "
+                     "changed: put it back as it was)")
+    for k in sorted(set(theirs) | set(ours)):
+        if k not in ("device", "model", "settings") and theirs.get(k) != ours.get(k):
+            diffs.append(f"{k}: {theirs.get(k)} -> {ours.get(k)}")
+    if diffs:
+        raise InputError(
+            "--resume: this run would not make records like the written shards, and one release holds one model, "
+            f"setting and device; nothing was processed. {'; '.join(diffs)}; or start a new job"
         )
 
 
@@ -244,6 +330,8 @@ def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     opts.lossless = o["lossless"]
     opts.shard_size = o["shard_size"]
     opts.limit = o["limit"] or None
+    # a plan without them is from before the check of the other columns (choose_columns)
+    opts.drop_columns, opts.keep_columns = o.get("drop_columns", []), o.get("keep_columns", [])
     opts.image_column = o["image_column"]
     opts.id_column = o["id_column"] or None
     opts.splits = o["splits"] or None
@@ -286,7 +374,11 @@ def _pool(opts: JobOptions) -> tuple[int, int, str]:
     return workers, 0, "cpu"
 
 
-def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, recipients):
+def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, recipients,
+             batch_size: int | None = None, task_retries: int = 0):
+    """batch_size: records per actor call (default opts.batch_size; the model batch stays the
+    same, it is part of every record). task_retries: how often Ray re-runs a batch whose actor
+    process died; a batch that still fails is dropped, not the job (see _run_shards)."""
     import ray
     import ray.data
 
@@ -308,42 +400,57 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
         # bounds how many shards are read ahead.
         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=min(len(tasks), max(2, actors))),
     )
-    ds = ds.map_batches(
-        AnonymizerActor,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus,
-        num_cpus=1 if gpus == 0 else None,
-        batch_size=opts.batch_size,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={
-            "model": opts.model,
-            "device": device,
-            "steps": opts.steps,
-            "inversion_iters": opts.inversion_iters,
-            "sign_cell": opts.sign_cell,
-            "background": opts.background,
-            "flip_centre": opts.flip_centre,
-            "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
-            "face_spec": _face_spec(opts),
-            "lossless": opts.lossless,
-            "recipients": [r.to_bytes() for r in recipients],
-            "dataset_id": plan["dataset_id"],
-        },
-    )
+    # Ray Data's default for actors is max_restarts=-1 with max_task_retries=-1: a record that
+    # kills its worker process is retried forever. Restarts stay unbounded (each one follows a
+    # crash that cost a task its retries, so they are bounded by the tasks, and a pool actor out
+    # of restarts would not be replaced); the retries of each task are bounded. Ray (2.60) takes
+    # these only as **ray_remote_args, deprecated without a named replacement yet: hence the filter.
+    remote = {"max_restarts": -1, "max_task_retries": task_retries}
+    if os.environ.get(CRASH_ENV, "").startswith("anonymize:"):  # test hook: workers read it (journal.crash_hook)
+        remote["runtime_env"] = {"env_vars": {CRASH_ENV: os.environ[CRASH_ENV]}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            AnonymizerActor,
+            # isolating (batch_size 1): one record in flight per actor, so a record that kills its
+            # actor takes no queued batch-mate down with it (_run_shards)
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1 if batch_size == 1 else None),
+            num_gpus=gpus,
+            num_cpus=1 if gpus == 0 else None,
+            batch_size=batch_size or opts.batch_size,
+            batch_format="pyarrow",
+            **remote,
+            fn_constructor_kwargs={
+                "model": opts.model,
+                "device": device,
+                "steps": opts.steps,
+                "inversion_iters": opts.inversion_iters,
+                "sign_cell": opts.sign_cell,
+                "background": opts.background,
+                "flip_centre": opts.flip_centre,
+                "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
+                "face_spec": _face_spec(opts),
+                "lossless": opts.lossless,
+                "recipients": [r.to_bytes() for r in recipients],
+                "dataset_id": plan["dataset_id"],
+            },
+        )
+    ds.context.max_errored_blocks = -1  # a failed block is dropped; _run_shards redoes its rows
     return ds
 
 
 # ------------------------------------------------------------------------------ the job
 
 
-def _finished(out: Path) -> JobResult:
-    from ..manifest import read_manifest, verify_release
+def _finished(out: Path, signing_key: str) -> JobResult:
+    from ..identity import load_identity
+    from ..manifest import open_release
 
-    verify_release(out)
+    m = open_release(out, load_identity(signing_key).recipient, keep_envelopes=False).manifest
     Journal(out).remove()  # leftovers of a kill while the finished job was cleaning up
-    m = read_manifest(out)
     c = m["counts"]
-    return JobResult(str(out), m["dataset_id"], c["anonymized"], c["quarantined"], len(m["shards"]), len(m["shards"]))
+    return JobResult(str(out), m["dataset_id"], c["anonymized"], c["quarantined"], len(m["shards"]), len(m["shards"]),
+                     c["skipped"])
 
 
 def _only_planless_work(out: Path, journal: Journal) -> bool:
@@ -356,7 +463,7 @@ def run_anonymize(opts: JobOptions) -> JobResult:
     if opts.resume:
         if not journal.exists():
             if (out / "manifest.json").is_file():
-                return _finished(out)  # killed after the release was complete: nothing to redo
+                return _finished(out, opts.signing_key)  # killed after the release was complete: nothing to redo
             if out.exists() and _only_planless_work(out, journal):
                 raise InputError(f"{out}: the job was stopped before its plan was written; run again without --resume")
             raise InputError(f"{out} has no interrupted job to resume ({WORK}/plan.json is missing)")
@@ -376,13 +483,36 @@ def run_anonymize(opts: JobOptions) -> JobResult:
     source = open_source(
         opts.source, image_column=opts.image_column, id_column=opts.id_column, splits=opts.splits, limit=opts.limit
     )
+    try:
+        choose_columns(source, opts.drop_columns, opts.keep_columns)
+    except InputError as e:
+        if opts.resume and "drop_columns" not in plan["options"]:  # its --drop-column would be ignored: not in the plan
+            raise InputError(f"{e}. This job was planned by an earlier anondata, whose written shards publish such "
+                             "columns unchanged: start a new job with those options") from None
+        raise
     if opts.resume:
         _resume_checks(plan, source, recipients, signer)
     else:
         plan = make_plan(source, opts, recipients, signer)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         journal.create(plan)
+        try:
+            return _run_job(out, journal, plan, opts, source, recipients, signer)
+        except AnondataError:
+            # A new job that fails before its first shard is committed (a model that does not
+            # load, a detector missing on the workers, an unreadable source) leaves nothing behind:
+            # the next run may then change the options, which --resume would take from the plan.
+            if not journal.committed():  # --out was empty or absent before this run (checked above)
+                for child in list(out.iterdir()):
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if created:
+                    out.rmdir()
+            raise
+    return _run_job(out, journal, plan, opts, source, recipients, signer)
 
+
+def _run_job(out: Path, journal: Journal, plan: dict, opts: JobOptions, source, recipients, signer) -> JobResult:
     committed = journal.committed()
     if opts.resume and committed:
         _same_model_as_committed(opts.model, committed)
@@ -400,43 +530,100 @@ def run_anonymize(opts: JobOptions) -> JobResult:
     done = sum(len(m["records"]) for m in committed.values())
     resumed = len(committed)
 
+    if tasks and opts.resume and committed:
+        _same_marker_as_committed(opts, plan, recipients, committed)
     if tasks:
         _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done)
     return _finalize(out, journal, plan, signer, recipients, resumed, opts)
 
 
 def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done) -> None:
+    """Run the tasks, committing each shard as soon as all its rows are back.
+
+    A batch whose worker process dies (a crash in native code, the OOM killer; Python errors are
+    quarantined per record by the worker) must neither kill the job nor loop. Ray drops such a
+    batch (max_errored_blocks); its rows are then redone one record per task, so the record that
+    crashes is alone in its task (and alone on its actor: one task in flight per actor there, so
+    no other record waits on an actor that it takes down) and the others come back; a record
+    that still has no result after that (and a retry) is quarantined here, "worker crashed while
+    anonymizing this record".
+    Not "stop and --resume": resume would redo the same shard and crash on the same record again.
+    Every record still gets exactly one result, and a shard is committed only once it has all of
+    them, so resume is unchanged."""
     from tqdm import tqdm
 
+    from .worker import SETUP_FAILED
+
     ensure_ray(opts.num_cpus)
-    ds = _dataset(tasks, source, opts, plan, recipients)
     schema = output_schema(source.schema, source.image_column, add_id=source.id_column is None)
     by_index = {(s["name"], i): sh["name"] for s in plan["splits"] for i, sh in enumerate(s["shards"])}
     pending: dict[str, dict[int, dict]] = {}
+    finished: set[str] = set()
+    models = [m["model"] for m in journal.committed().values()][:1]  # one, for rows no actor returned
     commits = 0
     bar = tqdm(total=total, initial=done, unit="rec", desc="anonymize", disable=not opts.progress,
                file=sys.stderr, dynamic_ncols=True)
+
+    def take(rows: list[dict]) -> None:
+        nonlocal commits
+        touched = set()
+        for r in rows:
+            if r["status"] == SETUP_FAILED:  # this node cannot anonymize at all: stop, do not quarantine
+                raise SetupError(r["reason"])
+            if not models:
+                models.append(r["model"])
+            name = by_index[(r["split"], r["shard"])]
+            got = pending.setdefault(name, {})
+            if r["row"] not in got:  # a retried task may deliver a row twice: keep one
+                got[r["row"]] = r
+                bar.update(1)
+            touched.add(name)
+        for name in touched:
+            split, sh = shard_info[name]
+            if len(pending[name]) == sh["stop"] - sh["start"]:
+                _commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
+                finished.add(name)
+                commits += 1
+                crash_hook("commit", commits)
+
+    def missing() -> list[dict]:
+        """One task per row that has no result yet."""
+        out = []
+        for t in tasks:
+            name = by_index[(t["split"], t["shard"])]
+            if name not in finished:
+                got = pending.get(name, {})
+                out += [{**t, "start": row, "stop": row + 1} for row in range(t["start"], t["stop"]) if row not in got]
+        return out
+
     try:
-        for batch in _results(ds):
-            rows = batch.to_pylist()
-            touched = set()
-            for r in rows:
-                name = by_index[(r["split"], r["shard"])]
-                got = pending.setdefault(name, {})
-                if r["row"] not in got:  # a retried task may deliver a row twice: keep one
-                    got[r["row"]] = r
-                    bar.update(1)
-                touched.add(name)
-            for name in touched:
-                split, sh = shard_info[name]
-                if len(pending[name]) == sh["stop"] - sh["start"]:
-                    _commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
-                    commits += 1
-                    crash_hook("commit", commits)
+        for batch in _results(_dataset(tasks, source, opts, plan, recipients)):
+            take(batch.to_pylist())
+        if left := missing():
+            for batch in _results(_dataset(left, source, opts, plan, recipients, batch_size=1, task_retries=1)):
+                take(batch.to_pylist())
+        if left := missing():
+            take([_crashed(t, source, models) for t in left])
     finally:
         bar.close()
     if pending:
         raise AnondataError(f"the job ended with unfinished shards ({', '.join(sorted(pending))}); run again with --resume")
+
+
+def _crashed(task: dict, source: Source, models: list[str]) -> dict:
+    """The result of a record that crashed its worker on its own: quarantined. Its row is read
+    here first: a row that cannot be read (a source error, which also drops a task) stops the job
+    with that error instead, as it would have without the crash handling."""
+    from .worker import read_shard_rows
+
+    (row,) = read_shard_rows(pa.Table.from_pylist([task]), source).to_pylist()
+    rid = row["record_id"]
+    if not models:
+        raise AnondataError(f"the workers crashed on every record they were given (first: {rid!r}), "
+                            "nothing was anonymized: check the installation and model, then run again with --resume")
+    return {"split": row["split"], "shard": row["shard"], "row": row["row"], "record_id": rid, "status": "quarantined",
+            "reason": f"record {rid!r}: worker crashed while anonymizing this record", "image": None,
+            "envelopes": None, "faces": 0, "model": models[0]}
 
 
 def _results(ds):
@@ -464,7 +651,7 @@ def _user_error(e: BaseException, depth: int = 0) -> AnondataError | None:
             if found is not None:
                 return found
     text = str(e)
-    for cls in (InputError, FormatError):
+    for cls in (SetupError, InputError, FormatError):
         marker = f"anondata.errors.{cls.__name__}: "
         if marker in text:  # actor creation failures arrive as text only
             return cls(text.split(marker, 1)[1].strip().splitlines()[0])
@@ -541,7 +728,12 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     if missing:
         raise AnondataError(f"shards {', '.join(missing)} are not finished; run again with --resume")
     _remove_strays(out, {data_path(n) for n in names} | {keys_path(n) for n in names})
-    records = [r for n in names for r in committed[n]["records"]]
+    records = []
+    for s in plan["splits"]:  # input order: a split's shards, then its rows past --limit
+        records += [r for sh in s["shards"] for r in committed[sh["name"]]["records"]]
+        skipped = f"beyond --limit {plan['options']['limit']}: not processed, not published"
+        records += [{"id": rid, "split": s["name"], "status": "skipped", "reason": skipped}
+                    for rid in s.get("skipped", [])]
     models = {committed[n]["model"] for n in names}
     if len(models) != 1:
         raise AnondataError("the shards of this job were anonymized with different models or settings; start a new job")
@@ -549,6 +741,7 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     counts = {
         "anonymized": sum(r["status"] == "anonymized" for r in records),
         "quarantined": sum(r["status"] == "quarantined" for r in records),
+        "skipped": sum(r["status"] == "skipped" for r in records),
     }
     readme = card_mod.dataset_card(plan, model, counts, license=plan["options"]["license"])
     from ..files import atomic_write
@@ -577,4 +770,5 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     write_signed_manifest(str(out), m, signer)
     crash_hook("manifest", 1)
     journal.remove()
-    return JobResult(str(out), plan["dataset_id"], counts["anonymized"], counts["quarantined"], len(names), resumed)
+    return JobResult(str(out), plan["dataset_id"], counts["anonymized"], counts["quarantined"], len(names), resumed,
+                     counts["skipped"])

@@ -19,21 +19,22 @@ PUBLIC_TOP = ("README.md", "manifest.json", "manifest.json.sig")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
-def public_files(release: str | Path, include_envelopes: bool = False) -> list[str]:
+def public_files(release: str | Path, signer, include_envelopes: bool = False) -> list[str]:
     """The exact relative paths to upload: card, manifest, signature, the manifest's shards,
     and its envelope files only with `include_envelopes`. The release is verified first, so
-    a half-written or changed release is never published."""
-    from ..manifest import REWRAP_STAGE, read_manifest, verify_release
+    a half-written or changed release is never published; `signer` (a Recipient, or None on
+    purpose) pins who must have signed it: whoever can write the folder can re-sign it."""
+    from ..manifest import REWRAP_STAGE, open_release
 
     root = Path(release)
     if (root / WORK).exists():
         raise InputError(f"{root}: a job is unfinished here ({WORK}/); finish it with anonymize --resume first")
     if (root / REWRAP_STAGE).exists():
         raise InputError(f"{root}: a key rotation is unfinished here (.rewrap/); run the same `anondata rewrap` again first")
-    summary = verify_release(root)
-    if include_envelopes and not summary["envelopes_checked"]:
+    rel = open_release(root, signer, keep_envelopes=False)
+    if include_envelopes and not rel.summary["envelopes_checked"]:
         raise InputError(f"{root}: --include-envelopes, but there is no keys/ folder")
-    m = read_manifest(root)
+    m = rel.manifest
     files = [f for f in PUBLIC_TOP if (root / f).is_file()]
     if "README.md" not in files:
         raise InputError(f"{root}: no README.md (dataset card); the Hub needs it")
@@ -88,12 +89,12 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
     return str(getattr(info, "commit_url", info))
 
 
-def publish(release: str | Path, repo_id: str, *, private: bool = False, include_envelopes: bool = False,
+def publish(release: str | Path, repo_id: str, *, signer, private: bool = False, include_envelopes: bool = False,
             dry_run: bool = False, token: str | None = None, uploader=upload) -> list[str]:
     """Verify, compute the file set, double-check the patterns, upload (unless dry_run)."""
     if not _REPO_RE.match(repo_id):
         raise InputError(f"--repo {repo_id!r}: expected USER/NAME")
-    files = public_files(release, include_envelopes)
+    files = public_files(release, signer, include_envelopes)
     check_patterns(release, files, allow_patterns(files))
     if not dry_run:
         uploader(release, repo_id, files, private=private, token=token)

@@ -46,11 +46,27 @@ def parse_ids(ids: str | None, ids_file: str | None) -> list[str] | None:
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--ids-file {ids_file}: cannot read it ({e})") from None
         out += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    if (ids or ids_file) and not out:
+    if (ids is not None or ids_file is not None) and not out:  # --ids "" (an empty variable) is not "all"
         raise InputError("no record ids given (--ids / --ids-file are empty)")
     if not out:
         return None
     return list(dict.fromkeys(out))
+
+
+def check_ids(m: dict, ids: list[str]) -> None:
+    """Refuse, by id, ids the manifest does not have or did not anonymize: the real cause, before
+    any envelope is opened (which would only say "no envelope")."""
+    by_id = {r["id"]: r for r in m["records"]}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}")
+    quarantined = [i for i in ids if by_id[i]["status"] != "anonymized"]
+    if quarantined:
+        r = by_id[quarantined[0]]
+        raise InputError(
+            f"record(s) {', '.join(map(repr, quarantined[:10]))} were {r['status']} and are not in the release "
+            f"(first reason: {r['reason']})"
+        )
 
 
 def png_name(record_id: str) -> str:
@@ -64,34 +80,29 @@ def png_name(record_id: str) -> str:
 
 def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | None = None,
                 keys: str | None = None, png: bool = False, model: str | None = None,
-                signer_path: str | None = None, device: str | None = None, batch_size: int = 8,
-                progress: bool = True) -> RestoreResult:
+                signer_path: str | None = None, any_signer: bool = False, device: str | None = None,
+                batch_size: int = 8, progress: bool = True) -> RestoreResult:
+    """Restore chosen records. `signer_path` (the .pub that must have signed the release) is
+    required unless `any_signer`: see `anondata.manifest.open_release`."""
     from ..envelope import open_records
     from ..identity import load_identity, load_recipient
-    from ..manifest import load_envelopes, read_manifest, verify_release
+    from ..manifest import open_release, release_envelopes
 
     root = Path(release)
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"--out {out}: folder is not empty; choose a new one")
+    if not signer_path and not any_signer:
+        raise InputError("restore needs the release's signer: pass --signer NAME.pub (or --any-signer)")
     identity = load_identity(identity_path)
     signer = load_recipient(signer_path) if signer_path else None
-    verify_release(root, signer)
-    m = read_manifest(root)
+    rel = open_release(root, signer, keep_envelopes=keys is None)
+    m = rel.manifest
     dataset_id = m["dataset_id"]
     by_id = {r["id"]: r for r in m["records"]}
     if ids is not None:
-        unknown = [i for i in ids if i not in by_id]
-        if unknown:
-            raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}")
-        quarantined = [i for i in ids if by_id[i]["status"] != "anonymized"]
-        if quarantined:
-            r = by_id[quarantined[0]]
-            raise InputError(
-                f"record(s) {', '.join(map(repr, quarantined[:10]))} were {r['status']} and are not in the release "
-                f"(first reason: {r['reason']})"
-            )
-    tables = load_envelopes(keys if keys else root, signer)
+        check_ids(m, ids)
+    tables = release_envelopes(rel, keys)
     opened = open_records(tables, identity, dataset_id, ids)  # refuses ids without an envelope, by id
     if not opened:
         raise InputError(f"{identity_path} cannot open any record of this release (it is not a recipient)")

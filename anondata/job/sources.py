@@ -11,6 +11,7 @@ read their own slices.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import canonical
 from ..errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -42,8 +44,12 @@ class SplitInfo:
 
     @property
     def rows(self) -> int:
-        total = sum(self.file_rows)
-        return total if self.limit is None else min(total, self.limit)
+        return self.total if self.limit is None else min(self.total, self.limit)
+
+    @property
+    def total(self) -> int:
+        """Rows before --limit: the manifest lists the ones past it as skipped."""
+        return sum(self.file_rows)
 
 
 @dataclass
@@ -79,7 +85,9 @@ class Source:
     def read(self, split: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows `[start, stop)` of `split` (original order), only `columns` if given."""
         info = self.split(split)
-        stop = min(stop, info.rows)
+        return self._read(info, start, min(stop, info.rows), columns)
+
+    def _read(self, info: SplitInfo, start: int, stop: int, columns: list[str] | None) -> pa.Table:
         if start >= stop:
             return self.schema.empty_table() if columns is None else self.schema.empty_table().select(columns)
         if self.kind == "imagefolder":
@@ -100,12 +108,14 @@ class Source:
         table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
         return _cast_like(table, self.schema, columns)
 
-    def ids(self, split: str) -> list[str]:
-        """Every record id of `split`, in row order (reads only the id column)."""
+    def ids(self, split: str, all_rows: bool = False) -> list[str]:
+        """Every record id of `split`, in row order (reads only the id column). `all_rows`: the
+        rows past --limit too, which the manifest must list (as skipped) like every other."""
         info = self.split(split)
+        n = info.total if all_rows else info.rows
         if self.id_column is None:
-            return [derived_id(split, i) for i in range(info.rows)]
-        col = self.read(split, 0, info.rows, [self.id_column]).column(0).to_pylist()
+            return [derived_id(split, i) for i in range(n)]
+        col = self._read(info, 0, n, [self.id_column]).column(0).to_pylist()
         out = []
         for i, v in enumerate(col):
             if v is None or (isinstance(v, str) and not v.strip()):
@@ -120,6 +130,46 @@ class Source:
                 )
             out.append(str(v))
         return out
+
+    def fingerprint(self, ids: dict[str, list[str]] | None = None) -> dict:
+        """What --resume compares to notice changed contents: a resumed job reads rows by
+        position, so a renamed, added or replaced file shifts rows and one record is published
+        twice while another is never processed. SHA-256 per split of every record id (all rows,
+        in order) and of the files' names and sizes (Parquet: and footers, which hold each
+        column chunk's size and statistics); plus the columns. Cheap: ids are read for the
+        plan anyway, and no image is read. `ids`: split -> `ids(split, all_rows=True)`."""
+        splits = {}
+        for info in self.splits:
+            rows = ids[info.name] if ids is not None else self.ids(info.name, all_rows=True)
+            files = self._file_facts(info)
+            splits[info.name] = {"ids": _sha(canonical.dumps(rows)), "files": _sha(canonical.dumps(files))}
+        return {"columns": _sha(str(self.schema.remove_metadata()).encode()), "splits": splits}
+
+    def _file_facts(self, info: SplitInfo) -> list:
+        if self.kind == "imagefolder":
+            return [[rel, _size_or_none(Path(self.root) / rel)] for rel in info.files]
+        if self.kind == "arrow":  # one folder per split: data-*.arrow, state.json, dataset_info.json
+            folder = Path(info.files[0])
+            return [[f.name, f.stat().st_size] + ([_sha(f.read_bytes())] if f.suffix == ".json" else [])
+                    for f in sorted(folder.iterdir()) if f.is_file()]
+        return [[os.path.relpath(path, self.root), n, _parquet_footer_sha(path, self.fs)]
+                for path, n in zip(info.files, info.file_rows)]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parquet_footer_sha(path: str, fs) -> str:
+    """SHA-256 of a Parquet file's size and footer (its last bytes: the metadata, then its
+    length and `PAR1`): two range reads, also on the Hub."""
+    with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        fh.seek(max(0, size - 8 - n))
+        return _sha(str(size).encode() + b":" + fh.read(n) + tail)
 
 
 def derived_id(split: str, row: int) -> str:
@@ -254,11 +304,21 @@ def _open_arrow(location: str, path: Path) -> Source:
     return Source("arrow", location, str(path), splits, schema, "image", None)
 
 
+def _size_or_none(p: Path) -> int | None:
+    """A file's size, or None for a broken link (a record that will be quarantined)."""
+    try:
+        return p.stat().st_size
+    except OSError:
+        return None
+
+
 def _open_image_folder(location: str, path: Path) -> Source:
     files = sorted(
         p.relative_to(path).as_posix()
         for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, path)
+        # a broken link is still a record: it is quarantined as unreadable, not silently left out
+        if (p.is_file() or (p.is_symlink() and not p.is_dir())) and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not _hidden(p, path)
     )
     if not files:
         raise InputError(
@@ -322,6 +382,83 @@ def _is_image_struct(t: pa.DataType) -> bool:
     return "bytes" in names and "path" in names
 
 
+def choose_columns(source: Source, drop: list[str], keep: list[str]) -> None:
+    """Fail closed on the other columns: only the image column is anonymized and the rest are
+    published as they are, so any other column that can hold a picture (binary data at any
+    depth, or a datasets Image / Video feature) is refused until the runner names it: dropped
+    from the release (`drop`), or kept on their word that it holds no faces (`keep`). Dropped
+    columns leave `source.schema` and its features metadata, so nothing reads or publishes
+    them. A string column (a file name, a path) is published as it is."""
+    names = source.schema.names
+    for opt, given in (("--drop-column", drop), ("--keep-column", keep)):
+        unknown = [c for c in given if c not in names]
+        if unknown:
+            raise InputError(
+                f"{opt} {', '.join(unknown)}: no such column in {source.location} (columns: {', '.join(names)})")
+        if source.image_column in given:
+            raise InputError(f"{opt} {source.image_column}: that is the image column, the one that is anonymized")
+    both = sorted(set(drop) & set(keep))
+    if both:
+        raise InputError(f"column(s) {', '.join(both)} given to both --drop-column and --keep-column; choose one")
+    if source.id_column in drop:
+        raise InputError(f"--drop-column {source.id_column}: that is the id column, which the manifest and restore "
+                         "need; pass --id-column to use another column as the id")
+    feats = ((hf_features_json(source.schema) or {}).get("info") or {}).get("features") or {}
+    risky = []
+    for f in source.schema:
+        if f.name in (source.image_column, *drop, *keep):
+            continue
+        if _feature_has_picture(feats.get(f.name) if isinstance(feats, dict) else None):
+            risky.append(f"{f.name} (a datasets image feature)")
+        elif _holds_binary(f.type):
+            t = str(f.type)
+            risky.append(f"{f.name} (binary data: {t if len(t) <= 60 else t[:59] + '…'})")
+    if risky:
+        raise InputError(
+            f"{source.location}: column(s) {'; '.join(risky)} may hold pictures of faces, and only the image column "
+            f"{source.image_column!r} is anonymized (the others are published as they are). For each, pass "
+            "--drop-column NAME to leave it out of the release, or --keep-column NAME if it holds no faces "
+            "(published unchanged)"
+        )
+    if drop:
+        source.schema = _without_columns(source.schema, set(drop))
+
+
+_PICTURE_FEATURES = ("Image", "Video")
+
+
+def _feature_has_picture(feature) -> bool:
+    if isinstance(feature, dict):
+        return feature.get("_type") in _PICTURE_FEATURES or any(_feature_has_picture(v) for v in feature.values())
+    if isinstance(feature, list):
+        return any(_feature_has_picture(v) for v in feature)
+    return False
+
+
+def _holds_binary(t: pa.DataType) -> bool:
+    """Binary at any depth: struct fields, list and map values, dictionary values."""
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        return True
+    if pa.types.is_dictionary(t):
+        return _holds_binary(t.value_type)
+    if isinstance(t, pa.BaseExtensionType):
+        return _holds_binary(t.storage_type)
+    return any(_holds_binary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _without_columns(schema: pa.Schema, drop: set[str]) -> pa.Schema:
+    """`schema` less `drop`, in its fields and in the features metadata the Hub and `datasets`
+    read, which would otherwise announce a column the shards do not have."""
+    meta = dict(schema.metadata or {})
+    hf = hf_features_json(schema) or {}
+    info = hf.get("info")
+    if isinstance(info, dict) and isinstance(info.get("features"), dict):
+        info["features"] = {k: v for k, v in info["features"].items() if k not in drop}
+        meta[b"huggingface"] = json.dumps(hf).encode()
+    return pa.schema([f for f in schema if f.name not in drop], metadata=meta or None)
+
+
 # --------------------------------------------------------------------------- the Hub
 
 
@@ -373,7 +510,11 @@ def _read_parquet_range(path: str, fs, start: int, stop: int, columns) -> pa.Tab
             if first is None:
                 first = offset
         offset += n
-    table = pf.read_row_groups(groups, columns=columns)
+    try:
+        table = pf.read_row_groups(groups, columns=columns)
+    except (OSError, pa.ArrowException) as e:  # a damaged data page behind a valid footer
+        raise InputError(f"{path}: rows {start}-{stop - 1} cannot be read ({str(e).splitlines()[0][:160]}); "
+                         "repair or re-export the file, then run again with --resume") from None
     return table.slice(start - first, stop - start)
 
 
@@ -424,7 +565,8 @@ def image_bytes(source: Source, cell: Any) -> tuple[bytes | None, str | None]:
             with open(full, "rb") as fh:
                 return fh.read(), None
         except OSError as e:
-            return None, f"the image file {p!r} cannot be read ({e.strerror or e})"
+            # not the path: the manifest is public, and a file name can name the person
+            return None, f"the image file its cell names cannot be read ({e.strerror or type(e).__name__})"
     return None, f"the image cell holds {type(cell).__name__}, not image bytes"
 
 

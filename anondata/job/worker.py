@@ -8,11 +8,13 @@ crosses the Ray object store or reaches the driver in the clear.
 from __future__ import annotations
 
 import io
+import re
 
 import pyarrow as pa
 
 from .. import canonical
-from ..errors import AnondataError
+from ..errors import AnondataError, SetupError
+from .journal import crash_hook
 from .sources import Source, derived_id, image_bytes
 
 ROW_SCHEMA = pa.schema(
@@ -32,7 +34,7 @@ RESULT_SCHEMA = pa.schema(
         ("shard", pa.int64()),
         ("row", pa.int64()),
         ("record_id", pa.string()),
-        ("status", pa.string()),  # anonymized | quarantined
+        ("status", pa.string()),  # anonymized | quarantined | SETUP_FAILED (the driver stops the job)
         ("reason", pa.string()),
         ("image", pa.large_binary()),  # the anonymized, encoded image (anonymized only)
         ("envelopes", pa.large_binary()),  # Arrow IPC stream of this record's envelope rows
@@ -40,6 +42,12 @@ RESULT_SCHEMA = pa.schema(
         ("model", pa.string()),  # canonical JSON {model, settings} of the actor that did it
     ]
 )
+
+
+# A batch whose node cannot anonymize at all (a detector or library that does not load): every row
+# carries this status and the error as reason, and the driver stops the job with it. Not raised:
+# the pipeline skips failed blocks to survive worker crashes (pipeline._run_shards).
+SETUP_FAILED = "setup-failed"
 
 
 def read_shard_rows(batch: pa.Table, source: Source) -> pa.Table:
@@ -101,6 +109,16 @@ class AnonymizerActor:
         )
         box = face_spec.get("box")
         self.spec = FaceSpec(**{**face_spec, "box": tuple(box) if box else None})
+        # Load what every photo needs now: a node without it stops the job here (SetupError)
+        # instead of quarantining every record it is given.
+        from ..faces import _cv2
+
+        _cv2()
+        if self.spec.mode == "detect":
+            from ..detect import get_detector
+
+            for name in filter(None, (self.spec.detector, self.spec.cross_check)):
+                get_detector(name)
         self.lossless = lossless
         self.recipients = [Recipient.from_bytes(b) for b in recipients]
         self.dataset_id = dataset_id
@@ -114,8 +132,9 @@ class AnonymizerActor:
 
 
 def process_rows(actor, batch: pa.Table) -> pa.Table:
-    """Decode -> anonymize faces -> encode -> seal, for one batch. Any per-record failure that
-    is an `AnondataError` quarantines that record with the error as its reason."""
+    """Decode -> anonymize faces -> encode -> seal, for one batch. Any per-record failure
+    quarantines that record with the error as its reason (an unexpected exception by its type and
+    a short message), except a SetupError, which marks the whole batch SETUP_FAILED."""
     from ..envelope import seal_records
     from ..images import decode_image, encode_image
     from ..keystream import new_key
@@ -126,29 +145,38 @@ def process_rows(actor, batch: pa.Table) -> pa.Table:
     todo: list[int] = []
     images = []
     for i, r in enumerate(rows):
+        crash_hook("anonymize", r["row"])  # test hook: kills this worker at that source row
         if r["image"] is None:
             status[i] = ("quarantined", f"record {r['record_id']!r}: {r['error']}", None, None, 0)
             continue
         try:
             arr, _fmt = decode_image(r["image"], r["record_id"])
-        except AnondataError as e:
-            status[i] = ("quarantined", str(e), None, None, 0)
+        except Exception as e:  # noqa: BLE001 - fail closed: the record is quarantined, never published
+            status[i] = ("quarantined", _failure(e, r["record_id"]), None, None, 0)
             continue
         todo.append(i)
         images.append(arr)
     if todo:
         keys = [new_key() for _ in todo]
-        results = _anonymize_isolating(actor, images, keys, [rows[i]["record_id"] for i in todo])
+        try:
+            results = _anonymize_isolating(actor, images, keys, [rows[i]["record_id"] for i in todo])
+        except SetupError as e:
+            results = [e] * len(todo)
         for i, key, res in zip(todo, keys, results):
             rid = rows[i]["record_id"]
-            if isinstance(res, str):
+            if isinstance(res, SetupError):
+                status[i] = (SETUP_FAILED, str(res), None, None, 0)
+            elif isinstance(res, str):
                 status[i] = ("quarantined", res, None, None, 0)
             elif res.quarantine_reason is not None or res.image is None or res.record is None:
                 reason = res.quarantine_reason or "the face step returned no image"
                 status[i] = ("quarantined", _name(reason, rid), None, None, res.faces)
             else:
-                env = seal_records(actor.recipients, actor.dataset_id, [(rid, key, res.record)])
-                status[i] = ("anonymized", None, encode_image(res.image), envelopes_to_ipc(env), res.faces)
+                try:
+                    env = seal_records(actor.recipients, actor.dataset_id, [(rid, key, res.record)])
+                    status[i] = ("anonymized", None, encode_image(res.image), envelopes_to_ipc(env), res.faces)
+                except Exception as e:  # noqa: BLE001 - no envelope or no image: not published
+                    status[i] = ("quarantined", _failure(e, rid), None, None, res.faces)
         del keys
     for r, (st, reason, img, env, faces) in zip(rows, status):
         out["split"].append(r["split"])
@@ -168,9 +196,26 @@ def _name(reason: str, rid: str) -> str:
     return reason if rid in reason else f"record {rid!r}: {reason}"
 
 
+# What an unexpected exception's message may not carry into the public manifest: bytes reprs
+# (image data), file paths, and long hex/base64 runs (key material).
+_REDACT = re.compile(r"""b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*"|(?:[A-Za-z]:)?(?:[\\/][^\s'"\\/:,;()]+){2,}"""
+                     r"|[A-Za-z0-9+/_=-]{32,}")
+
+
+def _failure(e: Exception, rid: str) -> str:
+    """Quarantine reason for exception `e` on record `rid`: the project's own message as it is;
+    anything else by its type and a short, redacted first line."""
+    if isinstance(e, AnondataError):
+        return _name(str(e), rid)
+    line = _REDACT.sub("…", (str(e).strip().splitlines() or [""])[0])
+    line = line if len(line) <= 160 else line[:159] + "…"
+    return f"record {rid!r}: could not be anonymized: {type(e).__name__}" + (f": {line}" if line else "")
+
+
 def _anonymize_isolating(actor, images, keys, ids):
-    """The whole batch at once; if the library rejects the batch, each photo alone, so the
-    one bad record is quarantined (its error message as reason) and the rest go through."""
+    """The whole batch at once; if that fails, each photo alone, so the one bad record is
+    quarantined (its error as reason, see _failure) and the rest go through. A SetupError is the
+    node's, not the record's: it propagates."""
     from ..anonymizer import RESTORE_FLOOR_DB
     from ..faces import anonymize_photos
 
@@ -178,13 +223,17 @@ def _anonymize_isolating(actor, images, keys, ids):
     kw = {"lossless": actor.lossless, "floor_db": None if actor.lossless else RESTORE_FLOOR_DB}
     try:
         return anonymize_photos(actor.anon, images, keys, actor.spec, **kw)
-    except AnondataError as e:
+    except SetupError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory for the batch: try each alone
         if len(images) == 1:
-            return [_name(str(e), ids[0])]
+            return [_failure(e, ids[0])]
     out = []
     for img, key, rid in zip(images, keys, ids):
         try:
             out.extend(anonymize_photos(actor.anon, [img], [key], actor.spec, **kw))
-        except AnondataError as e:
-            out.append(_name(str(e), rid))
+        except SetupError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fail closed: quarantined with its reason
+            out.append(_failure(e, rid))
     return out

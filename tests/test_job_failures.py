@@ -1,0 +1,146 @@
+"""Fail closed when anonymizing goes wrong in ways the library does not foresee: an unexpected
+exception quarantines that record only; a record that kills its worker process is quarantined
+and the job finishes (no endless restarts); a node that cannot load its detector stops the job
+before any record is processed, instead of quarantining every record into a signed release."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from anondata.errors import SetupError
+from conftest import FAST, damage_first_data_page, encode, synthetic_faces, write_face_parquet
+
+
+def _actor(model, identities, **spec):
+    from anondata.identity import load_recipient
+    from anondata.job.worker import AnonymizerActor
+
+    face_spec = {"mode": "aligned", "box": None, "detector": "hog", "on_no_face": "quarantine", "cross_check": None,
+                 **spec}
+    return AnonymizerActor(model=model, device="cpu", steps=2, inversion_iters=1, sign_cell=0, background="noised",
+                           flip_centre="mean-face", model_batch=1, face_spec=face_spec, lossless=True,
+                           recipients=[load_recipient(identities["owner"][1]).to_bytes()], dataset_id="ab" * 16)
+
+
+def _batch(images, ids):
+    from anondata.job.worker import ROW_SCHEMA
+
+    n = len(ids)
+    return pa.table({"split": ["train"] * n, "shard": [0] * n, "row": list(range(n)), "record_id": ids,
+                     "image": [encode(a) for a in images], "error": [None] * n}, schema=ROW_SCHEMA)
+
+
+def test_unexpected_exception_quarantines_only_that_record(tiny_model, identities, monkeypatch):
+    """A RuntimeError (CUDA out of memory, a library bug) used to escape the worker and kill the
+    job with a traceback. Now that record is quarantined, named, with the exception's type and a
+    short message that carries no path or key-like text; Ctrl-C still stops."""
+    from anondata import faces
+    from anondata.job.worker import process_rows
+
+    imgs = synthetic_faces(3, seed=3)
+    real = faces.anonymize_photos
+
+    def flaky(anon, images, keys, spec, **kw):
+        if any(np.array_equal(im, imgs[1]) for im in images):
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB; see /home/someone/secret.log {'ab' * 32}")
+        return real(anon, images, keys, spec, **kw)
+
+    actor = _actor(tiny_model, identities)
+    monkeypatch.setattr(faces, "anonymize_photos", flaky)
+    out = process_rows(actor, _batch(imgs, ["r0", "r1", "r2"])).to_pylist()
+    assert [r["status"] for r in out] == ["anonymized", "quarantined", "anonymized"]
+    assert out[1]["image"] is None and out[1]["envelopes"] is None
+    reason = out[1]["reason"]
+    assert reason.startswith("record 'r1': could not be anonymized: RuntimeError: CUDA out of memory. Tried to allocate")
+    assert "/home" not in reason and "secret" not in reason and "abab" not in reason
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faces, "anonymize_photos", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        process_rows(actor, _batch(imgs[:1], ["r0"]))
+
+
+def test_detector_setup_error_is_not_a_per_record_quarantine(tiny_model, identities, monkeypatch, tmp_path):
+    """A detector that cannot load (no dlib on the node, no YuNet weights) used to quarantine
+    every record. The actor now loads its detectors up front and fails; one that fails later
+    marks its batch SETUP_FAILED, and the driver stops the job with the message."""
+    from anondata import detect
+    from anondata.job import pipeline
+    from anondata.job.worker import RESULT_SCHEMA, SETUP_FAILED, process_rows
+
+    with pytest.raises(SetupError, match="detector 'yunet' needs its ONNX weights"):
+        _actor(tiny_model, identities, mode="detect", detector="yunet", cross_check=None)
+    actor = _actor(tiny_model, identities, mode="detect", detector="hog", cross_check="haar")
+
+    def no_dlib(name):
+        raise SetupError("detector needs dlib, which is not installed; install the face extras")
+
+    monkeypatch.setattr(detect, "get_detector", no_dlib)
+    out = process_rows(actor, _batch(synthetic_faces(2), ["r0", "r1"])).to_pylist()
+    assert {r["status"] for r in out} == {SETUP_FAILED} and "needs dlib" in out[0]["reason"]
+
+    # the driver: such a batch stops the job, no shard is committed and nothing is signed
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a: None)
+    monkeypatch.setattr(pipeline, "_dataset", lambda *a, **kw: None)
+    monkeypatch.setattr(pipeline, "_results", lambda ds: iter([pa.Table.from_pylist(out, schema=RESULT_SCHEMA)]))
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    with pytest.raises(SetupError, match="needs dlib"):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, progress=False, **FAST))
+    assert not (tmp_path / "out").exists()  # nothing committed: nothing left for a --resume to be stuck on
+
+
+def test_job_with_unloadable_detector_stops_before_any_record(ray_address, identities, tiny_model, tmp_path):
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    with pytest.raises(SetupError, match="detector 'yunet' needs its ONNX weights"):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, faces="detect", detector="yunet", cross_check="none",
+                                 progress=False, **FAST))
+    assert not (tmp_path / "out").exists()  # nothing committed: nothing left for a --resume to be stuck on
+
+
+def test_new_job_on_a_damaged_source_fails_cleanly_and_leaves_no_folder(ray_address, identities, tiny_model, tmp_path):
+    from anondata.errors import InputError
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    damage_first_data_page(tmp_path / "f.parquet")
+    (tmp_path / "out").mkdir()  # an empty folder the user made stays, empty
+    with pytest.raises(InputError, match="rows 0-1 cannot be read"):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, progress=False, **FAST))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.timeout(600)  # before the fix Ray restarted the worker and retried the record forever
+def test_record_that_kills_its_worker_is_quarantined_and_the_job_finishes(ray_address, identities, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """Row 1 kills the worker process every time it is anonymized (SIGKILL, like a crash in native
+    code). Ray used to restart the actor and retry forever; now the job finishes, row 1 is
+    quarantined as a crash, its batch-mate row 0 and the rest are anonymized, once each."""
+    from anondata.job.journal import CRASH_ENV
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest, verify_release
+
+    write_face_parquet(tmp_path / "f.parquet", 4)
+    monkeypatch.setenv(CRASH_ENV, "anonymize:1")
+    res = run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                   recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                   model=tiny_model, shard_size=2, batch_size=2, progress=False, **FAST))
+    assert (res.anonymized, res.quarantined) == (3, 1)
+    verify_release(tmp_path / "out")
+    records = read_manifest(tmp_path / "out")["records"]
+    assert [r["id"] for r in records] == ["rec-000", "rec-001", "rec-002", "rec-003"]
+    assert [r["status"] for r in records] == ["anonymized", "quarantined", "anonymized", "anonymized"]
+    assert records[1]["reason"] == "record 'rec-001': worker crashed while anonymizing this record"
