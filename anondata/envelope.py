@@ -213,8 +213,13 @@ def _rows(table: pa.Table, what: str) -> list[tuple[str, bytes, list[dict]]]:
     """Validate an envelope table completely (schema, metadata, every value) and return its rows."""
     if not isinstance(table, pa.Table):
         raise FormatError(f"{what}: expected a pyarrow.Table")
-    if len(table.schema) != len(_BASE_SCHEMA) or not all(map(_same_field, table.schema, _BASE_SCHEMA)):
-        raise FormatError(f"{what}: schema is not the envelope schema (docs/FORMAT.md): got {table.schema.remove_metadata()}")
+    try:
+        same = len(table.schema) == len(_BASE_SCHEMA) and all(map(_same_field, table.schema, _BASE_SCHEMA))
+        got = str(table.schema.remove_metadata())
+    except UnicodeDecodeError:  # pyarrow decodes names on access: a field name that is not UTF-8
+        same, got = False, "field names that are not UTF-8"
+    if not same:
+        raise FormatError(f"{what}: schema is not the envelope schema (docs/FORMAT.md): got {got}")
     table_dataset_id(table, what)
     for name in ("record_id", "payload", "wraps"):
         if table.column(name).null_count:

@@ -420,6 +420,15 @@ def test_fuzz_table_reader_mutations(data):
         pass
 
 
+def test_field_name_that_is_not_utf8_is_a_format_error():
+    """Found by the fuzz test above: pyarrow decodes field names on access, so a name of invalid
+    UTF-8 raised UnicodeDecodeError out of the schema check."""
+    ident = generate_identity()
+    b = envelope_table_bytes(seal_records([ident.recipient], DID, items(1))).replace(b"payload", b"\x80ayload")
+    with pytest.raises(FormatError, match="not UTF-8"):
+        read_envelope_table(b)
+
+
 def test_arrow_schema_doc_matches_code():
     from anondata.envelope import envelope_schema
 
