@@ -335,6 +335,17 @@ def _loaded_weight_files(component_dir: Path) -> list[Path]:
     return []
 
 
+def _present_weight_files(component_dir: Path) -> list[Path]:
+    """`_loaded_weight_files`, refusing a folder without any or with a shard missing."""
+    files = _loaded_weight_files(component_dir)
+    if not files:
+        raise InputError(f"model folder {component_dir} holds no weight file (diffusion_pytorch_model.safetensors or .bin)")
+    for p in files:
+        if not p.is_file():
+            raise InputError(f"model folder {component_dir}: weight shard {p.name} is missing")
+    return files
+
+
 def _component_dirs(folder: Path) -> dict[str, Path]:
     """role -> folder, for the parts the backend loads. A bare model folder is the unet."""
     if (folder / "unet" / "config.json").is_file():
@@ -356,12 +367,7 @@ def weights_sha256(folder: Path) -> str:
     folder = Path(folder)
     lines = []
     for role, d in sorted(_component_dirs(folder).items(), key=lambda kv: ("unet", "vae", "controlnet").index(kv[0])):
-        files = _loaded_weight_files(d)
-        if not files:
-            raise InputError(f"model folder {d} holds no weight file (diffusion_pytorch_model.safetensors or .bin)")
-        for p in files:
-            if not p.is_file():
-                raise InputError(f"model folder {d}: weight shard {p.name} is missing")
+        for p in _present_weight_files(d):
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -401,12 +407,7 @@ def check_model(name_or_path: str) -> None:
     if "unet" not in dirs:
         raise InputError(f"model folder {folder} has no UNet config (unet/config.json or config.json)")
     for d in dirs.values():
-        files = _loaded_weight_files(d)
-        if not files:
-            raise InputError(f"model folder {d} holds no weight file (diffusion_pytorch_model.safetensors or .bin)")
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise InputError(f"model folder {d}: weight shard {missing[0]} is missing")
+        _present_weight_files(d)
 
 
 def model_sha256(name_or_path: str) -> str:

@@ -297,6 +297,7 @@ class _Weights:
             al = _alpha(p, cs)
             total[rs] += al
             self.parts.append((i, rs, cs, al))
+        self.alpha_sum = total
         self.norm = np.maximum(total, np.float32(1.0))
 
     def apply(self, base: np.ndarray, layers: dict[int, np.ndarray], replace: bool) -> np.ndarray:
@@ -318,10 +319,7 @@ class _Weights:
 
     def total(self) -> np.ndarray:
         """Per pixel of the rectangle, the share `apply(replace=True)` takes from the faces (W)."""
-        t = np.zeros(self.norm.shape, np.float32)
-        for _, rs, _, al in self.parts:
-            t[rs] += al / self.norm[rs]
-        return t
+        return self.alpha_sum / self.norm
 
     def union(self) -> np.ndarray:
         m = np.zeros(self.norm.shape, bool)

@@ -357,7 +357,6 @@ class VerifiedRelease:
     manifest: dict
     summary: dict
     envelopes: list | None  # envelope tables; None for a public copy (no keys/) or when not asked for
-    signer_pinned: bool
 
 
 def verify_release(release_dir, signer: Recipient | None = None) -> dict:
@@ -390,7 +389,7 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
     for s in m["shards"]:
         _check_file(root, s, f"shard {s['path']}")
     envelopes_checked = (root / "keys").is_dir()
-    tables = _envelope_tables(root, m, f"{root}") if envelopes_checked else None
+    tables = _envelope_tables(root, m, str(root)) if envelopes_checked else None
     listed = {s["path"] for s in m["shards"]} | {e["path"] for e in m["envelopes"]}
     for sub in ("data", "keys"):
         d = root / sub
@@ -411,7 +410,7 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
         "signer_pinned": signer is not None,
         "manifest_sha256": hashlib.sha256(data).hexdigest(),
     }
-    return VerifiedRelease(root, m, summary, tables if keep_envelopes else None, signer is not None)
+    return VerifiedRelease(root, m, summary, tables if keep_envelopes else None)
 
 
 def _envelope_tables(base: Path, m: dict, where: str) -> list:

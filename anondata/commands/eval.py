@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from ._args import number_list, positive
+from ._args import add_signer, number_list, positive, signer
 
 EPILOG = """\
 what it measures:
@@ -28,9 +28,6 @@ examples:
 
 _bits = number_list(int, 1, 256, "--wrong-bits is a comma-separated list of bit counts in 1..256, e.g. 1,8,64")
 _ps = number_list(float, 0.0, 1.0, "--leakage-p is a comma-separated list of shares in 0..1, e.g. 0.5,0.75,1")
-
-
-from ._args import add_signer, signer
 
 
 def register(sub) -> None:
