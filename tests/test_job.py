@@ -189,6 +189,10 @@ def test_image_folder_derived_ids_and_quarantine_reasons(ray_address, identities
     reasons = {r["id"]: r["reason"] for r in m["records"] if r["status"] == "quarantined"}
     assert set(reasons) == {"faces-000002", "faces-000003"}
     assert "too small" in reasons["faces-000002"]
+    # the runner's terminal is told which files those are (JobResult.quarantine); the public manifest is not
+    assert [(rid, where) for rid, _, where in res.quarantine] == [("faces-000002", str(d / "c.png")),
+                                                                  ("faces-000003", str(d / "d.png"))]
+    assert b"c.png" not in (tmp_path / "out" / "manifest.json").read_bytes()
     ds = datasets.load_dataset(str(tmp_path / "out"), split="faces")
     assert ds.column_names == ["record_id", "image"] and ds["record_id"] == ["faces-000000", "faces-000001", "faces-000004"]
     run_restore(str(tmp_path / "out"), identities["owner"][0], str(tmp_path / "r"), ids=["faces-000001"],

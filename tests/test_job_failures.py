@@ -1,7 +1,8 @@
 """Fail closed when anonymizing goes wrong in ways the library does not foresee: an unexpected
 exception quarantines that record only; a record that kills its worker process is quarantined
 and the job finishes (no endless restarts); a node that cannot load its detector stops the job
-before any record is processed, instead of quarantining every record into a signed release."""
+before any record is processed, and so does a device that fails on record after record, instead
+of quarantining every record into a signed release."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_unexpected_exception_quarantines_only_that_record(tiny_model, identitie
     actor = _actor(tiny_model, identities)
     monkeypatch.setattr(faces, "anonymize_photos", flaky)
     out = process_rows(actor, _batch(imgs, ["r0", "r1", "r2"])).to_pylist()
-    assert [r["status"] for r in out] == ["anonymized", "quarantined", "anonymized"]
+    assert [r["status"] for r in out] == ["anonymized", "failed", "anonymized"]  # FAILED: quarantined, and counted
     assert out[1]["image"] is None and out[1]["envelopes"] is None
     reason = out[1]["reason"]
     assert reason.startswith("record 'r1': could not be anonymized: RuntimeError: CUDA out of memory. Tried to allocate")
@@ -144,3 +145,92 @@ def test_record_that_kills_its_worker_is_quarantined_and_the_job_finishes(ray_ad
     assert [r["id"] for r in records] == ["rec-000", "rec-001", "rec-002", "rec-003"]
     assert [r["status"] for r in records] == ["anonymized", "quarantined", "anonymized", "anonymized"]
     assert records[1]["reason"] == "record 'rec-001': worker crashed while anonymizing this record"
+
+
+def _driver_without_ray(monkeypatch, failing: set[str]):
+    """Run the job's driver with no Ray: each task's rows go through a real actor in this
+    process; the model step raises a CUDA-like RuntimeError on the records in `failing`."""
+    from anondata import faces
+    from anondata.job import pipeline
+    from anondata.job.worker import AnonymizerActor, process_rows, read_shard_rows
+
+    real, state = faces.anonymize_photos, {"fail": False}
+
+    def device(anon, images, keys, spec, **kw):
+        if state["fail"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(anon, images, keys, spec, **kw)
+
+    def dataset(tasks, source, opts, plan, recipients, batch_size=None, task_retries=0):
+        actor = AnonymizerActor(**pipeline.actor_kwargs(opts, plan, recipients, "cpu"))
+        for t in tasks:
+            rows = read_shard_rows(pa.Table.from_pylist([t]), source)
+            state["fail"] = set(rows.column("record_id").to_pylist()) <= failing
+            yield process_rows(actor, rows)
+
+    monkeypatch.setattr(faces, "anonymize_photos", device)
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a: None)
+    monkeypatch.setattr(pipeline, "_pool", lambda opts: (1, 0, "cpu"))
+    monkeypatch.setattr(pipeline, "_dataset", dataset)
+    monkeypatch.setattr(pipeline, "_results", lambda ds: ds)
+
+
+def test_failures_in_a_row_stop_the_job_and_resume_redoes_them(tiny_model, identities, monkeypatch, tmp_path):
+    """A device that fails on record after record (every call a CUDA error) used to quarantine
+    every record into a signed release, for good. Three in a row now stop the job; the shards
+    they are in are not committed, so --resume after the fix anonymizes them."""
+    from anondata.errors import AnondataError
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest
+
+    write_face_parquet(tmp_path / "f.parquet", 5)
+    failing = {"rec-001", "rec-002", "rec-003"}
+    _driver_without_ray(monkeypatch, failing)
+    opts = dict(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
+                signing_key=identities["runner"][0], model=tiny_model, shard_size=1, batch_size=1,
+                max_failures_in_a_row=3, progress=False, **FAST)
+    with pytest.raises(AnondataError, match=r"failed on 3 records in a row \(the last: record 'rec-003': could not be "
+                                            r"anonymized: RuntimeError: CUDA error.*run again with --resume"):
+        run_anonymize(JobOptions(**opts))
+    assert sorted(Journal(tmp_path / "out").committed()) == ["train-00000-of-00005"]  # rec-000 only
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    failing.clear()  # the device is fixed
+    res = run_anonymize(JobOptions(**opts, resume=True))
+    assert (res.anonymized, res.quarantined, res.resumed_shards) == (5, 0, 1)
+    assert [r["status"] for r in read_manifest(tmp_path / "out")["records"]] == ["anonymized"] * 5
+
+
+@pytest.mark.parametrize("limit", [3, 0])
+def test_failures_short_of_the_limit_are_quarantined(tiny_model, identities, monkeypatch, tmp_path, limit):
+    """Two failures then a success (limit 3), or failures with the breaker off (0): the job
+    finishes, each failed record quarantined with its reason, the others anonymized."""
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest
+
+    write_face_parquet(tmp_path / "f.parquet", 4)
+    failing = {"rec-001", "rec-002"} if limit else {"rec-000", "rec-001", "rec-002", "rec-003"}
+    _driver_without_ray(monkeypatch, failing)
+    res = run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                   recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                   model=tiny_model, shard_size=1, batch_size=1, max_failures_in_a_row=limit,
+                                   progress=False, **FAST))
+    records = read_manifest(tmp_path / "out")["records"]
+    assert [r["status"] == "quarantined" for r in records] == [r["id"] in failing for r in records]
+    assert (res.anonymized, res.quarantined) == (4 - len(failing), len(failing))
+    assert all("RuntimeError: CUDA error" in r["reason"] for r in records if r["id"] in failing)
+
+
+def test_a_new_job_stopped_by_failures_leaves_nothing(tiny_model, identities, monkeypatch, tmp_path):
+    from anondata.errors import AnondataError
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    write_face_parquet(tmp_path / "f.parquet", 3)
+    _driver_without_ray(monkeypatch, {"rec-000", "rec-001", "rec-002"})
+    with pytest.raises(AnondataError, match="in a row .* run the same command again"):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, shard_size=2, batch_size=1, max_failures_in_a_row=2,
+                                 progress=False, **FAST))
+    assert not (tmp_path / "out").exists()

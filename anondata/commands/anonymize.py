@@ -120,6 +120,11 @@ def register(sub) -> None:
     g.add_argument("--workers", type=positive, default=None, help="CPU actors when no GPU is used (default: CPUs - 1)")
     g.add_argument("--batch-size", type=positive, default=8, help="records per actor call (default: 8)")
     g.add_argument("--shard-size", type=positive, default=1000, help="records per output shard (default: 1000)")
+    g.add_argument("--max-failures-in-a-row", type=count, default=10, metavar="N",
+                   help="stop the job when the model step fails on N records in a row with an error that is not "
+                        "the record's (a CUDA error, a crash): the device or installation is broken, and those "
+                        "records are left unwritten for --resume instead of quarantined (default: 10; 0: never "
+                        "stop, quarantine them)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
                         "output options are taken from the job's plan); finished shards are kept")
@@ -142,7 +147,8 @@ def run(args) -> int:
         face_box=args.face_box, detector=args.detector, on_no_face=args.on_no_face,
         cross_check=args.cross_check,
         lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,
-        shard_size=args.shard_size, resume=args.resume, license=args.license, progress=not args.no_progress,
+        shard_size=args.shard_size, max_failures_in_a_row=args.max_failures_in_a_row, resume=args.resume,
+        license=args.license, progress=not args.no_progress,
     )
     res = run_anonymize(opts)
     print(
@@ -152,5 +158,13 @@ def run(args) -> int:
         file=sys.stdout,
     )
     if res.quarantined:
-        print(f"quarantined records and reasons: {res.out}/manifest.json (records with status quarantined)", file=sys.stderr)
+        print(f"quarantined ({res.quarantined}; the reasons are also in {res.out}/manifest.json, records with status "
+              "quarantined):", file=sys.stderr)
+        for rid, reason, where in res.quarantine[:SHOW_QUARANTINED]:
+            print(f"  {where}: {reason}" if where else f"  {reason}", file=sys.stderr)
+        if res.quarantined > SHOW_QUARANTINED:
+            print(f"  … and {res.quarantined - SHOW_QUARANTINED} more (manifest.json)", file=sys.stderr)
     return 0
+
+
+SHOW_QUARANTINED = 20  # on the terminal; the manifest lists every one

@@ -69,6 +69,8 @@ class JobOptions:
     gpus: int | None = None  # None: every GPU the cluster has
     workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
     batch_size: int = 8  # records per actor call
+    # Stop the job when the model step fails on this many records in a row (0: never; _Breaker)
+    max_failures_in_a_row: int = 10
     # Crops per model call (the core pads every call to this shape and records it, so restore
     # recomputes each crop exactly as it was made). None: 1 on CPU actors, batch_size on GPUs.
     model_batch: int | None = None
@@ -89,6 +91,9 @@ class JobResult:
     shards: int
     resumed_shards: int
     skipped: int = 0  # past --limit: listed in the manifest, not processed
+    # (record id, reason, where) of each quarantined record, for the runner's terminal; `where`:
+    # Source.where (an image folder's file), or None
+    quarantine: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -279,12 +284,7 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
     device = _pool(opts)[2]
     threads = torch.get_num_threads()
     try:  # on CPU whatever the device: the string holds the device by name, and the driver may have no GPU
-        actor = AnonymizerActor(
-            model=opts.model, device="cpu", steps=opts.steps, inversion_iters=opts.inversion_iters,
-            sign_cell=opts.sign_cell, background=opts.background, flip_centre=opts.flip_centre, model_batch=1,
-            face_spec=_face_spec(opts), lossless=opts.lossless, recipients=[r.to_bytes() for r in recipients],
-            dataset_id=plan["dataset_id"],
-        )
+        actor = AnonymizerActor(**{**actor_kwargs(opts, plan, recipients, "cpu"), "model_batch": 1})
         ours = {**canonical.loads(actor.model_json.encode(), "model info"), "device": device}
     finally:
         torch.set_num_threads(threads)
@@ -374,6 +374,24 @@ def _pool(opts: JobOptions) -> tuple[int, int, str]:
     return workers, 0, "cpu"
 
 
+def actor_kwargs(opts: JobOptions, plan: dict, recipients, device: str) -> dict:
+    """What each AnonymizerActor of this job is built with."""
+    return {
+        "model": opts.model,
+        "device": device,
+        "steps": opts.steps,
+        "inversion_iters": opts.inversion_iters,
+        "sign_cell": opts.sign_cell,
+        "background": opts.background,
+        "flip_centre": opts.flip_centre,
+        "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
+        "face_spec": _face_spec(opts),
+        "lossless": opts.lossless,
+        "recipients": [r.to_bytes() for r in recipients],
+        "dataset_id": plan["dataset_id"],
+    }
+
+
 def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, recipients,
              batch_size: int | None = None, task_retries: int = 0):
     """batch_size: records per actor call (default opts.batch_size; the model batch stays the
@@ -420,20 +438,7 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
             batch_size=batch_size or opts.batch_size,
             batch_format="pyarrow",
             **remote,
-            fn_constructor_kwargs={
-                "model": opts.model,
-                "device": device,
-                "steps": opts.steps,
-                "inversion_iters": opts.inversion_iters,
-                "sign_cell": opts.sign_cell,
-                "background": opts.background,
-                "flip_centre": opts.flip_centre,
-                "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
-                "face_spec": _face_spec(opts),
-                "lossless": opts.lossless,
-                "recipients": [r.to_bytes() for r in recipients],
-                "dataset_id": plan["dataset_id"],
-            },
+            fn_constructor_kwargs=actor_kwargs(opts, plan, recipients, device),
         )
     ds.context.max_errored_blocks = -1  # a failed block is dropped; _run_shards redoes its rows
     return ds
@@ -449,8 +454,9 @@ def _finished(out: Path, signing_key: str) -> JobResult:
     m = open_release(out, load_identity(signing_key).recipient, keep_envelopes=False).manifest
     Journal(out).remove()  # leftovers of a kill while the finished job was cleaning up
     c = m["counts"]
+    quarantine = [(r["id"], r["reason"], None) for r in m["records"] if r["status"] == "quarantined"]
     return JobResult(str(out), m["dataset_id"], c["anonymized"], c["quarantined"], len(m["shards"]), len(m["shards"]),
-                     c["skipped"])
+                     c["skipped"], quarantine)
 
 
 def _only_planless_work(out: Path, journal: Journal) -> bool:
@@ -534,7 +540,7 @@ def _run_job(out: Path, journal: Journal, plan: dict, opts: JobOptions, source, 
         _same_marker_as_committed(opts, plan, recipients, committed)
     if tasks:
         _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done)
-    return _finalize(out, journal, plan, signer, recipients, resumed, opts)
+    return _finalize(out, journal, plan, signer, recipients, resumed, source)
 
 
 def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done) -> None:
@@ -549,12 +555,14 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
     anonymizing this record".
     Not "stop and --resume": resume would redo the same shard and crash on the same record again.
     Every record still gets exactly one result, and a shard is committed only once it has all of
-    them, so resume is unchanged."""
+    them, so resume is unchanged. Unless many fail in a row: then _Breaker stops the job."""
     from tqdm import tqdm
 
     from .worker import SETUP_FAILED
 
     ensure_ray(opts.num_cpus)
+    breaker = _Breaker(opts.max_failures_in_a_row, journal)
+    complete: list[str] = []  # shards with all their rows back, waiting for a healthy moment to commit
     schema = output_schema(source.schema, source.image_column, add_id=source.id_column is None)
     by_index = {(s["name"], i): sh["name"] for s in plan["splits"] for i, sh in enumerate(s["shards"])}
     pending: dict[str, dict[int, dict]] = {}
@@ -564,12 +572,12 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
     bar = tqdm(total=total, initial=done, unit="rec", desc="anonymize", disable=not opts.progress,
                file=sys.stderr, dynamic_ncols=True)
 
-    def take(rows: list[dict]) -> None:
+    def take(rows: list[dict], last: bool = False) -> None:
         nonlocal commits
-        touched = set()
         for r in rows:
             if r["status"] == SETUP_FAILED:  # this node cannot anonymize at all: stop, do not quarantine
                 raise SetupError(r["reason"])
+            breaker.see(r)
             if not models:
                 models.append(r["model"])
             name = by_index[(r["split"], r["shard"])]
@@ -577,14 +585,17 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
             if r["row"] not in got:  # a retried task may deliver a row twice: keep one
                 got[r["row"]] = r
                 bar.update(1)
-            touched.add(name)
-        for name in touched:
-            split, sh = shard_info[name]
-            if len(pending[name]) == sh["stop"] - sh["start"]:
+                split, sh = shard_info[name]
+                if len(got) == sh["stop"] - sh["start"]:
+                    complete.append(name)
+        if breaker.healthy or last:
+            for name in complete:
+                split, sh = shard_info[name]
                 _commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
                 finished.add(name)
                 commits += 1
                 crash_hook("commit", commits)
+            complete.clear()
 
     def missing() -> list[dict]:
         """One task per row that has no result yet."""
@@ -602,26 +613,60 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
         if left := missing():
             for batch in _results(_dataset(left, source, opts, plan, recipients, batch_size=1, task_retries=1)):
                 take(batch.to_pylist())
-        if left := missing():
-            take([_crashed(t, source, models) for t in left])
+        take([_crashed(t, source, models) for t in missing()], last=True)
     finally:
         bar.close()
     if pending:
         raise AnondataError(f"the job ended with unfinished shards ({', '.join(sorted(pending))}); run again with --resume")
 
 
+class _Breaker:
+    """Stops the job when the model step fails on `limit` records in a row (worker.FAILED: an
+    unforeseen exception, or a worker that crashed on the record alone). Then the device or the
+    installation is broken, not the records, and going on would quarantine every record into a
+    signed release, for good. While such a run of failures lasts, finished shards are held back
+    (`healthy` is false), so a stop leaves its records unwritten and --resume redoes them after
+    the fix; the next record that goes through (anonymized, or quarantined for a reason of its
+    own) ends the run, and the held shards are committed with their failures quarantined."""
+
+    def __init__(self, limit: int, journal: Journal):
+        self.limit, self.journal = limit, journal
+        self.failed: list[str] = []  # reasons of the current run of failures
+
+    @property
+    def healthy(self) -> bool:
+        return not self.failed
+
+    def see(self, row: dict) -> None:
+        from .worker import FAILED
+
+        if row["status"] != FAILED:
+            self.failed.clear()
+            return
+        self.failed.append(row["reason"])
+        if self.limit and len(self.failed) >= self.limit:
+            again = ("run again with --resume" if self.journal.committed()
+                     else "run the same command again")
+            raise AnondataError(
+                f"the model step failed on {len(self.failed)} records in a row (the last: {self.failed[-1]}); "
+                "that points at the device or the installation, not the records, so the job stopped instead of "
+                f"quarantining them all. The records since the first of them were not written: fix the cause and "
+                f"{again} (--max-failures-in-a-row 0 quarantines such records and goes on)"
+            )
+
+
 def _crashed(task: dict, source: Source, models: list[str]) -> dict:
     """The result of a record that crashed its worker on its own: quarantined. Its row is read
     here first: a row that cannot be read (a source error, which also drops a task) stops the job
     with that error instead, as it would have without the crash handling."""
-    from .worker import read_shard_rows
+    from .worker import FAILED, read_shard_rows
 
     (row,) = read_shard_rows(pa.Table.from_pylist([task]), source).to_pylist()
     rid = row["record_id"]
     if not models:
         raise AnondataError(f"the workers crashed on every record they were given (first: {rid!r}), "
                             "nothing was anonymized: check the installation and model, then run again with --resume")
-    return {"split": row["split"], "shard": row["shard"], "row": row["row"], "record_id": rid, "status": "quarantined",
+    return {"split": row["split"], "shard": row["shard"], "row": row["row"], "record_id": rid, "status": FAILED,
             "reason": f"record {rid!r}: worker crashed while anonymizing this record", "image": None,
             "envelopes": None, "faces": 0, "model": models[0]}
 
@@ -719,7 +764,7 @@ def _remove_strays(out: Path, planned: set[str]) -> None:
                     f.unlink()
 
 
-def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resumed: int, opts: JobOptions) -> JobResult:
+def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resumed: int, source: Source) -> JobResult:
     from ..manifest import build_manifest, write_signed_manifest
 
     committed = journal.committed()
@@ -728,9 +773,12 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     if missing:
         raise AnondataError(f"shards {', '.join(missing)} are not finished; run again with --resume")
     _remove_strays(out, {data_path(n) for n in names} | {keys_path(n) for n in names})
-    records = []
+    records, quarantine = [], []
     for s in plan["splits"]:  # input order: a split's shards, then its rows past --limit
-        records += [r for sh in s["shards"] for r in committed[sh["name"]]["records"]]
+        done = [r for sh in s["shards"] for r in committed[sh["name"]]["records"]]
+        quarantine += [(r["id"], r["reason"], source.where(s["name"], row))
+                       for row, r in enumerate(done) if r["status"] == "quarantined"]
+        records += done
         skipped = f"beyond --limit {plan['options']['limit']}: not processed, not published"
         records += [{"id": rid, "split": s["name"], "status": "skipped", "reason": skipped}
                     for rid in s.get("skipped", [])]
@@ -771,4 +819,4 @@ def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resum
     crash_hook("manifest", 1)
     journal.remove()
     return JobResult(str(out), plan["dataset_id"], counts["anonymized"], counts["quarantined"], len(names), resumed,
-                     counts["skipped"])
+                     counts["skipped"], quarantine)

@@ -108,6 +108,13 @@ class Source:
         table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
         return _cast_like(table, self.schema, columns)
 
+    def where(self, split: str, row: int) -> str | None:
+        """Where a row came from, for the runner's terminal only (never a public file: a file
+        name can name the person): an image folder's file, whose record id names only its row."""
+        if self.kind == "imagefolder":
+            return str(Path(self.location) / self.split(split).files[row])
+        return None
+
     def ids(self, split: str, all_rows: bool = False) -> list[str]:
         """Every record id of `split`, in row order (reads only the id column). `all_rows`: the
         rows past --limit too, which the manifest must list (as skipped) like every other."""

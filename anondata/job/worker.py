@@ -34,7 +34,7 @@ RESULT_SCHEMA = pa.schema(
         ("shard", pa.int64()),
         ("row", pa.int64()),
         ("record_id", pa.string()),
-        ("status", pa.string()),  # anonymized | quarantined | SETUP_FAILED (the driver stops the job)
+        ("status", pa.string()),  # anonymized | quarantined | FAILED | SETUP_FAILED (the driver stops the job)
         ("reason", pa.string()),
         ("image", pa.large_binary()),  # the anonymized, encoded image (anonymized only)
         ("envelopes", pa.large_binary()),  # Arrow IPC stream of this record's envelope rows
@@ -48,6 +48,12 @@ RESULT_SCHEMA = pa.schema(
 # carries this status and the error as reason, and the driver stops the job with it. Not raised:
 # the pipeline skips failed blocks to survive worker crashes (pipeline._run_shards).
 SETUP_FAILED = "setup-failed"
+
+# A record that the model step failed on with an exception anondata does not foresee (CUDA errors,
+# a library bug): quarantined like the others, but counted by the driver, which stops the job
+# when so many fail in a row that the device or installation, not the records, is to blame
+# (pipeline._Breaker). Decoding failures and the library's own errors are the record's: never FAILED.
+FAILED = "failed"
 
 
 def read_shard_rows(batch: pa.Table, source: Source) -> pa.Table:
@@ -152,7 +158,7 @@ def process_rows(actor, batch: pa.Table) -> pa.Table:
         try:
             arr, _fmt = decode_image(r["image"], r["record_id"])
         except Exception as e:  # noqa: BLE001 - fail closed: the record is quarantined, never published
-            status[i] = ("quarantined", _failure(e, r["record_id"]), None, None, 0)
+            status[i] = ("quarantined", _failure(e, r["record_id"])[1], None, None, 0)
             continue
         todo.append(i)
         images.append(arr)
@@ -166,8 +172,8 @@ def process_rows(actor, batch: pa.Table) -> pa.Table:
             rid = rows[i]["record_id"]
             if isinstance(res, SetupError):
                 status[i] = (SETUP_FAILED, str(res), None, None, 0)
-            elif isinstance(res, str):
-                status[i] = ("quarantined", res, None, None, 0)
+            elif isinstance(res, tuple):  # (status, reason) from _failure
+                status[i] = (*res, None, None, 0)
             elif res.quarantine_reason is not None or res.image is None or res.record is None:
                 reason = res.quarantine_reason or "the face step returned no image"
                 status[i] = ("quarantined", _name(reason, rid), None, None, res.faces)
@@ -176,7 +182,7 @@ def process_rows(actor, batch: pa.Table) -> pa.Table:
                     env = seal_records(actor.recipients, actor.dataset_id, [(rid, key, res.record)])
                     status[i] = ("anonymized", None, encode_image(res.image), envelopes_to_ipc(env), res.faces)
                 except Exception as e:  # noqa: BLE001 - no envelope or no image: not published
-                    status[i] = ("quarantined", _failure(e, rid), None, None, res.faces)
+                    status[i] = (*_failure(e, rid), None, None, res.faces)
         del keys
     for r, (st, reason, img, env, faces) in zip(rows, status):
         out["split"].append(r["split"])
@@ -202,19 +208,20 @@ _REDACT = re.compile(r"""b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*"|(?:[A-Za-z]:)?(?:
                      r"|[A-Za-z0-9+/_=-]{32,}")
 
 
-def _failure(e: Exception, rid: str) -> str:
-    """Quarantine reason for exception `e` on record `rid`: the project's own message as it is;
-    anything else by its type and a short, redacted first line."""
+def _failure(e: Exception, rid: str) -> tuple[str, str]:
+    """(status, quarantine reason) for exception `e` on record `rid`: the project's own error is
+    the record's ("quarantined", its message as it is); anything else is FAILED, by its type and a
+    short, redacted first line."""
     if isinstance(e, AnondataError):
-        return _name(str(e), rid)
+        return "quarantined", _name(str(e), rid)
     line = _REDACT.sub("…", (str(e).strip().splitlines() or [""])[0])
     line = line if len(line) <= 160 else line[:159] + "…"
-    return f"record {rid!r}: could not be anonymized: {type(e).__name__}" + (f": {line}" if line else "")
+    return FAILED, f"record {rid!r}: could not be anonymized: {type(e).__name__}" + (f": {line}" if line else "")
 
 
 def _anonymize_isolating(actor, images, keys, ids):
     """The whole batch at once; if that fails, each photo alone, so the one bad record is
-    quarantined (its error as reason, see _failure) and the rest go through. A SetupError is the
+    quarantined ((status, reason) from _failure) and the rest go through. A SetupError is the
     node's, not the record's: it propagates."""
     from ..anonymizer import RESTORE_FLOOR_DB
     from ..faces import anonymize_photos
