@@ -147,9 +147,10 @@ def test_record_that_kills_its_worker_is_quarantined_and_the_job_finishes(ray_ad
     assert records[1]["reason"] == "record 'rec-001': worker crashed while anonymizing this record"
 
 
-def _driver_without_ray(monkeypatch, failing: set[str]):
+def _driver_without_ray(monkeypatch, failing: set[str], workers: int = 1):
     """Run the job's driver with no Ray: each task's rows go through a real actor in this
-    process; the model step raises a CUDA-like RuntimeError on the records in `failing`."""
+    process (`workers` of them, in turn); the model step raises a CUDA-like RuntimeError on the
+    records in `failing`."""
     from anondata import faces
     from anondata.job import pipeline
     from anondata.job.worker import AnonymizerActor, process_rows, read_shard_rows
@@ -162,11 +163,13 @@ def _driver_without_ray(monkeypatch, failing: set[str]):
         return real(anon, images, keys, spec, **kw)
 
     def dataset(tasks, source, opts, plan, recipients, batch_size=None, task_retries=0):
-        actor = AnonymizerActor(**pipeline.actor_kwargs(opts, plan, recipients, "cpu"))
-        for t in tasks:
+        actors = [AnonymizerActor(**pipeline.actor_kwargs(opts, plan, recipients, "cpu")) for _ in range(workers)]
+        for i, actor in enumerate(actors):
+            actor.worker = f"gpu-node-{i}"
+        for i, t in enumerate(tasks):
             rows = read_shard_rows(pa.Table.from_pylist([t]), source)
             state["fail"] = set(rows.column("record_id").to_pylist()) <= failing
-            yield process_rows(actor, rows)
+            yield process_rows(actors[i % workers], rows)
 
     monkeypatch.setattr(faces, "anonymize_photos", device)
     monkeypatch.setattr(pipeline, "ensure_ray", lambda *a: None)
@@ -190,7 +193,7 @@ def test_failures_in_a_row_stop_the_job_and_resume_redoes_them(tiny_model, ident
     opts = dict(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"), recipients=[identities["owner"][1]],
                 signing_key=identities["runner"][0], model=tiny_model, shard_size=1, batch_size=1,
                 max_failures_in_a_row=3, progress=False, **FAST)
-    with pytest.raises(AnondataError, match=r"failed on 3 records in a row \(the last: record 'rec-003': could not be "
+    with pytest.raises(AnondataError, match=r"failed on 3 records in a row on worker gpu-node-0 \(the last: record 'rec-003': could not be "
                                             r"anonymized: RuntimeError: CUDA error.*run again with --resume"):
         run_anonymize(JobOptions(**opts))
     assert sorted(Journal(tmp_path / "out").committed()) == ["train-00000-of-00005"]  # rec-000 only
@@ -234,3 +237,19 @@ def test_a_new_job_stopped_by_failures_leaves_nothing(tiny_model, identities, mo
                                  model=tiny_model, shard_size=2, batch_size=1, max_failures_in_a_row=2,
                                  progress=False, **FAST))
     assert not (tmp_path / "out").exists()
+
+
+def test_one_bad_gpu_among_good_ones_stops_the_job(tiny_model, identities, monkeypatch, tmp_path):
+    """Two workers take records in turn and the second one's device fails on each: in arrival
+    order failures never come twice in a row, yet that worker fails three in a row: the job stops
+    and names it, instead of quarantining half of the dataset for good."""
+    from anondata.errors import AnondataError
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    write_face_parquet(tmp_path / "f.parquet", 7)
+    _driver_without_ray(monkeypatch, {"rec-001", "rec-003", "rec-005"}, workers=2)
+    with pytest.raises(AnondataError, match="failed on 3 records in a row on worker gpu-node-1 .*'rec-005'"):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, shard_size=1, batch_size=1, max_failures_in_a_row=3,
+                                 progress=False, **FAST))

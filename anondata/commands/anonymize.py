@@ -121,7 +121,8 @@ def register(sub) -> None:
     g.add_argument("--batch-size", type=positive, default=8, help="records per actor call (default: 8)")
     g.add_argument("--shard-size", type=positive, default=1000, help="records per output shard (default: 1000)")
     g.add_argument("--max-failures-in-a-row", type=count, default=10, metavar="N",
-                   help="stop the job when the model step fails on N records in a row with an error that is not "
+                   help="stop the job when the model step fails on N records in a row on one worker with an "
+                        "error that is not "
                         "the record's (a CUDA error, a crash): the device or installation is broken, and those "
                         "records are left unwritten for --resume instead of quarantined (default: 10; 0: never "
                         "stop, quarantine them)")

@@ -354,6 +354,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray turns token authentication on for a new local instance (good) and warns that it
+        # did so on every run (noise on the runner's terminal): that one line is dropped.
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda rec: not rec.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
@@ -405,6 +411,8 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ours is the tqdm bar in the driver: no "progress bars disabled" warning for turning Ray's off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is the tqdm bar in the driver
     for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
@@ -621,17 +629,19 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
 
 
 class _Breaker:
-    """Stops the job when the model step fails on `limit` records in a row (worker.FAILED: an
-    unforeseen exception, or a worker that crashed on the record alone). Then the device or the
-    installation is broken, not the records, and going on would quarantine every record into a
-    signed release, for good. While such a run of failures lasts, finished shards are held back
-    (`healthy` is false), so a stop leaves its records unwritten and --resume redoes them after
-    the fix; the next record that goes through (anonymized, or quarantined for a reason of its
-    own) ends the run, and the held shards are committed with their failures quarantined."""
+    """Stops the job when the model step fails on `limit` records in a row on one worker
+    (worker.FAILED: an unforeseen exception, or a crash on the record alone). Then its device or
+    the installation is broken, not the records, and going on would quarantine every record it
+    gets into a signed release, for good (per worker: one bad GPU among good ones would otherwise
+    never fail twice in a row in the arrival order). While any worker is in such a run, finished
+    shards are held back (`healthy` is false), so a stop leaves those records unwritten and
+    --resume redoes them after the fix; a record that goes through on that worker (anonymized, or
+    quarantined for a reason of its own) ends its run, and held shards are committed with their
+    failures quarantined."""
 
     def __init__(self, limit: int, journal: Journal):
         self.limit, self.journal = limit, journal
-        self.failed: list[str] = []  # reasons of the current run of failures
+        self.failed: dict[str, list[str]] = {}  # worker -> reasons of its current run of failures
 
     @property
     def healthy(self) -> bool:
@@ -640,16 +650,18 @@ class _Breaker:
     def see(self, row: dict) -> None:
         from .worker import FAILED
 
+        worker = row.get("worker") or "?"
         if row["status"] != FAILED:
-            self.failed.clear()
+            self.failed.pop(worker, None)
             return
-        self.failed.append(row["reason"])
-        if self.limit and len(self.failed) >= self.limit:
+        run = self.failed.setdefault(worker, [])
+        run.append(row["reason"])
+        if self.limit and len(run) >= self.limit:
             again = ("run again with --resume" if self.journal.committed()
                      else "run the same command again")
             raise AnondataError(
-                f"the model step failed on {len(self.failed)} records in a row (the last: {self.failed[-1]}); "
-                "that points at the device or the installation, not the records, so the job stopped instead of "
+                f"the model step failed on {len(run)} records in a row on worker {worker} (the last: {run[-1]}); "
+                "that points at its device or the installation, not the records, so the job stopped instead of "
                 f"quarantining them all. The records since the first of them were not written: fix the cause and "
                 f"{again} (--max-failures-in-a-row 0 quarantines such records and goes on)"
             )
@@ -668,7 +680,7 @@ def _crashed(task: dict, source: Source, models: list[str]) -> dict:
                             "nothing was anonymized: check the installation and model, then run again with --resume")
     return {"split": row["split"], "shard": row["shard"], "row": row["row"], "record_id": rid, "status": FAILED,
             "reason": f"record {rid!r}: worker crashed while anonymizing this record", "image": None,
-            "envelopes": None, "faces": 0, "model": models[0]}
+            "envelopes": None, "faces": 0, "model": models[0], "worker": "(crashed)"}
 
 
 def _results(ds):

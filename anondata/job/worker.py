@@ -40,6 +40,7 @@ RESULT_SCHEMA = pa.schema(
         ("envelopes", pa.large_binary()),  # Arrow IPC stream of this record's envelope rows
         ("faces", pa.int64()),
         ("model", pa.string()),  # canonical JSON {model, settings} of the actor that did it
+        ("worker", pa.string()),  # which actor (host, process, GPU): for the driver's _Breaker, never published
     ]
 )
 
@@ -132,9 +133,22 @@ class AnonymizerActor:
         self.model_json = canonical.dumps(
             {"model": self.anon.model_info, "settings": self.anon.settings, "device": device}
         ).decode()
+        self.worker = _worker_label(device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return process_rows(self, batch)
+
+
+def _worker_label(device: str) -> str:
+    """Names this actor in the driver's message when its device keeps failing (one bad GPU of
+    several): the host, the process and the GPU."""
+    import os
+    import socket
+
+    label = f"{socket.gethostname()} pid {os.getpid()}"
+    if device == "cuda":
+        label += f" GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')}"
+    return label
 
 
 def process_rows(actor, batch: pa.Table) -> pa.Table:
@@ -195,6 +209,7 @@ def process_rows(actor, batch: pa.Table) -> pa.Table:
         out["envelopes"].append(env)
         out["faces"].append(int(faces or 0))
         out["model"].append(actor.model_json)
+        out["worker"].append(actor.worker)
     return pa.table(out, schema=RESULT_SCHEMA)
 
 
