@@ -79,11 +79,11 @@ def register(sub) -> None:
                         "faces (repeat for several)")
     g = p.add_argument_group("anonymization")
     g.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a Hub id (default: embedded)")
-    g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: the model's)")
+    g.add_argument("--steps", type=positive, default=None, help="sampler steps (default: 10)")
     g.add_argument("--inversion-iters", type=count, default=None,
                    help="fixed-point inversion iterations (default 4; on the embedded prior 8 restore a face "
-                        "from the key alone at 36.2 dB median against 33.4, at 100 model calls per transform "
-                        "against 60)")
+                        "from the key alone at 34.4 dB median against 32.5 (64 CelebA faces; the 35 dB goal is "
+                        "not met), at 100 model calls per transform against 60)")
     g.add_argument("--sign-cell", type=count, default=0, metavar="N",
                    help="the key flips one sign per N x N cell of the model's grid, the same in every channel, "
                         "so key-only restore holds up on a sharp prior (CelebA, anondata 0.1.0's embedded prior, face box: "
@@ -109,7 +109,7 @@ def register(sub) -> None:
     g.add_argument("--cross-check", choices=["auto", "none", "hog", "haar", "mmod"], default="auto",
                    help="with --faces detect: a second detector; a photo where it finds a face the first missed is "
                         "quarantined, never published (fail closed). auto (default): haar for --detector hog, hog "
-                        "for haar. Haar also flags non-faces (25%% of wild CelebA photos quarantined, mostly false "
+                        "for haar. Haar also flags non-faces (32%% of wild CelebA photos quarantined, mostly false "
                         "alarms): review the quarantine. none publishes photos with a missed face: unsafe")
     g.add_argument("--lossy-restore", action="store_true",
                    help="omit the lossless residual: smaller keys, restore is close but not bit-exact (a face "

@@ -15,8 +15,8 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="anondata-demo", metavar="DIR", help="new folder for everything (default: anondata-demo)")
     p.add_argument("--model", default="embedded", help="'embedded' (default), a local diffusers folder, or a Hub id")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--inversion-iters", type=int, default=None, help="fixed-point inversion iterations")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 10)")
+    p.add_argument("--inversion-iters", type=int, default=None, help="fixed-point inversion iterations (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 

@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model folder if the manifest's model name is not loadable here")
     p.add_argument("--limit", type=positive, default=None, metavar="N", help="evaluate only the first N records")
     p.add_argument("--restore-sample", type=positive, default=None, metavar="N",
-                   help="restore (right key, random wrong key) only the first N evaluated faces (default: all)")
+                   help="restore (right key, key only, random wrong key) only the first N evaluated faces (default: all)")
     p.add_argument("--attack-sample", type=positive, default=None, metavar="N",
                    help="faces for the bit-flip and leakage restores (default: all restored faces)")
     p.add_argument("--gallery-limit", type=positive, default=None, metavar="N",
