@@ -54,8 +54,9 @@ class Sampler:
     # 10 steps x 4 Anderson iterations restore at 43.9 dB median through uint8 (benchmarks/README.md),
     # at 60 model calls per transform (10 x (1 + iters) + 10; 70 with v1's inverted background);
     # more steps cost time without a fidelity gain there (as on the shipped prior: 33.4 dB at 10 x 4,
-    # 33.5 at 20 x 4). On the shipped prior more iterations do help: 36.2 dB at 10 x 8 (100 calls),
-    # 34.9 at 10 x 16 (180); releases restore through the lossless residual, so 4 stays.
+    # 33.5 at 20 x 4, 16 faces). On the shipped prior more iterations help a little: on 64 faces
+    # 32.5 dB at 10 x 4, 34.4 at 10 x 8 (100 calls), short of issue 5's 35 either way; releases
+    # restore through the lossless residual, so 4 stays.
     steps: int = 10
     inversion_iters: int = 4
     spacing: str = "leading"  # the scheme fixes it: "leading" for a sign per value, "logsnr" for sign cells

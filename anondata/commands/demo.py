@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._args import count, positive
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,8 +17,8 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="anondata-demo", metavar="DIR", help="new folder for everything (default: anondata-demo)")
     p.add_argument("--model", default="embedded", help="'embedded' (default), a local diffusers folder, or a Hub id")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 10)")
-    p.add_argument("--inversion-iters", type=int, default=None, help="fixed-point inversion iterations (default: 4)")
+    p.add_argument("--steps", type=positive, default=None, help="sampler steps (default: 10)")
+    p.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
