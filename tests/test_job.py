@@ -161,6 +161,21 @@ def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     assert r.returncode == 2 and "rec-000" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_ids_file_lines_are_ids_exactly(tmp_path):
+    """An id may have a comma or spaces at either end (docs/FORMAT.md); --ids-file used to trim
+    them away, so such a record could not be named. Lines are now taken as written (a CRLF file
+    and a BOM too); --ids stays trimmed; an id that only differs in spaces is pointed out."""
+    from anondata.errors import InputError
+    from anondata.job.restore import check_ids, parse_ids
+
+    (tmp_path / "ids.txt").write_bytes("\ufeffrec 1 \r\n# a comment\r\n\r\n   \n a,b\nrec-2".encode())
+    assert parse_ids(" x , y,,", str(tmp_path / "ids.txt")) == ["x", "y", "rec 1 ", " a,b", "rec-2"]
+    m = {"records": [{"id": "rec 1 ", "status": "anonymized"}, {"id": "rec-2", "status": "anonymized"}]}
+    check_ids(m, ["rec 1 ", "rec-2"])
+    with pytest.raises(InputError, match=r"not in this release: 'rec 1' \(did you mean 'rec 1 '\? ids are compared exactly"):
+        check_ids(m, ["rec 1"])
+
+
 def test_image_folder_derived_ids_and_quarantine_reasons(ray_address, identities, tiny_model, tmp_path):
     """Derived ids become a record_id column; a too-small image and an unreadable file are
     quarantined with their reasons while the others go through."""

@@ -26,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--identity", required=True, metavar="OWNER.key", help="your identity file")
     p.add_argument("--to", required=True, action="append", metavar="OTHER.pub", help="recipient public key (repeatable)")
     p.add_argument("--ids", metavar="ID,...", help="comma-separated record ids to share")
-    p.add_argument("--ids-file", metavar="FILE", help="record ids, one per line (for ids with commas; blank lines and # comments skipped)")
+    p.add_argument("--ids-file", metavar="FILE",
+                   help="record ids, one per line, exactly as written (for ids with commas or spaces at either "
+                        "end; blank lines and lines starting with # are skipped)")
     p.add_argument("--out", required=True, metavar="GRANT_DIR", help="new folder to write (must not exist or be empty)")
     add_signer(p)
     p.set_defaults(run=run)

@@ -21,7 +21,9 @@ def register(sub) -> None:
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json, data/, and keys/ unless --keys)")
     p.add_argument("--identity", required=True, metavar="NAME.key", help="your identity (a recipient of the envelopes)")
     p.add_argument("--ids", default=None, metavar="ID,...", help="comma-separated record ids")
-    p.add_argument("--ids-file", default=None, metavar="FILE", help="record ids, one per line (for ids with commas; blank lines and # comments skipped)")
+    p.add_argument("--ids-file", default=None, metavar="FILE",
+                   help="record ids, one per line, exactly as written (for ids with commas or spaces at either "
+                        "end; blank lines and lines starting with # are skipped)")
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="envelopes from a grant folder or another release's keys (default: DIR/keys)")
     p.add_argument("--out", required=True, metavar="OUT", help="new folder for the restored records")

@@ -36,16 +36,19 @@ class RestoreResult:
 
 
 def parse_ids(ids: str | None, ids_file: str | None) -> list[str] | None:
-    """--ids A,B,C and/or --ids-file (one id per line; blank lines and # comments skipped)."""
+    """--ids A,B,C (each trimmed: handy on a command line) and/or --ids-file: one id per line,
+    exactly as written, since an id may have a comma or spaces at either end (docs/FORMAT.md);
+    only blank lines and lines starting with # (comments; such an id goes in --ids) are skipped."""
     out: list[str] = []
     if ids:
         out += [i.strip() for i in ids.split(",") if i.strip()]
     if ids_file:
         try:
-            text = Path(ids_file).read_text(encoding="utf-8")
+            text = Path(ids_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--ids-file {ids_file}: cannot read it ({e})") from None
-        out += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        out += [ln for ln in text.split("\n") if ln.strip() and not ln.startswith("#")]
+        out = [ln[:-1] if ln.endswith("\r") else ln for ln in out]
     if (ids is not None or ids_file is not None) and not out:  # --ids "" (an empty variable) is not "all"
         raise InputError("no record ids given (--ids / --ids-file are empty)")
     if not out:
@@ -59,7 +62,10 @@ def check_ids(m: dict, ids: list[str]) -> None:
     by_id = {r["id"]: r for r in m["records"]}
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-        raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}")
+        stripped = {k.strip(): k for k in by_id}
+        near = [stripped[i.strip()] for i in unknown if i.strip() in stripped]
+        hint = f" (did you mean {near[0]!r}? ids are compared exactly)" if near else ""
+        raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}{hint}")
     quarantined = [i for i in ids if by_id[i]["status"] != "anonymized"]
     if quarantined:
         r = by_id[quarantined[0]]
