@@ -262,3 +262,50 @@ def test_boundary_attack_reads_cells_of_correlated_noise_and_not_of_white_noise(
         za = expand_cells(true, shape, cell) * z
         guess = attacks.signs_from_evidence(*attacks.boundary_evidence(za, cell))
         assert lo <= attacks.cells_right(guess, true) <= hi
+
+
+def _small_signed_release(tmp_path):
+    """A 2-record release built directly (no model, no Ray): real PNG shard cells, a source with
+    the same ids, signed by `runner`. For checks of evaluate_release's plumbing only."""
+    import secrets
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import encode, synthetic_faces
+    from anondata.envelope import seal_records, write_envelope_table
+    from anondata.identity import generate_identity
+    from anondata.manifest import build_manifest, write_signed_manifest
+
+    runner = generate_identity(name="runner")
+    ids = ["a", "b"]
+    cells = [{"bytes": encode(im), "path": None} for im in synthetic_faces(2, size=(32, 32))]
+    root = tmp_path / "rel"
+    (root / "data").mkdir(parents=True)
+    table = pa.table({"record_id": ids, "image": cells})
+    pq.write_table(table, root / "data/train-00000-of-00001.parquet")
+    pq.write_table(table, tmp_path / "src.parquet")
+    did = secrets.token_hex(16)
+    write_envelope_table(root / "keys/train-00000-of-00001.keys.parquet",
+                         seal_records([runner.recipient], did, [(i, secrets.token_bytes(32), b"") for i in ids]))
+    m = build_manifest(root, dataset_id=did, model={"name": "m", "sha256": "0" * 64}, settings={},
+                       recipients=[runner.recipient], signer=runner.recipient,
+                       shard_paths=["data/train-00000-of-00001.parquet"],
+                       envelope_paths=["keys/train-00000-of-00001.keys.parquet"],
+                       records=[{"id": i, "split": "train", "status": "anonymized",
+                                 "shard": "data/train-00000-of-00001.parquet"} for i in ids])
+    write_signed_manifest(root, m, runner)
+    return root, tmp_path / "src.parquet", runner.recipient
+
+
+def test_report_says_whether_the_signer_was_pinned(tmp_path, monkeypatch):
+    """The report's "release check" line said "signer not pinned" even with --signer: a reviewer
+    signing off on the report was told the opposite of what was checked."""
+    import anondata.eval.run as run_mod
+
+    root, src, runner = _small_signed_release(tmp_path)
+    monkeypatch.setattr(run_mod, "evaluate", lambda anon, inp, opts: inp.info)  # the plumbing only
+    pinned = run_mod.evaluate_release(str(root), str(src), signer=runner)["release_verified"]
+    assert "not pinned" not in pinned and "pinned signer runner" in pinned and runner.fingerprint in pinned
+    unpinned = run_mod.evaluate_release(str(root), str(src), signer=None)["release_verified"]
+    assert "not pinned" in unpinned and runner.fingerprint in unpinned

@@ -287,6 +287,15 @@ def _decode(cell, rid: str) -> np.ndarray:
     return decode_image(bytes(data), rid)[0]
 
 
+def _verified_note(summary: dict) -> str:
+    """The report's "release check" line: what open_release proved. Who signed is proven only
+    against a pinned key (--signer); the report is what a reviewer signs off on, so it says which."""
+    who = f"{summary['signer_name']} ({summary['signer']})" if summary["signer_name"] else summary["signer"]
+    if summary["signer_pinned"]:
+        return f"signature and file hashes checked; signed by the pinned signer {who}"
+    return f"signature and file hashes checked (signer not pinned: signed by {who}, not checked against a known key)"
+
+
 def _load_anonymizer(m: dict, model: str | None):
     from ..anonymizer import Anonymizer
 
@@ -407,7 +416,7 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
         gallery_box=box,
         info={
             "release": str(root),
-            "release_verified": "signature and file hashes checked (signer not pinned)",
+            "release_verified": _verified_note(rel.summary),
             "source": str(source),
             "dataset_id": m["dataset_id"],
             "records_in_release": m["counts"]["anonymized"],
