@@ -309,3 +309,25 @@ def test_report_says_whether_the_signer_was_pinned(tmp_path, monkeypatch):
     assert "not pinned" not in pinned and "pinned signer runner" in pinned and runner.fingerprint in pinned
     unpinned = run_mod.evaluate_release(str(root), str(src), signer=None)["release_verified"]
     assert "not pinned" in unpinned and runner.fingerprint in unpinned
+
+
+def test_failed_report_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    """write_report wrote figures straight into OUT: a failure or Ctrl-C before report.html left a
+    folder holding real faces (grid.png) that also blocked the rerun ("not empty")."""
+    import os
+    from types import SimpleNamespace
+
+    import anondata.eval.report as report
+
+    def figure(result, out_dir):
+        (out_dir / "distances.png").write_bytes(b"png")
+        return "distances.png"
+
+    def interrupted(result, out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_histogram", figure)
+    monkeypatch.setattr(report, "_leakage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(SimpleNamespace(metrics={"leakage": {"p": []}}), str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []  # no OUT, no hidden work folder

@@ -33,20 +33,26 @@ def validate(metrics: dict) -> None:
 
 
 def write_report(result: EvalResult, out: str) -> dict:
-    """Write the report folder; returns {"html", "json", "images": [file names]}."""
+    """Write the report folder; returns {"html", "json", "images": [file names]}.
+
+    Written in a hidden sibling folder renamed into place at the end (files.new_folder): a failure
+    or Ctrl-C midway leaves no half-written OUT, which would hold real faces (grid.png) and block
+    the rerun ("not empty")."""
+    from ..files import new_folder
+
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"--report {out}: folder is not empty; choose a new one")
-    out_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
     matplotlib.use("Agg")
-    images = [_histogram(result, out_dir)]
-    if result.metrics["leakage"]:
-        images.append(_leakage(result, out_dir))
-    images.append(_grid(result, out_dir))
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=1, allow_nan=False) + "\n")
-    (out_dir / "report.html").write_text(_html(result.metrics, images), encoding="utf-8")
+    with new_folder(out_dir) as work:
+        images = [_histogram(result, work)]
+        if result.metrics["leakage"]:
+            images.append(_leakage(result, work))
+        images.append(_grid(result, work))
+        (work / "metrics.json").write_text(json.dumps(result.metrics, indent=1, allow_nan=False) + "\n")
+        (work / "report.html").write_text(_html(result.metrics, images), encoding="utf-8")
     return {"html": str(out_dir / "report.html"), "json": str(out_dir / "metrics.json"), "images": images}
 
 
