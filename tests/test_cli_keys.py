@@ -45,24 +45,24 @@ def cli(capsys, *argv):
 @pytest.fixture()
 def release(tmp_path, capsys):
     """Keys for owner/other/new and a 6-record release sealed to the owner."""
+    return _release(tmp_path, capsys, [f"r{i}" for i in range(6)])
+
+
+def _release(tmp_path, capsys, ids, shard="data/train-00000-of-00001.parquet",
+             keys="keys/train-00000-of-00001.keys.parquet"):
     for name, extra in (("owner", []), ("other", ["--pq"]), ("new", [])):
         code, out, _ = cli(capsys, "keygen", tmp_path / name, *extra)
         assert code == 0 and "fingerprint" in out
     owner = load_identity(tmp_path / "owner.key")
     root = tmp_path / "rel"
-    (root / "data").mkdir(parents=True)
+    (root / shard).parent.mkdir(parents=True)
     did = secrets.token_hex(16)
-    ids = [f"r{i}" for i in range(6)]
     secrets_by_id = {i: (secrets.token_bytes(32), os.urandom(50)) for i in ids}
-    pq.write_table(pa.table({"id": ids, "image": [b"png"] * 6}), root / "data/train-00000-of-00001.parquet")
-    write_envelope_table(root / "keys/train-00000-of-00001.keys.parquet",
-                         seal_records([owner.recipient], did, [(i, *secrets_by_id[i]) for i in ids]))
+    pq.write_table(pa.table({"id": ids, "image": [b"png"] * len(ids)}), root / shard)
+    write_envelope_table(root / keys, seal_records([owner.recipient], did, [(i, *secrets_by_id[i]) for i in ids]))
     m = build_manifest(root, dataset_id=did, model={"name": "m", "sha256": "0" * 64}, settings={"steps": 2},
-                       recipients=[owner.recipient], signer=owner.recipient,
-                       shard_paths=["data/train-00000-of-00001.parquet"],
-                       envelope_paths=["keys/train-00000-of-00001.keys.parquet"],
-                       records=[{"id": i, "split": "train", "status": "anonymized",
-                                 "shard": "data/train-00000-of-00001.parquet"} for i in ids])
+                       recipients=[owner.recipient], signer=owner.recipient, shard_paths=[shard], envelope_paths=[keys],
+                       records=[{"id": i, "split": "train", "status": "anonymized", "shard": shard} for i in ids])
     write_signed_manifest(root, m, owner)
     return tmp_path, root, did, secrets_by_id
 
@@ -213,6 +213,33 @@ def test_id_and_path_mistakes_get_one_line_errors(release, capsys):
     (root / "manifest.json").write_bytes(m.replace(b'"counts":{', b'"counts":{"total":1,', 1))
     code, _, err = cli(capsys, "verify", root)
     assert code == 2 and "manifest.json" in err and "duplicate object key 'total'" in err, err
+
+
+def test_ids_with_spaces_or_commas_are_granted_through_ids_file(tmp_path, capsys):
+    """Record ids may begin or end with a space (docs/FORMAT.md); --ids-file used to strip every
+    line, so such a record could not be granted or restored by id at all."""
+    tmp, root, did, secrets_by_id = _release(tmp_path, capsys, [" lead", "trail ", "a,b", "r1", "#c"])
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub", "--to", tmp / "other.pub"]
+    (tmp / "ids.txt").write_text("# comment\n lead\ntrail \n\na,b\n")
+    code, out, err = cli(capsys, "grant", root, *base, "--ids-file", tmp / "ids.txt", "--out", tmp / "g")
+    assert code == 0, err
+    opened = open_records(envelopes(root, tmp / "owner.pub", tmp / "g"), load_identity(tmp / "other.key"), did)
+    assert opened == {i: secrets_by_id[i] for i in (" lead", "trail ", "a,b")}
+    code, _, err = cli(capsys, "grant", root, *base, "--ids", " lead", "--out", tmp / "g2")  # --ids items are stripped
+    assert code == 2 and "'lead'" in err and "did you mean ' lead'" in err and err.count("\n") == 1, err
+
+
+def test_rewrap_of_envelope_files_in_subfolders(tmp_path, capsys):
+    """Envelope paths may have folders (docs/FORMAT.md); roll_forward listed only the top of
+    .rewrap/keys/, took the folder for an unlisted file, and every such rewrap failed and left
+    .rewrap/ behind (so publish refused the release) however often it was rerun."""
+    tmp, root, did, secrets_by_id = _release(tmp_path, capsys, ["r0", "r1"], shard="data/train/a.parquet",
+                                             keys="keys/train/a.keys.parquet")
+    code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
+                         "--signer", tmp / "owner.pub")
+    assert code == 0 and "rewrapped 2 records" in out, err
+    assert not (root / ".rewrap").exists()
+    assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
 
 
 def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):

@@ -134,7 +134,9 @@ def roll_forward(root) -> bool:
         listed = {e["path"] for e in parse_manifest(read_bounded(m_path, "staged manifest", MAX_MANIFEST), str(m_path))["envelopes"]}
     except FormatError as e:
         raise KeyError_(f"{e}: the interrupted rewrap's stage is damaged; remove {stage} and run the rewrap again") from None
-    staged = sorted(p.relative_to(stage).as_posix() for p in (stage / "keys").glob("*")) if (stage / "keys").is_dir() else []
+    # Every file at any depth: envelope paths may have folders (keys/a/b.keys.parquet), and a
+    # top-level glob saw the folder `keys/a` as an unlisted file, so such a rewrap never finished.
+    staged = sorted(p.relative_to(stage).as_posix() for p in (stage / "keys").rglob("*") if not p.is_dir())
     for rel in staged:
         if rel not in listed:
             raise KeyError_(f"{stage / rel}: a staged file the staged manifest does not list; remove {stage} and run again")
