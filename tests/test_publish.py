@@ -108,3 +108,22 @@ def test_glob_characters_in_names_are_escaped():
     assert pub.allow_patterns(["data/a[1]-*.parquet"]) == ["data/a[[]1]-[*].parquet"]
     assert fnmatch.fnmatch("data/a[1]-*.parquet", "data/a[[]1]-[*].parquet")
     assert not fnmatch.fnmatch("data/a1-x.parquet", "data/a[[]1]-[*].parquet")
+
+
+def test_refuses_a_linked_card_or_manifest(tmp_path):
+    """upload_folder follows links: a README.md linked to a private file (here a key) was listed
+    and uploaded with the link's target as its content."""
+    from pathlib import Path
+
+    vectors = Path(__file__).parent / "vectors"
+    alice = load_recipient(vectors / "alice.pub")
+    root = tmp_path / "rel"
+    shutil.copytree(vectors / "release", root)
+    secret = tmp_path / "owner.key"
+    secret.write_text("secret\n")
+    (root / "README.md").symlink_to(secret)
+    with pytest.raises(InputError, match="README.md: is a symbolic link"):
+        pub.publish(root, "someone/x", signer=alice, dry_run=True)
+    (root / "README.md").unlink()
+    (root / "README.md").write_text("card\n")
+    assert pub.publish(root, "someone/x", signer=alice, dry_run=True)[0] == "README.md"

@@ -35,6 +35,12 @@ def public_files(release: str | Path, signer, include_envelopes: bool = False) -
     if include_envelopes and not rel.summary["envelopes_checked"]:
         raise InputError(f"{root}: --include-envelopes, but there is no keys/ folder")
     m = rel.manifest
+    for f in PUBLIC_TOP:
+        # upload_folder reads through links: a README.md linked to a key file would publish the key.
+        # (Shards and envelopes are already refused as links by open_release.)
+        if (root / f).is_symlink():
+            raise InputError(f"{root / f}: is a symbolic link; publish uploads only regular files (a link can point "
+                             "at a private file): put the file itself in the release")
     files = [f for f in PUBLIC_TOP if (root / f).is_file()]
     if "README.md" not in files:
         raise InputError(f"{root}: no README.md (dataset card); the Hub needs it")
