@@ -66,6 +66,17 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def check_new_folder(path, what: str, error: type[Exception] = FormatError) -> Path:
+    """Refuse an output folder `new_folder` cannot fill: one that holds files, or a path that is a
+    file (which was reported as "folder is not empty", sending the user looking for a folder)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise error(f"{what} {path}: is a file, not a folder; choose a new folder name")
+    if p.is_dir() and any(p.iterdir()):
+        raise error(f"{what} {path}: folder is not empty; choose a new one")
+    return p
+
+
 @contextmanager
 def new_folder(final):
     """Yield a hidden sibling folder to fill; on success rename it to `final` (missing or empty),

@@ -27,7 +27,7 @@ from .envelope import (
     table_dataset_id,
 )
 from .errors import FormatError, IntegrityError, KeyError_
-from .files import atomic_write, new_folder, read_bounded
+from .files import atomic_write, check_new_folder, new_folder, read_bounded
 from .identity import KEM_SIZES, Identity, Recipient, _check_name
 
 MANIFEST_FORMAT = "anondata-manifest"
@@ -479,9 +479,7 @@ def _check_entry(entry: dict, what: str, size: int, digest: str, rows, doc: str 
 
 def write_grant(grant_dir, table, identity: Identity, to: list[Recipient], dataset_id: str, release_manifest_sha256: str) -> dict:
     """GRANT_DIR/grant.keys.parquet + grant.json (+ .sig, by the granting identity)."""
-    final = Path(grant_dir)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise KeyError_(f"{final}: grant folder exists and is not empty; pick a new --out")
+    final = check_new_folder(grant_dir, "grant --out", KeyError_)
     with new_folder(final) as out:  # a rerun after an interruption finds no half-written GRANT_DIR
         return _write_grant_files(out, table, identity, to, dataset_id, release_manifest_sha256)
 

@@ -242,6 +242,22 @@ def test_rewrap_of_envelope_files_in_subfolders(tmp_path, capsys):
     assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
 
 
+def test_an_output_path_that_is_a_file_is_named_as_one(release, capsys):
+    """--out / --report naming a file was refused as "folder is not empty"."""
+    tmp, root, _, _ = release
+    (tmp / "afile").write_text("")
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub"]
+    for argv in (["grant", root, *base, "--to", tmp / "other.pub", "--ids", "r1", "--out", tmp / "afile"],
+                 ["restore", root, *base, "--out", tmp / "afile"],
+                 ["eval", root, *base, "--source", root, "--report", tmp / "afile"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "afile: is a file, not a folder" in err and err.count("\n") == 1, err
+    (tmp / "full").mkdir()
+    (tmp / "full" / "x").write_text("")
+    code, _, err = cli(capsys, "restore", root, *base, "--out", tmp / "full")
+    assert code == 2 and "full: folder is not empty" in err, err
+
+
 def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):
     import anondata.manifest as manifest_mod
 

@@ -67,15 +67,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..errors import InputError
     from ..eval.report import write_report
     from ..eval.run import EvalOptions, evaluate_release
+    from ..files import check_new_folder
 
-    out = Path(args.report)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--report {args.report}: folder is not empty; choose a new one")
+    check_new_folder(args.report, "--report", InputError)
     opts = EvalOptions(wrong_bits=args.wrong_bits, leakage_p=args.leakage_p, restore_sample=args.restore_sample,
                        attack_sample=args.attack_sample,
                        grid_sample=args.grid, seed=args.seed, progress=not args.no_progress)

@@ -38,11 +38,9 @@ def write_report(result: EvalResult, out: str) -> dict:
     Written in a hidden sibling folder renamed into place at the end (files.new_folder): a failure
     or Ctrl-C midway leaves no half-written OUT, which would hold real faces (grid.png) and block
     the rerun ("not empty")."""
-    from ..files import new_folder
+    from ..files import check_new_folder, new_folder
 
-    out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"--report {out}: folder is not empty; choose a new one")
+    out_dir = check_new_folder(out, "--report", InputError)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..files import atomic_write, new_folder
+from ..files import atomic_write, check_new_folder, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -95,9 +95,7 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     from ..manifest import open_release, release_envelopes
 
     root = Path(release)
-    out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"--out {out}: folder is not empty; choose a new one")
+    out_dir = check_new_folder(out, "--out", InputError)
     if not signer_path and not any_signer:
         raise InputError("restore needs the release's signer: pass --signer NAME.pub (or --any-signer)")
     identity = load_identity(identity_path)
