@@ -145,6 +145,36 @@ def test_path_only_image_cells_are_read_from_disk(tmp_path):
     assert image_bytes(s, None)[0] is None and image_bytes(s, b"abc") == (b"abc", None)
 
 
+def test_path_only_cells_never_read_outside_the_source_folder(tmp_path, monkeypatch):
+    """A path-only cell comes with the dataset: `../`, an absolute path, a link out of the folder
+    or a device file must not make the job read (and publish) the runner's other files, nor hang.
+    Found by a job whose Parquet named ../outside.png: it was anonymized and published."""
+    img = encode(synthetic_faces(1)[0])
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "p.png").write_bytes(img)
+    (tmp_path / "private.png").write_bytes(img)
+    (tmp_path / "pics" / "link.png").symlink_to(tmp_path / "private.png")
+    (tmp_path / "pics" / "sub").mkdir()
+    s = open_source(str(tmp_path / "pics"))
+    assert image_bytes(s, {"bytes": None, "path": "sub/../p.png"}) == (img, None)
+    for p in ("../private.png", str(tmp_path / "private.png"), "link.png", "sub/../../private.png", "/dev/zero",
+              "sub", "a\0b"):
+        data, err = image_bytes(s, {"bytes": None, "path": p})
+        assert data is None and "outside the source folder" in err and "private" not in err, p
+    # the Hub: only files of the dataset's own repository
+    rows = write_face_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", 1)
+    (tmp_path / "hub" / "data" / "p.png").write_bytes(img)
+    import huggingface_hub
+
+    _LocalHub.root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", _LocalHub)
+    h = open_source("user/faces")
+    assert rows and image_bytes(h, {"bytes": None, "path": "data/p.png"}) == (img, None)
+    for p in ("../other/data/p.png", "/datasets/user/private/p.png", "data/../../x/p.png"):
+        data, err = image_bytes(h, {"bytes": None, "path": p})
+        assert data is None and "outside the source folder" in err, p
+
+
 class _LocalHub:
     """Stands in for HfFileSystem: 'datasets/USER/NAME/...' maps to a local folder."""
 

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -564,10 +565,13 @@ def image_bytes(source: Source, cell: Any) -> tuple[bytes | None, str | None]:
         p = cell.get("path")
         if not p:
             return None, "the image cell has neither bytes nor a path"
-        full = p if os.path.isabs(p) or source.fs is not None else os.path.join(source.root, p)
+        full = _inside_root(source, p)
+        if full is None:
+            return None, ("the image cell names a file outside the source folder (or not a regular file), which is "
+                          "not read: embed the image bytes in the dataset, or put the files inside its folder")
         try:
             if source.fs is not None:
-                with source.fs.open(full if os.path.isabs(p) else f"{source.root}/{p}", "rb") as fh:
+                with source.fs.open(full, "rb") as fh:
                     return fh.read(), None
             with open(full, "rb") as fh:
                 return fh.read(), None
@@ -575,6 +579,24 @@ def image_bytes(source: Source, cell: Any) -> tuple[bytes | None, str | None]:
             # not the path: the manifest is public, and a file name can name the person
             return None, f"the image file its cell names cannot be read ({e.strerror or type(e).__name__})"
     return None, f"the image cell holds {type(cell).__name__}, not image bytes"
+
+
+def _inside_root(source: Source, p: str) -> str | None:
+    """Where a path-only cell's file is, or None when that is outside the source folder (after
+    `..` and symlinks) or not a regular file. The cells come with the dataset, which may be
+    someone else's: `../`, an absolute path or a link must not make the job read the runner's
+    other files (and publish them with only their faces changed), nor hang on /dev/zero or a pipe.
+    On the Hub: inside the dataset's repository (the runner's token could read private ones)."""
+    if source.fs is not None:
+        full = posixpath.normpath(f"{source.root}/{p}")
+        return full if not p.startswith("/") and full.startswith(source.root.rstrip("/") + "/") else None
+    if "\0" in p:
+        return None
+    root = os.path.realpath(source.root)
+    full = os.path.realpath(os.path.join(root, p))  # an absolute p replaces root
+    if os.path.commonpath([root, full]) != root or (os.path.exists(full) and not os.path.isfile(full)):
+        return None
+    return full  # a missing file: "cannot be read"
 
 
 def hf_features_json(schema: pa.Schema) -> dict | None:
