@@ -51,6 +51,22 @@ def test_parquet_folder_hub_layout_splits_and_file_boundaries(tmp_path):
     assert datasets  # the layout is the one datasets itself writes
 
 
+def test_hub_layout_with_a_missing_or_stray_file_is_refused(tmp_path):
+    """The names say how many files a split has: a download cut short silently left a third of
+    the split out of the job and its manifest (found by opening train-00000/00002-of-00003)."""
+    d = tmp_path / "ds" / "data"
+    write_face_parquet(d / "train-00000-of-00003.parquet", 2)
+    write_face_parquet(d / "train-00002-of-00003.parquet", 2, seed=5)
+    write_face_parquet(d / "test-00000-of-00001.parquet", 2, seed=6)
+    with pytest.raises(InputError, match="split 'train': 2 files named -of-00003, missing 00001;.*download"):
+        open_source(str(tmp_path / "ds"))
+    write_face_parquet(d / "train-00001-of-00003.parquet", 2, seed=7)
+    assert [(x.name, x.rows) for x in open_source(str(tmp_path / "ds")).splits] == [("train", 6), ("test", 2)]
+    write_face_parquet(d / "train-00000-of-00002.parquet", 2, seed=8)  # left from an older upload
+    with pytest.raises(InputError, match="split 'train': files of 2 different counts"):
+        open_source(str(tmp_path / "ds"))
+
+
 def test_split_from_file_name_word(tmp_path):
     write_face_parquet(tmp_path / "d" / "faces-validation.parquet", 2)
     assert [x.name for x in open_source(str(tmp_path / "d")).splits] == ["validation"]

@@ -31,7 +31,7 @@ DEFAULT_SPLIT = "train"
 _SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Hub layout: data/train-00000-of-00003.parquet, train-*.parquet, or train/xxx.parquet
-_SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}\.parquet$")
+_SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
 
 
 @dataclass
@@ -241,7 +241,29 @@ def _group_by_split(files: list, root) -> dict[str | None, list[str]]:
             f"cannot tell the split of {Path(groups[None][0]).name}: name Parquet files "
             "{split}-NNNNN-of-NNNNN.parquet (the Hub layout) or give one file"
         )
+    for split, names in groups.items():
+        _check_shard_set(split, [Path(f).name for f in names])
     return groups
+
+
+def _check_shard_set(split: str | None, names: list[str]) -> None:
+    """`{split}-NNNNN-of-NNNNN.parquet` names say how many files the split has: one missing (a
+    download cut short) would silently leave its records out of the job and the manifest, and two
+    counts (files left from an older upload) would publish records twice."""
+    shards = [m for m in map(_SHARD_NAME_RE.match, names) if m]
+    if not shards:
+        return
+    counts = sorted({m.group("count") for m in shards})
+    indexes = sorted(int(m.group("index")) for m in shards)
+    want = list(range(int(counts[0])))
+    if len(counts) > 1 or indexes != want:
+        missing = sorted(set(want) - set(indexes))
+        what = (f"files of {len(counts)} different counts (-of-{', -of-'.join(counts)}: left from another upload?)"
+                if len(counts) > 1 else f"{len(indexes)} files named -of-{counts[0]}" + (
+                    f", missing {', '.join(f'{i:05d}' for i in missing[:5])}{', …' if len(missing) > 5 else ''}"
+                    if missing else ", some numbered twice or past the count"))
+        raise InputError(f"split {split!r}: {what}; the split would be incomplete or hold records twice: "
+                         "download the missing files, or remove the stray ones")
 
 
 def _split_of(rel: Path) -> str | None:
