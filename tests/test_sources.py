@@ -327,6 +327,37 @@ def test_other_picture_columns_are_refused_until_dropped_or_kept(tmp_path):
             choose_columns(open_source(f), drop, keep)
 
 
+def test_text_columns_holding_encoded_pictures_are_refused(tmp_path):
+    """Base64 images and data: URLs are pictures in a string column, which was published as it
+    is (found by a Parquet file with a `thumb_b64` column: choose_columns let it through). Plain
+    text, ids and hex digests still pass."""
+    import base64
+
+    from anondata.job.sources import choose_columns
+
+    png, jpg = encode(synthetic_faces(1)[0]), encode(synthetic_faces(1)[0], "JPEG")
+    b64 = base64.b64encode
+    risky = {
+        "data_url": pa.array(["x", "data:image/png;base64," + b64(png).decode()]),
+        "png_b64": pa.array([b64(png).decode(), None], pa.large_string()),
+        "jpg_urlsafe": pa.array([base64.urlsafe_b64encode(jpg).decode(), "x"], pa.string_view()),
+        "in_list": pa.array([[], ["y", b64(jpg).decode()]], pa.list_(pa.string())),
+        "in_struct": pa.array([{"s": "a"}, {"s": b64(png).decode()}], pa.struct([("s", pa.string())])),
+    }
+    safe = {"caption": pa.array(["a face", "iVBOR is how PNG starts"]), "digest": pa.array(["0" * 64, "f" * 64])}
+    f = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"image": pa.array([png, png], pa.binary()), **risky, **safe}), f)
+    with pytest.raises(InputError, match="--drop-column NAME") as e:
+        choose_columns(open_source(str(f)), [], [])
+    assert "data_url (text holding an encoded picture, e.g. split 'train' row 1)" in str(e.value)
+    assert all(f"{c} (" in str(e.value) for c in risky) and not any(f"{c} (" in str(e.value) for c in safe)
+    s = open_source(str(f))
+    choose_columns(s, list(risky), [])
+    assert s.schema.names == ["image", "caption", "digest"]
+    pq.write_table(pa.table({"image": pa.array([png, png], pa.binary()), "png_b64": risky["png_b64"]}), f)
+    choose_columns(open_source(str(f), limit=1), [], ["png_b64"])  # kept on the runner's word
+
+
 def test_fingerprint_sees_renamed_reordered_or_replaced_inputs(tmp_path):
     """Resume reads rows by position: a renamed image or reordered rows would shift them (one
     record published twice, another never), which the row counts alone do not show."""

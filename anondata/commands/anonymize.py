@@ -24,8 +24,9 @@ output (DIR):
 other columns:
   only --image-column is anonymized; every other column is published as it is. A source with
   another column that can hold pictures (binary data at any depth: a second Image column, raw
-  bytes, a list or struct of images) is refused until each is named: --drop-column NAME leaves
-  it out of the release, --keep-column NAME publishes it unchanged (you state it holds no faces).
+  bytes, a list or struct of images; text holding base64 images or data: URLs) is refused until
+  each is named: --drop-column NAME leaves it out of the release, --keep-column NAME publishes it
+  unchanged (you state it holds no faces).
 
 cluster:
   runs on Ray Data. With RAY_ADDRESS set (e.g. RAY_ADDRESS=auto after `ray start --head`)

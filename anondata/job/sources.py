@@ -418,7 +418,8 @@ def choose_columns(source: Source, drop: list[str], keep: list[str]) -> None:
     depth, or a datasets Image / Video feature) is refused until the runner names it: dropped
     from the release (`drop`), or kept on their word that it holds no faces (`keep`). Dropped
     columns leave `source.schema` and its features metadata, so nothing reads or publishes
-    them. A string column (a file name, a path) is published as it is."""
+    them. A string column (a file name, a path) is published as it is, unless a value in it is
+    an encoded picture (base64, a data: URL: `_encoded_picture_in`)."""
     names = source.schema.names
     for opt, given in (("--drop-column", drop), ("--keep-column", keep)):
         unknown = [c for c in given if c not in names]
@@ -443,6 +444,8 @@ def choose_columns(source: Source, drop: list[str], keep: list[str]) -> None:
         elif _holds_binary(f.type):
             t = str(f.type)
             risky.append(f"{f.name} (binary data: {t if len(t) <= 60 else t[:59] + '…'})")
+        elif _holds_string(f.type) and (where := _encoded_picture_in(source, f.name)):
+            risky.append(f"{f.name} (text holding an encoded picture, e.g. {where})")
     if risky:
         raise InputError(
             f"{source.location}: column(s) {'; '.join(risky)} may hold pictures of faces, and only the image column "
@@ -475,6 +478,65 @@ def _holds_binary(t: pa.DataType) -> bool:
     if isinstance(t, pa.BaseExtensionType):
         return _holds_binary(t.storage_type)
     return any(_holds_binary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _holds_string(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _holds_string(t.value_type)
+    if isinstance(t, pa.BaseExtensionType):
+        return _holds_string(t.storage_type)
+    return any(_holds_string(t.field(i).type) for i in range(t.num_fields))
+
+
+# A picture in text: a data: URL of an image, or base64 that starts like PNG, JPEG, GIF, WebP or TIFF
+# (standard or URL-safe alphabet; base64 keeps a file's first bytes at its start).
+_ENCODED_PICTURE = r"^\s*(data:image/|(iVBORw0KGgo|/9j/|_9j_|R0lGOD[dl]h|UklGR|SUkqA|TU0AK)[A-Za-z0-9+/_=-]{60})"
+
+
+def _encoded_picture_in(source: Source, column: str) -> str | None:
+    """Where the first string value of `column` (at any depth) holding an encoded picture is
+    ("split S row N"), or None. Text columns are published as they are, and a column of base64
+    images or data: URLs is a column of pictures all the same. Reads the column (only the rows
+    the job publishes), not the images."""
+    import pyarrow.compute as pc
+
+    def leaves(a: pa.Array):
+        t = a.type
+        if pa.types.is_dictionary(t):
+            a, t = a.dictionary_decode(), t.value_type
+        if isinstance(a, pa.ExtensionArray):
+            a, t = a.storage, t.storage_type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            yield a, True
+        elif pa.types.is_struct(t):
+            for i in range(t.num_fields):
+                yield from leaves(a.field(i))  # the same rows
+        elif pa.types.is_map(t):
+            yield from ((x, False) for x, _ in leaves(a.keys))
+            yield from ((x, False) for x, _ in leaves(a.items))
+        elif hasattr(a, "flatten") and t.num_fields == 1:  # lists of any kind
+            yield from ((x, False) for x, _ in leaves(a.flatten()))
+
+    for info in source.splits:
+        if not info.rows:
+            continue
+        col = source._read(info, 0, info.rows, [column]).column(0)
+        for chunk_start, chunk in _chunks(col):
+            for values, rows_known in leaves(chunk):
+                hits = pc.match_substring_regex(values.cast(pa.large_string()), _ENCODED_PICTURE)
+                if pc.any(hits).as_py():
+                    first = pc.index(hits, True).as_py()
+                    return f"split {info.name!r} row {chunk_start + first}" if rows_known else f"split {info.name!r}"
+    return None
+
+
+def _chunks(col: pa.ChunkedArray):
+    start = 0
+    for chunk in col.chunks:
+        yield start, chunk
+        start += len(chunk)
 
 
 def _without_columns(schema: pa.Schema, drop: set[str]) -> pa.Schema:
