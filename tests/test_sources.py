@@ -85,6 +85,12 @@ def test_limit_split_name_and_missing_columns(tmp_path):
         open_source(str(tmp_path / "f.parquet"), image_column="caption")
     with pytest.raises(InputError, match="does not exist"):
         open_source(str(tmp_path / "missing.parquet"))
+    # a struct named like an Image column whose fields are not bytes and text: a TypeError on every
+    # worker (bytes(str)) before, found by a struct<bytes: string, path: string> column
+    for fields in ([("bytes", pa.string()), ("path", pa.string())], [("bytes", pa.binary()), ("path", pa.int64())]):
+        pq.write_table(pa.table({"image": pa.array([None], pa.struct(fields))}), tmp_path / "s.parquet")
+        with pytest.raises(InputError, match="not images: expected a datasets Image column"):
+            open_source(str(tmp_path / "s.parquet"))
     with pytest.raises(InputError, match="--limit"):
         open_source(str(tmp_path / "f.parquet"), limit=0)
 

@@ -386,7 +386,7 @@ def _finish(source: Source, image_column: str, id_column: str | None, splits: li
     if not (_is_image_struct(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
         raise InputError(
             f"column {image_column!r} is {t}, not images: expected a datasets Image column "
-            "(struct of bytes and path) or a binary column of encoded image files"
+            "(struct of binary bytes and string path) or a binary column of encoded image files"
         )
     source.image_column = image_column
     if id_column is not None:
@@ -406,10 +406,14 @@ _SPLIT_ORDER = {"train": 0, "validation": 1, "valid": 1, "dev": 1, "test": 2}
 
 
 def _is_image_struct(t: pa.DataType) -> bool:
+    """A datasets Image column: `bytes` binary and `path` text (other field types would fail on
+    every worker when the cells are read, a traceback instead of this clear refusal)."""
     if not pa.types.is_struct(t):
         return False
-    names = [t.field(i).name for i in range(t.num_fields)]
-    return "bytes" in names and "path" in names
+    fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    return ("bytes" in fields and "path" in fields
+            and any(f(fields["bytes"]) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
+            and any(f(fields["path"]) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)))
 
 
 def choose_columns(source: Source, drop: list[str], keep: list[str]) -> None:
