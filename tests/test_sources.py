@@ -110,11 +110,12 @@ def test_image_folder_sorted_with_derived_ids(tmp_path):
     (tmp_path / "imgs" / "sub" / "c.png").write_bytes(encode(imgs[2]))
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     (tmp_path / "imgs" / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "imgs" / "phone.HEIC").write_bytes(b"heic")  # a record (quarantined if undecodable), not left out
     s = open_source(str(tmp_path / "imgs"))
-    assert s.kind == "imagefolder" and s.splits[0].rows == 3 and s.id_column is None
-    t = s.read("train", 0, 3)
+    assert s.kind == "imagefolder" and s.splits[0].rows == 4 and s.id_column is None
+    t = s.read("train", 0, 4)
     assert [c["bytes"] for c in t.column("image").to_pylist()] == [
-        (tmp_path / "imgs" / p).read_bytes() for p in ("a.jpg", "b.png", "sub/c.png")
+        (tmp_path / "imgs" / p).read_bytes() for p in ("a.jpg", "b.png", "phone.HEIC", "sub/c.png")
     ]
     with pytest.raises(InputError, match="no Parquet files"):
         (tmp_path / "empty").mkdir()

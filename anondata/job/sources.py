@@ -26,7 +26,11 @@ import pyarrow.parquet as pq
 from .. import canonical
 from ..errors import InputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Every file of an image folder with one of these names is a record. Some are formats the decoder
+# may refuse (HEIC, AVIF, JPEG XL, ...): those records are quarantined as unreadable, so the runner
+# sees them, instead of being left out of the job and its manifest without a word.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ppm", ".pgm", ".pnm", ".tga", ".qoi", ".ico")
 DEFAULT_SPLIT = "train"
 _SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
