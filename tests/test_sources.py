@@ -70,6 +70,9 @@ def test_hub_layout_with_a_missing_or_stray_file_is_refused(tmp_path):
 def test_split_from_file_name_word(tmp_path):
     write_face_parquet(tmp_path / "d" / "faces-validation.parquet", 2)
     assert [x.name for x in open_source(str(tmp_path / "d")).splits] == ["validation"]
+    # a .PARQUET file was left out (and its split with it) while the others were read
+    write_face_parquet(tmp_path / "d" / "faces-test.PARQUET", 3, seed=4)
+    assert [(x.name, x.rows) for x in open_source(str(tmp_path / "d")).splits] == [("validation", 2), ("test", 3)]
 
 
 def test_limit_split_name_and_missing_columns(tmp_path):

@@ -35,7 +35,7 @@ DEFAULT_SPLIT = "train"
 _SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Hub layout: data/train-00000-of-00003.parquet, train-*.parquet, or train/xxx.parquet
-_SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
+_SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$", re.IGNORECASE)
 
 
 @dataclass
@@ -220,7 +220,9 @@ def open_source(
     elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         source = _open_arrow(location, path)
     else:
-        parquet = sorted(p for p in path.rglob("*.parquet") if not _hidden(p, path))
+        # any case: a split in TEST.PARQUET must not be left out while the others are read
+        parquet = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".parquet" and not p.is_dir()
+                         and not _hidden(p, path))
         if parquet:
             source = _open_parquet_files(location, str(path), _group_by_split(parquet, path))
         else:
