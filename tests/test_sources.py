@@ -226,6 +226,34 @@ def test_hub_id_uses_hffilesystem(tmp_path, monkeypatch):
     assert s.read("train", 0, 3, ["record_id"]).column(0).to_pylist() == [r["record_id"] for r in rows]
 
 
+def test_hub_parquet_conversion_partial_or_several_configs_is_refused(tmp_path, monkeypatch):
+    """Without Parquet files of its own, a Hub dataset is read from the Hub's conversion, which
+    holds only the first 5 GB of a big split (`partial-train`) and a folder per config: both were
+    read as if complete (the rest of the records missing from the manifest, configs mixed)."""
+    import huggingface_hub
+
+    class ConvertedHub:
+        def glob(self, pattern):
+            if "@refs%2Fconvert%2Fparquet" not in pattern:
+                return []
+            base = pattern.split("/**")[0]
+            return [f"{base}/{p.relative_to(tmp_path).as_posix()}" for p in sorted(tmp_path.rglob("*.parquet"))]
+
+        def open(self, path, mode="rb"):
+            return open(tmp_path / path.split("/", 3)[3], mode)
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", ConvertedHub)
+    write_face_parquet(tmp_path / "default" / "train" / "0000.parquet", 2)
+    assert [(x.name, x.rows) for x in open_source("user/faces").splits] == [("train", 2)]
+    write_face_parquet(tmp_path / "other" / "train" / "0000.parquet", 2, seed=3)
+    with pytest.raises(InputError, match="several configs \\(default, other\\); download"):
+        open_source("user/faces")
+    (tmp_path / "other" / "train" / "0000.parquet").unlink()
+    (tmp_path / "default" / "train").rename(tmp_path / "default" / "partial-train")
+    with pytest.raises(InputError, match="conversion of it is partial \\(partial-train: only the first 5 GB\\)"):
+        open_source("user/faces")
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub
 

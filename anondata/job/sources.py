@@ -585,9 +585,24 @@ def _open_hub(repo_id: str) -> Source:
     if not files:
         raise InputError(f"Hub dataset {repo_id!r} has no Parquet files (nor a Parquet conversion)")
     rels = [f[len(base) + 1:] for f in files]
+    if "@refs%2Fconvert%2Fparquet" in base:
+        _check_hub_conversion(repo_id, rels)
     groups = _group_by_split(rels, None)
     groups = {k: [f"{base}/{r}" for r in v] for k, v in groups.items()}
     return _open_parquet_files(repo_id, base, groups, fs=fs, kind="hub")
+
+
+def _check_hub_conversion(repo_id: str, rels: list[str]) -> None:
+    """The Hub's Parquet conversion (`{config}/{split}/NNNN.parquet`) holds only the first 5 GB of
+    a bigger split, in `partial-{split}`, and one folder per config: read as is, the job would
+    leave the rest out of its manifest without a word, or mix configs into one split."""
+    partial = sorted({p for r in rels for p in r.split("/")[:-1] if p.startswith("partial-")})
+    configs = sorted({r.split("/")[0] for r in rels if "/" in r})
+    if partial or len(configs) > 1:
+        what = (f"the Hub's Parquet conversion of it is partial ({', '.join(partial)}: only the first 5 GB)"
+                if partial else f"it has several configs ({', '.join(configs[:5])})")
+        raise InputError(f"Hub dataset {repo_id!r}: {what}; download the files you want (huggingface-cli download "
+                         "--repo-type dataset) and give their folder")
 
 
 # --------------------------------------------------------------------------- reading
