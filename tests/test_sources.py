@@ -365,7 +365,7 @@ def test_other_picture_columns_are_refused_until_dropped_or_kept(tmp_path):
             choose_columns(open_source(f), drop, keep)
 
 
-def test_text_columns_holding_encoded_pictures_are_refused(tmp_path):
+def test_text_columns_holding_encoded_pictures_are_refused(tmp_path, monkeypatch):
     """Base64 images and data: URLs are pictures in a string column, which was published as it
     is (found by a Parquet file with a `thumb_b64` column: choose_columns let it through). Plain
     text, ids and hex digests still pass."""
@@ -389,6 +389,11 @@ def test_text_columns_holding_encoded_pictures_are_refused(tmp_path):
         choose_columns(open_source(str(f)), [], [])
     assert "data_url (text holding an encoded picture, e.g. split 'train' row 1)" in str(e.value)
     assert all(f"{c} (" in str(e.value) for c in risky) and not any(f"{c} (" in str(e.value) for c in safe)
+    import anondata.job.sources as sources_mod
+
+    monkeypatch.setattr(sources_mod, "SCAN_ROWS", 1)  # read in blocks: the hit is found, at its row
+    with pytest.raises(InputError, match=r"data_url \(text holding an encoded picture, e.g. split 'train' row 1\)"):
+        choose_columns(open_source(str(f)), [], [])
     s = open_source(str(f))
     choose_columns(s, list(risky), [])
     assert s.schema.names == ["image", "caption", "digest"]

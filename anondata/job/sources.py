@@ -530,20 +530,21 @@ def _encoded_picture_in(source: Source, column: str) -> str | None:
             yield from ((x, False) for x, _ in leaves(a.flatten()))
 
     for info in source.splits:
-        if not info.rows:
-            continue
-        col = source._read(info, 0, info.rows, [column]).column(0)
-        for chunk_start, chunk in _chunks(col):
-            for values, rows_known in leaves(chunk):
-                hits = pc.match_substring_regex(values.cast(pa.large_string()), _ENCODED_PICTURE)
-                if pc.any(hits).as_py():
-                    first = pc.index(hits, True).as_py()
-                    return f"split {info.name!r} row {chunk_start + first}" if rows_known else f"split {info.name!r}"
+        for start in range(0, info.rows, SCAN_ROWS):  # in blocks: a split's text can be larger than memory
+            col = source._read(info, start, min(start + SCAN_ROWS, info.rows), [column]).column(0)
+            for chunk_start, chunk in _chunks(col, start):
+                for values, rows_known in leaves(chunk):
+                    hits = pc.match_substring_regex(values.cast(pa.large_string()), _ENCODED_PICTURE)
+                    if pc.any(hits).as_py():
+                        first = pc.index(hits, True).as_py()
+                        return f"split {info.name!r} row {chunk_start + first}" if rows_known else f"split {info.name!r}"
     return None
 
 
-def _chunks(col: pa.ChunkedArray):
-    start = 0
+SCAN_ROWS = 65536
+
+
+def _chunks(col: pa.ChunkedArray, start: int = 0):
     for chunk in col.chunks:
         yield start, chunk
         start += len(chunk)
