@@ -404,7 +404,11 @@ def test_other_picture_columns_and_rows_past_limit(ray_address, identities, tiny
                                "thumb": datasets.Value("binary"), "gallery": datasets.Sequence(datasets.Image()),
                                "file_name": datasets.Value("string")})
     src = tmp_path / "src.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=feats.arrow_schema), src)
+    # metadata a tool wrote, of the schema and of a field: not published (shards.output_schema)
+    schema = feats.arrow_schema.with_metadata({**feats.arrow_schema.metadata, b"tool": b"/home/alice/photos"})
+    i = schema.get_field_index("file_name")
+    schema = schema.set(i, schema.field(i).with_metadata({b"origin": b"alice's phone"}))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), src)
     base = dict(source=str(src), recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
                 model=tiny_model, shard_size=2, batch_size=2, progress=False, **FAST)
     with pytest.raises(InputError, match="original .*thumb .*gallery .*--drop-column NAME.*--keep-column NAME"):
@@ -427,6 +431,7 @@ def test_other_picture_columns_and_rows_past_limit(ray_address, identities, tiny
     for p in (out / "data").glob("*.parquet"):
         features = json.loads(pq.read_schema(p).metadata[b"huggingface"])["info"]["features"]
         assert set(features) == {"record_id", "image", "thumb", "file_name"}
+        assert set(pq.read_schema(p).metadata) == {b"huggingface"} and not any(t in p.read_bytes() for t in (b"alice's phone", b"/home/alice"))
     card = (out / "README.md").read_text()
     assert "except `gallery`, `original`" in card and "`thumb`: published unchanged" in card
     assert "skipped records: 1" in card

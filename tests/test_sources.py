@@ -94,6 +94,9 @@ def test_limit_split_name_and_missing_columns(tmp_path):
         pq.write_table(pa.table({"image": pa.array([None], pa.struct(fields))}), tmp_path / "s.parquet")
         with pytest.raises(InputError, match="not images: expected a datasets Image column"):
             open_source(str(tmp_path / "s.parquet"))
+    # but a path that is null in every cell is what pyarrow infers from {"bytes": b, "path": None}
+    pq.write_table(pa.table({"image": [{"bytes": b"png", "path": None}]}), tmp_path / "s.parquet")
+    assert open_source(str(tmp_path / "s.parquet")).image_column == "image"
     with pytest.raises(InputError, match="--limit"):
         open_source(str(tmp_path / "f.parquet"), limit=0)
 

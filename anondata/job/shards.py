@@ -35,9 +35,12 @@ def keys_path(name: str) -> str:
 
 def output_schema(source_schema: pa.Schema, image_column: str, add_id: bool) -> pa.Schema:
     """The public shards' schema: the input's, plus `record_id` first when ids are derived.
-    The `huggingface` features metadata follows, so `datasets` decodes the image column."""
-    fields = list(source_schema)
-    meta = dict(source_schema.metadata or {})
+    The `huggingface` features metadata follows, so `datasets` decodes the image column; no
+    other metadata does, of the schema or of a field: tools write what they like there (pandas
+    names dropped columns; others a source path or a caption of the person), and it would be
+    published unseen."""
+    fields = [f.remove_metadata() for f in source_schema]
+    meta = {k: v for k, v in (source_schema.metadata or {}).items() if k == b"huggingface"}
     if add_id:
         fields.insert(0, pa.field(DERIVED_ID_COLUMN, pa.string()))
         hf = json.loads(meta.get(b"huggingface", b"{}") or b"{}")

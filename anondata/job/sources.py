@@ -412,14 +412,16 @@ _SPLIT_ORDER = {"train": 0, "validation": 1, "valid": 1, "dev": 1, "test": 2}
 
 
 def _is_image_struct(t: pa.DataType) -> bool:
-    """A datasets Image column: `bytes` binary and `path` text (other field types would fail on
-    every worker when the cells are read, a traceback instead of this clear refusal)."""
+    """A datasets Image column: `bytes` binary and `path` text, or null where no cell has one
+    (pyarrow infers that from `{"bytes": b, "path": None}`); other field types would fail on every
+    worker when the cells are read, a traceback instead of this clear refusal."""
     if not pa.types.is_struct(t):
         return False
     fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
     return ("bytes" in fields and "path" in fields
             and any(f(fields["bytes"]) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
-            and any(f(fields["path"]) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)))
+            and any(f(fields["path"]) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                                                pa.types.is_null)))
 
 
 def choose_columns(source: Source, drop: list[str], keep: list[str]) -> None:
