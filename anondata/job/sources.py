@@ -480,26 +480,25 @@ def _feature_has_picture(feature) -> bool:
     return False
 
 
-def _holds_binary(t: pa.DataType) -> bool:
-    """Binary at any depth: struct fields, list and map values, dictionary values."""
-    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-            or pa.types.is_binary_view(t)):
+def _holds(t: pa.DataType, leaf) -> bool:
+    """Whether `leaf(type)` holds at any depth: struct fields, list and map values, dictionary
+    values, extension storage."""
+    if leaf(t):
         return True
     if pa.types.is_dictionary(t):
-        return _holds_binary(t.value_type)
+        return _holds(t.value_type, leaf)
     if isinstance(t, pa.BaseExtensionType):
-        return _holds_binary(t.storage_type)
-    return any(_holds_binary(t.field(i).type) for i in range(t.num_fields))
+        return _holds(t.storage_type, leaf)
+    return any(_holds(t.field(i).type, leaf) for i in range(t.num_fields))
+
+
+def _holds_binary(t: pa.DataType) -> bool:
+    return _holds(t, lambda u: (pa.types.is_binary(u) or pa.types.is_large_binary(u) or pa.types.is_fixed_size_binary(u)
+                                or pa.types.is_binary_view(u)))
 
 
 def _holds_string(t: pa.DataType) -> bool:
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return True
-    if pa.types.is_dictionary(t):
-        return _holds_string(t.value_type)
-    if isinstance(t, pa.BaseExtensionType):
-        return _holds_string(t.storage_type)
-    return any(_holds_string(t.field(i).type) for i in range(t.num_fields))
+    return _holds(t, lambda u: pa.types.is_string(u) or pa.types.is_large_string(u) or pa.types.is_string_view(u))
 
 
 # A picture in text: a data: URL of an image, or base64 that starts like PNG, JPEG, GIF, WebP or TIFF
