@@ -258,6 +258,23 @@ def test_an_output_path_that_is_a_file_is_named_as_one(release, capsys):
     assert code == 2 and "full: folder is not empty" in err, err
 
 
+def test_outputs_inside_the_release_folder_are_refused(release, capsys):
+    """Restored originals, granted keys or a report's grid of real faces written inside the release
+    folder would be published with it (or break its verify); refused before any work, also through
+    a link to it."""
+    tmp, root, _, _ = release
+    (tmp / "link").symlink_to(root)
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub"]
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for out in (root / "restored", root / "data" / "x", tmp / "link" / "y", root):
+        for argv in (["grant", root, *base, "--to", tmp / "other.pub", "--ids", "r1", "--out", out],
+                     ["restore", root, *base, "--out", out],
+                     ["eval", root, *base, "--source", root, "--report", out]):
+            code, _, err = cli(capsys, *argv)
+            assert code == 2 and "inside the release folder" in err and err.count("\n") == 1, (argv, err)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
 def test_interrupted_grant_leaves_nothing_behind(release, capsys, monkeypatch):
     import anondata.manifest as manifest_mod
 

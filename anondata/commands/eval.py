@@ -72,7 +72,7 @@ def run(args) -> int:
     from ..eval.run import EvalOptions, evaluate_release
     from ..files import check_new_folder
 
-    check_new_folder(args.report, "--report", InputError)
+    check_new_folder(args.report, "--report", InputError, release=args.dir)
     opts = EvalOptions(wrong_bits=args.wrong_bits, leakage_p=args.leakage_p, restore_sample=args.restore_sample,
                        attack_sample=args.attack_sample,
                        grid_sample=args.grid, seed=args.seed, progress=not args.no_progress)

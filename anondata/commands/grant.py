@@ -41,6 +41,9 @@ def run(args) -> int:
     from ..job.restore import check_ids, parse_ids
     from ..manifest import open_release, release_envelopes, write_grant
 
+    from ..files import check_new_folder
+
+    check_new_folder(args.out, "--out", InputError, release=args.dir)
     ident = load_identity(args.identity)
     to = [load_recipient(p) for p in args.to]
     pinned = signer(args)

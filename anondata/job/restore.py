@@ -95,7 +95,7 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     from ..manifest import open_release, release_envelopes
 
     root = Path(release)
-    out_dir = check_new_folder(out, "--out", InputError)
+    out_dir = check_new_folder(out, "--out", InputError, release=root)
     if not signer_path and not any_signer:
         raise InputError("restore needs the release's signer: pass --signer NAME.pub (or --any-signer)")
     identity = load_identity(identity_path)
