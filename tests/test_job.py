@@ -233,6 +233,12 @@ def test_refusals_before_any_work(identities, tiny_model, tmp_path):
     with pytest.raises(InputError, match="--cross-check only applies to --faces detect"):
         run_anonymize(JobOptions(out=str(tmp_path / "n3"), cross_check="haar", **base))
     assert not (tmp_path / "n3").exists()
+    # a release inside a folder source would be read as part of it on --resume; beside a file source is fine
+    (tmp_path / "src").mkdir()
+    write_face_parquet(tmp_path / "src" / "f.parquet", 2)
+    with pytest.raises(InputError, match="inside the source folder"):
+        run_anonymize(JobOptions(out=str(tmp_path / "src" / "rel"), **{**base, "source": str(tmp_path / "src")}))
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["f.parquet"]
     # duplicate ids are refused while planning, naming the id
     rows = write_face_parquet(tmp_path / "dup.parquet", 3)
     import pyarrow as pa

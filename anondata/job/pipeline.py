@@ -497,6 +497,11 @@ def run_anonymize(opts: JobOptions) -> JobResult:
     source = open_source(
         opts.source, image_column=opts.image_column, id_column=opts.id_column, splits=opts.splits, limit=opts.limit
     )
+    if source.fs is None and Path(opts.source).is_dir():  # a folder source: every file below it is read
+        inner, outer = Path(os.path.realpath(out)), Path(os.path.realpath(opts.source))
+        if inner == outer or outer in inner.parents:
+            raise InputError(f"--out {out} is inside the source folder {source.location}: the release's files would "
+                             "be read as the source's (and it is for publishing); choose a folder outside it")
     try:
         choose_columns(source, opts.drop_columns, opts.keep_columns)
     except InputError as e:
