@@ -134,6 +134,56 @@ def test_grant_then_restore_exactly_those(release, capsys):
         assert code == 2 and msg in err and "Traceback" not in err, err
 
 
+def test_a_grant_is_authenticated_by_its_signature(release, capsys):
+    """A grant folder travels to the grantee by any channel, and HPKE base mode lets anyone seal
+    keys of their choosing to the grantee. Only grant.json.sig stops someone who can write the
+    folder from swapping in such a table, fixing grant.json's hash to match and keeping the
+    owner as `granted_by`: restore would then give back faces of their choosing. Every byte change
+    of grant.json or grant.json.sig is refused too. (read_grant without its signature check passed
+    every other test: only a grant by a non-recipient and a changed table file were tried.)"""
+    import hashlib
+    import json
+    import random
+
+    from anondata import canonical
+    from anondata.errors import FormatError
+
+    tmp, root, did, secrets_by_id = release
+    grant = tmp / "grant"
+    code, _, err = cli(capsys, "grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub",
+                       "--ids", "r1,r4", "--out", grant, "--signer", tmp / "owner.pub")
+    assert code == 0, err
+    other = load_identity(tmp / "other.key")
+    rel = open_release(root, load_recipient(tmp / "owner.pub"))
+    assert open_records(release_envelopes(rel, grant), other, did) == {i: secrets_by_id[i] for i in ("r1", "r4")}
+    gjson, gsig, gtable = (grant / n for n in ("grant.json", "grant.json.sig", "grant.keys.parquet"))
+    good = {p: p.read_bytes() for p in (gjson, gsig, gtable)}
+
+    rng = random.Random(5)
+    for path in (gjson, gsig):
+        size = len(good[path])
+        for pos in (range(size) if size <= 300 else rng.sample(range(size), 300)):
+            bad = bytearray(good[path])
+            bad[pos] ^= rng.randrange(1, 256)
+            path.write_bytes(bytes(bad))
+            with pytest.raises((IntegrityError, FormatError)):
+                release_envelopes(rel, grant)
+                pytest.fail(f"{path.name} byte {pos} changed, grant accepted")
+        path.write_bytes(good[path])
+
+    evil = seal_records([other.recipient], did, [(i, b"\xee" * 32, b"evil") for i in ("r1", "r4")])
+    write_envelope_table(gtable, evil)
+    doc = json.loads(good[gjson])
+    doc["envelopes"] = [{"bytes": gtable.stat().st_size, "path": "grant.keys.parquet", "rows": 2,
+                         "sha256": hashlib.sha256(gtable.read_bytes()).hexdigest()}]
+    gjson.write_bytes(canonical.dumps(doc) + b"\n")  # valid, consistent, still "granted by" the owner
+    with pytest.raises(IntegrityError, match="signature does not verify"):
+        release_envelopes(rel, grant)
+    for p, data in good.items():
+        p.write_bytes(data)
+    assert open_records(release_envelopes(rel, grant), other, did) == {i: secrets_by_id[i] for i in ("r1", "r4")}
+
+
 def test_commands_that_use_a_release_need_its_signer_pinned(release, capsys):
     tmp, root, did, _ = release
     grant = ["grant", root, "--identity", tmp / "owner.key", "--to", tmp / "other.pub", "--ids", "r1", "--out", tmp / "g"]
