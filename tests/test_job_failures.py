@@ -57,6 +57,26 @@ def test_unexpected_exception_quarantines_only_that_record(tiny_model, identitie
     assert reason.startswith("record 'r1': could not be anonymized: RuntimeError: CUDA out of memory. Tried to allocate")
     assert "/home" not in reason and "secret" not in reason and "abab" not in reason
 
+    # The record's own key, in each form a library message could carry it: a reason is public.
+    import base64
+
+    for form in (repr, lambda k: repr(bytearray(k)), bytes.hex, lambda k: base64.b64encode(k).decode(),
+                 lambda k: base64.urlsafe_b64encode(k).decode().rstrip("=")):
+        seen = []
+
+        def leaky(anon, images, keys, spec, form=form, seen=seen, **kw):
+            if any(np.array_equal(im, imgs[1]) for im in images):
+                seen.append(keys[[np.array_equal(im, imgs[1]) for im in images].index(True)])
+                raise ValueError(f"bad value {form(seen[-1])} at step 3")
+            return real(anon, images, keys, spec, **kw)
+
+        monkeypatch.setattr(faces, "anonymize_photos", leaky)
+        out = process_rows(actor, _batch(imgs, ["r0", "r1", "r2"])).to_pylist()
+        reason, (k,) = out[1]["reason"], set(seen)
+        assert out[1]["status"] == "failed" and reason.startswith("record 'r1': could not be anonymized: ValueError: bad value")
+        shown = (repr(k)[2:-1], k.hex(), base64.b64encode(k).decode(), base64.urlsafe_b64encode(k).decode())
+        assert not any(f[i:i + 8] in reason for f in shown for i in range(len(f) - 7)), reason  # no 8 characters of it
+
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
