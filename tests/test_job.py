@@ -66,6 +66,43 @@ def test_release_layout_verify_and_load_dataset(release, identities):
     assert card.startswith("---\n") and 'path: "data/train-*"' in card
 
 
+def _secret_forms(release_dir, identities) -> dict:
+    """Each anonymized record's key, opened with the owner's identity, in the forms a leak could
+    take (raw, hex, base64 and unpadded base64url), and its restore record (which with the
+    lossless residual reconstructs the original face)."""
+    import base64
+
+    from anondata.envelope import open_records
+    from anondata.identity import load_identity, load_recipient
+    from anondata.manifest import open_release, release_envelopes
+
+    rel = open_release(release_dir, load_recipient(identities["runner"][1]))
+    opened = open_records(release_envelopes(rel), load_identity(identities["owner"][0]), rel.manifest["dataset_id"])
+    return {rid: ([k, k.hex().encode(), base64.b64encode(k), base64.urlsafe_b64encode(k).rstrip(b"=")], rr)
+            for rid, (k, rr) in opened.items()}
+
+
+def test_record_keys_are_in_no_public_file(release, identities):
+    """README: "Keys are never logged and never in public files". Every file a publish uploads
+    (card, manifest, signature, shards, and every decoded public image's pixels) holds no record
+    key in any common encoding and no restore record; the keys/ files hold them only sealed."""
+    out = release["dir"]
+    secrets_ = _secret_forms(out, identities)
+    assert len(secrets_) == release["result"].anonymized == 6
+    public = [out / "README.md", out / "manifest.json", out / "manifest.json.sig", *sorted((out / "data").glob("*"))]
+    blobs = {str(p): p.read_bytes() for p in public}
+    for r in _public_rows(out):
+        blobs[f"pixels of {r['record_id']}"] = decode_image(r["image"]["bytes"], "x")[0].tobytes()
+    private = {str(p): p.read_bytes() for p in sorted((out / "keys").glob("*"))}
+    assert len(blobs) == len(public) + 6 and len(private) == 3
+    for rid, (forms, rr) in secrets_.items():
+        assert len(rr) > 100
+        for name, data in blobs.items():
+            assert not any(f in data for f in forms) and rr not in data and rr[:24] not in data, (rid, name)
+        for name, data in private.items():
+            assert forms[0] not in data and rr[:24] not in data, (rid, name)
+
+
 def test_restore_selected_ids_bit_exact_and_refusals(release, identities, tiny_model, tmp_path):
     from anondata.job.restore import run_restore
 
@@ -153,6 +190,8 @@ def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert [g["record_id"] for g in _public_rows(tmp_path / "o")] == ["rec-006"]
+    forms, _ = _secret_forms(release["dir"], identities)["rec-006"]  # keys are never logged
+    assert not any(f.decode("latin-1") in r.stdout + r.stderr for f in forms), r.stdout + r.stderr
     r = subprocess.run(
         [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["stranger"][0], "--signer", identities["runner"][1],
          "--ids", "rec-000", "--out", str(tmp_path / "p"), "--model", tiny_model],
