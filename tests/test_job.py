@@ -290,14 +290,47 @@ def test_refusals_before_any_work(identities, tiny_model, tmp_path):
     assert rows
 
 
-def test_finished_release_resume_is_a_no_op(release, identities, tiny_model):
-    from anondata.job.pipeline import JobOptions, run_anonymize
+def test_finished_release_resume_is_a_no_op(release, identities, tiny_model, tmp_path):
+    """--resume on a finished release (a kill while cleaning up) reports it and changes no byte of
+    it (the release is the session's shared fixture). It reports success only for a release that
+    verifies against the --signing-key: a changed shard or a re-signed copy is refused, not called
+    complete. (_finished reading the manifest without verifying it passed the old test.)"""
+    import shutil
 
-    res = run_anonymize(JobOptions(
-        source=str(release["source"]), out=str(release["dir"]), recipients=[identities["owner"][1]],
-        signing_key=identities["runner"][0], model=tiny_model, resume=True, progress=False,
-    ))
+    from anondata.errors import IntegrityError
+    from anondata.identity import load_identity
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest, write_signed_manifest
+
+    def files(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    def resume(out):
+        return run_anonymize(JobOptions(
+            source=str(release["source"]), out=str(out), recipients=[identities["owner"][1]],
+            signing_key=identities["runner"][0], model=tiny_model, resume=True, progress=False,
+        ))
+
+    before = files(release["dir"])
+    res = resume(release["dir"])
     assert (res.anonymized, res.quarantined, res.dataset_id) == (6, 1, release["result"].dataset_id)
+    assert files(release["dir"]) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(release["dir"], copy)
+    shard = copy / "data" / "train-00001-of-00003.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="train-00001"):
+        resume(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(release["dir"], copy)
+    stranger = load_identity(identities["stranger"][0])
+    m = read_manifest(copy)
+    m["signer"] = stranger.recipient.to_json()
+    write_signed_manifest(copy, m, stranger)
+    with pytest.raises(IntegrityError, match="not by the expected signer"):
+        resume(copy)
 
 
 def test_cli_help_and_argument_errors():
