@@ -58,7 +58,11 @@ def test_independent_derivation(v):
 
 
 def test_signs_are_balanced_and_key_dependent():
-    a, b = new_key(), new_key()
+    """Fixed keys: with fresh random ones the 0.03 bound on the mean of 12,288 signs (3.3 sigma)
+    failed about one run in a thousand, a flaky test that says nothing about the code."""
+    import hashlib
+
+    a, b = hashlib.sha256(b"balanced-a").digest(), hashlib.sha256(b"balanced-b").digest()
     sa, sb = signs(a, (3, 64, 64)), signs(b, (3, 64, 64))
     assert set(np.unique(sa)) == {-1, 1}
     assert abs(sa.mean()) < 0.03
