@@ -8,8 +8,9 @@ of faces at any size, so per face we:
    `detect` mode derives it from the detector box and dlib's 5 landmarks (scale and offset
    measured on CelebA aligned images, `benchmarks/wild_detection.py --calibrate`), widened by
    `expand` so a feathered border fits inside it;
-2. resize the crop to R and anonymize it with the core under a boolean face ellipse and the
-   per-face key `face_key(record_key, i)` (all crops of all photos in one core call);
+2. resize the crop to R and anonymize it with the core under a boolean mask (the face ellipse,
+   widened by what resizing back reaches and over any other face's ellipse: `_core_masks`) and
+   the per-face key `face_key(record_key, i)` (all crops of all photos in one core call);
 3. resize back and blend: weight 1 inside the ellipse, a smooth fall-off outside it that reaches
    0 inside the crop. Overlapping faces share weight (never more than 1 in total), so where any
    face has weight 1 no original pixel remains. Pixels outside every crop are never written.
@@ -142,16 +143,51 @@ def _ellipse_dist(place: _Place, w: int, h: int, cs=(slice(None), slice(None))) 
     return np.sqrt(a * a + b * b)
 
 
-def _core_mask(place: _Place, r: int) -> np.ndarray:
-    if place.ellipse is None:
-        return np.ones((r, r), bool)
-    return _ellipse_dist(place, r, r) <= 1.0
+def _dist_at(place: _Place, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Normalized elliptic distance of `place`'s ellipse at photo coordinates (xs columns, ys rows)."""
+    cx, cy, rx, ry = (v / U for v in place.ellipse[:4])
+    c, s = math.cos(math.radians(place.ellipse[4] / 100)), math.sin(math.radians(place.ellipse[4] / 100))
+    w, h = place.size
+    u, v = (xs - place.crop[0]) / w - cx, (ys - place.crop[1]) / h - cy
+    a = (u[None, :] * c + v[:, None] * s) / rx
+    b = (v[:, None] * c - u[None, :] * s) / ry
+    return np.sqrt(a * a + b * b)
+
+
+def _core_masks(places: list[_Place], r: int) -> list[np.ndarray]:
+    """Each face's (r, r) mask for the core: every pixel of its model crop whose value the paste-back
+    can carry into a face, i.e. into a pixel inside its own ellipse or inside another face's.
+
+    Why not the ellipse at r alone: outside its mask the core returns its input, the original seen
+    through r, and resizing back mixes neighbouring r pixels (bicubic: 2 each side; area: r / size),
+    so a ring inside the ellipse showed the original (up to 96% of a pixel's value); and where faces
+    overlap, a neighbour's layer in its fall-off takes up to half the weight inside this face, with
+    the original there too. Restore reads each mask from the core record, so older records restore
+    as before."""
+    cv2 = _cv2()
+    out = []
+    for j, p in enumerate(places):
+        if p.ellipse is None:
+            out.append(np.ones((r, r), bool))
+            continue
+        d = _ellipse_dist(p, r, r)
+        need = d <= 1.0
+        w, h = p.size
+        xs, ys = p.crop[0] + (np.arange(r) + 0.5) * w / r, p.crop[1] + (np.arange(r) + 0.5) * h / r
+        for i, q in enumerate(places):
+            a, b = p.crop, q.crop
+            if i != j and q.ellipse is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                need |= (d < p.feather / U) & (_dist_at(q, xs, ys) <= 1.0)
+        # how far resizing back reaches, in r pixels: bicubic's 2 taps a side, or the area of a shrink
+        k = 2 if min(w, h) >= r else math.ceil(r / min(w, h) / 2) + 1
+        out.append(cv2.dilate(need.astype(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8)) > 0)
+    return out
 
 
 def aligned_mask(r: int) -> np.ndarray:
     """The (r, r) face mask the job gives an aligned crop (`--faces aligned`, ellipse mask): for
     benchmarks that should measure what a release gets, background and all."""
-    return _core_mask(_place_aligned((0, 0, r, r), False), r)
+    return _core_masks([_place_aligned((0, 0, r, r), False)], r)[0]
 
 
 def _alpha(place: _Place, cs) -> np.ndarray:
@@ -555,7 +591,7 @@ def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False,
         for i, p in enumerate(places or []):
             crops.append(_crop_to_r(img, p, r))
             fkeys.append(face_key(key, i))
-            masks.append(_core_mask(p, r))
+        masks.extend(_core_masks(places or [], r))
     if crops:
         out, recs = anon.anonymize(np.stack(crops), fkeys, np.stack(masks), lossless=lossless, floor_db=floor_db)
     k = 0

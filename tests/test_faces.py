@@ -165,6 +165,52 @@ def test_faces_at_the_border_and_tiny_faces_are_noted(anon):
     assert np.array_equal(restore_photos(anon, [res.image], keys, [res.record])[0], img)
 
 
+class Blackout:
+    """Stand-in core that sets every masked pixel to 0 (and leaves the rest, as the core does), so a
+    non-zero pixel of the pasted photo inside a face ellipse is the original's."""
+
+    resolution = 32
+
+    def anonymize(self, images, keys, masks=None, lossless=False, floor_db=None):
+        return np.where(masks[..., None], 0, images).astype(np.uint8), [_Rec(b"") for _ in masks]
+
+
+@pytest.mark.parametrize("boxes", [
+    None,  # the group photo's own faces (HOG, turned ellipses from landmarks)
+    [(60, 80, 160, 180)],  # one face: the ring at its ellipse's edge
+    [(60, 80, 160, 180), (140, 80, 240, 180)],  # overlapping faces
+    [(60, 80, 160, 180), (90, 110, 130, 150)],  # a face detected again inside another
+    [(50, 50, 60, 60), (58, 52, 70, 64)],  # tiny faces: crops smaller than the model's resolution
+])
+def test_no_original_pixel_left_inside_any_face_ellipse(group_photo, boxes):
+    """Fail closed on paste-back: outside its mask the core returns the original crop, and resizing
+    back mixes neighbouring pixels, so with the mask equal to the ellipse a ring inside every face
+    kept up to 96% of the original, and a neighbour's fall-off put up to half of the original back
+    inside an overlapping face. Every pixel inside a face ellipse must come from masked pixels only."""
+    from anondata.faces import _clip, _ellipse_dist
+
+    class Fixed:
+        name = "fixed"
+
+        def detect(self, rgb):
+            return [detect.Face(b, 1.0) for b in boxes]
+
+    img = np.maximum(group_photo, 1)  # no original pixel is 0
+    if boxes is not None:
+        detect.register("blackout-boxes", lambda arg: Fixed())
+    spec = FaceSpec(mode="detect", detector="hog" if boxes is None else "blackout-boxes")
+    res = anonymize_photos(Blackout(), [img], [new_key()], spec)[0]
+    _, places, _, _ = _parse_record(res.record, "t")
+    assert len(places) == len(boxes) if boxes else len(places) >= 2
+    H, W = img.shape[:2]
+    inside = np.zeros((H, W), bool)
+    for p in places:
+        a0, b0, a1, b1 = _clip(p.crop, W, H)
+        cs = (slice(b0 - p.crop[1], b1 - p.crop[1]), slice(a0 - p.crop[0], a1 - p.crop[0]))
+        inside[b0:b1, a0:a1] |= _ellipse_dist(p, *p.size, cs) <= 1.0
+    assert inside.sum() > 150 and res.image[inside].max() == 0
+
+
 # -- no face, detector failure -------------------------------------------------------------------
 def test_no_face_is_quarantined_by_default_and_kept_on_request(anon):
     img = np.zeros((120, 160, 3), np.uint8)
