@@ -23,7 +23,7 @@ import torch
 
 from . import keystream, scheme
 from .backends import EARLIER_EMBEDDED, load_backend
-from .errors import AnondataError, InputError, IntegrityError
+from .errors import AnondataError, FormatError, InputError, IntegrityError
 from .restore_record import FACE_MEAN_UNIT, MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -315,16 +315,25 @@ class Anonymizer:
             out[sel] = np.where(masks[..., None], np.clip(levels, 0, 255), stored[sel])
         return out
 
-    def restore(self, anonymized, keys, records) -> np.ndarray:
-        """-> restored uint8 (N, R, R, 3). A wrong key gives another face, not an error: keys cannot be checked."""
+    def restore(self, anonymized, keys, records, names: list[str] | None = None) -> np.ndarray:
+        """-> restored uint8 (N, R, R, 3). A wrong key gives another face, not an error: keys cannot be checked.
+
+        names: what errors call each crop (default "record i"); photo restore names the photo and
+        face, since its crops of many photos share one call."""
         anonymized = self._check_images(anonymized, "anonymized")
         n = len(anonymized)
         keys = self._check_keys(keys, n)
         if len(records) != n:
             raise InputError(f"records: expected {n} restore records, got {len(records)}")
-        records = [r if isinstance(r, RestoreRecord) else RestoreRecord.from_bytes(r) for r in records]
-        for i, rec in enumerate(records):
-            self._check_compatible(rec, i)
+        label = (lambda i: names[i]) if names is not None else (lambda i: f"record {i}")  # noqa: E731
+        parsed = []
+        for i, r in enumerate(records):
+            try:
+                parsed.append(r if isinstance(r, RestoreRecord) else RestoreRecord.from_bytes(r))
+            except FormatError as e:
+                raise FormatError(f"{label(i)}: {e}") from None
+            self._check_compatible(parsed[-1], label(i))
+        records = parsed
         out = self._restore_levels(anonymized, keys, records)
         for i, rec in enumerate(records):
             if rec.residual is not None:
@@ -332,19 +341,19 @@ class Anonymizer:
                 exact[rec.mask] = snap(exact[rec.mask].reshape(-1), rec.snap).reshape(-1, 3)
                 if exact.min() < 0 or exact.max() > 255 or sha256_image(exact.astype(np.uint8)) != rec.original_sha256:
                     raise IntegrityError(
-                        f"record {i}: lossless restore does not reproduce the original (hash mismatch): wrong key, "
+                        f"{label(i)}: lossless restore does not reproduce the original (hash mismatch): wrong key, "
                         "a changed image, or a different device/dtype than the one that anonymized it"
                     )
                 out[i] = exact.astype(np.uint8)
         return out
 
-    def _check_compatible(self, rec: RestoreRecord, i: int) -> None:
+    def _check_compatible(self, rec: RestoreRecord, what: str) -> None:
         if rec.model_sha256 != self.backend.info["sha256"]:
             earlier = EARLIER_EMBEDDED.get(rec.model_sha256)
             hint = (f"; that is the embedded prior of anondata {earlier}: restore with pip install "
                     f"'anondata=={earlier}', or --model a copy of its models/embedded folder") if earlier else ""
             raise InputError(
-                f"record {i} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
+                f"{what} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
                 f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model{hint}"
             )
         latent_shape = getattr(self.backend, "latent_shape", None)
@@ -352,13 +361,13 @@ class Anonymizer:
         if theirs != latent_shape:
             space = lambda shape: "pixel space" if shape is None else f"latent space {shape}"  # noqa: E731
             raise InputError(
-                f"record {i} was made in {space(theirs)}, this model works in {space(latent_shape)}: "
+                f"{what} was made in {space(theirs)}, this model works in {space(latent_shape)}: "
                 "restore with the same --model"
             )
         mine = (self.resolution, self.sampler.steps, self.sampler.inversion_iters, self.dtype_name)
         theirs = (rec.resolution, rec.steps, rec.inversion_iters, rec.dtype)
         if mine != theirs:
             raise InputError(
-                f"record {i} needs resolution/steps/inversion_iters/dtype {theirs}, this anonymizer has {mine}: "
+                f"{what} needs resolution/steps/inversion_iters/dtype {theirs}, this anonymizer has {mine}: "
                 "restore with the settings in the manifest"
             )

@@ -648,7 +648,7 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
         raise InputError(f"restore needs one key and one record per photo: {len(images)}, {len(keys)}, {len(records)}")
     names = list(ids) if ids is not None else [f"#{i}" for i in range(len(images))]
     r = anon.resolution
-    parsed, inputs, fkeys, cores = [], [], [], []
+    parsed, inputs, fkeys, cores, crop_names = [], [], [], [], []
     for i, (img, key, rec) in enumerate(zip(images, keys, records)):
         what = f"photo record of {names[i]!r}"
         img = _check_photo(img, i)
@@ -670,8 +670,9 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
             inputs.append(a[-1])
             fkeys.append(face_key(key, j))
             cores.append(core[j])
+            crop_names.append(f"photo {names[i]!r}, face {j}")
         parsed.append((img, d, places, a))
-    restored_crops = anon.restore(np.stack(inputs), fkeys, cores) if inputs else []
+    restored_crops = anon.restore(np.stack(inputs), fkeys, cores, names=crop_names) if inputs else []
     out, k = [], 0
     for i, (img, d, places, a) in enumerate(parsed):
         x = list(restored_crops[k:k + len(places)])

@@ -52,7 +52,7 @@ class InvertAnon:
         out = np.where(masks[..., None], 255 - images, images).astype(np.uint8)
         return out, [_Rec(np.packbits(m).tobytes()) for m in masks]
 
-    def restore(self, images, keys, recs):
+    def restore(self, images, keys, recs, names=None):
         m = np.stack([np.unpackbits(np.frombuffer(r, np.uint8)).reshape(32, 32).astype(bool) for r in recs])
         return np.where(m[..., None], 255 - images, images).astype(np.uint8)
 
@@ -423,6 +423,23 @@ def test_wrong_key_or_changed_photo_is_loud(anon, one):
         restore_photos(anon, [changed], keys, [res.record], ids=["rec-7"])
     with pytest.raises(InputError, match="record is for"):
         restore_photos(anon, [res.image[:-1]], keys, [res.record])
+
+
+def test_restore_errors_name_the_photo_not_a_crop_index(anon, one):
+    """Photo restore runs the crops of all its photos in one core call; the core's errors named a
+    crop's place in that call ("record 1"), which is neither the record id nor even its position
+    when photos have several faces. They name the photo's id and the face now."""
+    img, keys, res = one
+    flipped = bytes([keys[0][0] ^ 1]) + keys[0][1:]  # one bit of the key
+    with pytest.raises(IntegrityError, match=r"photo 'bob', face 0: lossless restore .*hash mismatch"):
+        restore_photos(anon, [res.image, res.image], [keys[0], flipped], [res.record, res.record], ids=["alice", "bob"])
+
+    def bad_core(d):
+        d["faces"][0]["core"] = canonical.b64e(b"{}")
+
+    with pytest.raises(FormatError, match=r"photo 'bob', face 0: restore record"):
+        restore_photos(anon, [res.image, res.image], keys * 2, [res.record, _edit(res.record, bad_core)],
+                       ids=["alice", "bob"])
 
 
 def _edit(record: bytes, fn) -> bytes:
