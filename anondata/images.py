@@ -39,6 +39,7 @@ MAX_PIXELS = 50_000_000
 _TO_RGB = {"1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"}
 _ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations that transpose the pixels
 
 
 @dataclass(frozen=True)
@@ -111,17 +112,18 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
     deep = any(";16" in str(getattr(t, "args", None) or t[3]) for t in (im.tile or []))
     try:
         im.load()
-        orientation = int(im.getexif().get(0x0112, 1) or 1)
+        # What exif_transpose applies: only a tag equal to 2..8 (a "6" string leaves the pixels as
+        # stored, so it must not be reported as applied).
+        tag = im.getexif().get(0x0112, 1)
         im = ImageOps.exif_transpose(im)
+        orientation = int(tag) if tag in _ORIENTATIONS else 1
     except Exception as e:
         raise _fail(record_id, f"cannot decode image ({type(e).__name__}: {e})", "re-export the image") from None
     mode = im.mode
     arr, notes = _to_rgb(im, record_id)
     if deep and mode not in _SIXTEEN:
         notes.append("16-bit samples reduced to 8-bit (high byte)")
-    if not 2 <= orientation <= 8:
-        orientation = 1  # absent or invalid: exif_transpose leaves such images as stored
-    else:
+    if orientation != 1:
         notes.append(f"EXIF orientation {orientation} applied")
     fmt = ImageFormat(fmt_name, mode, arr.shape[1], arr.shape[0], orientation, tuple(notes))
     return arr, fmt

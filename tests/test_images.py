@@ -50,6 +50,27 @@ def test_exif_orientation_applied_and_metadata_stripped():
     assert b"Jane" not in out and b"eXIf" not in out and b"tEXt" not in out and b"iTXt" not in out
 
 
+def _jpeg_with_orientation(a: np.ndarray, entry: bytes) -> bytes:
+    """A JPEG whose EXIF holds one IFD0 entry (12 bytes, big-endian), written by hand: PIL would
+    normalise the value."""
+    ifd = b"MM\x00*" + b"\x00\x00\x00\x08" + b"\x00\x01" + entry + b"\x00\x00\x00\x00"
+    app1 = b"Exif\x00\x00" + ifd
+    j = _bytes(Image.fromarray(a), "JPEG", quality=95)
+    return j[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + j[2:]
+
+
+def test_orientation_reported_only_when_applied():
+    """An orientation tag written as the text "6" is not applied by PIL, so the pixels stay as
+    stored; it was reported as "EXIF orientation 6 applied". Now the format says what was done."""
+    a = _rgb(20, 40)
+    short6 = _jpeg_with_orientation(a, b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00")
+    arr, fmt = decode_image(short6, "r")
+    assert arr.shape == (40, 20, 3) and fmt.orientation == 6 and "EXIF orientation 6 applied" in fmt.notes
+    text6 = _jpeg_with_orientation(a, b"\x01\x12\x00\x02\x00\x00\x00\x02\x36\x00\x00\x00")
+    arr, fmt = decode_image(text6, "r")
+    assert arr.shape == (20, 40, 3) and fmt.orientation == 1 and not any("orientation" in n for n in fmt.notes)
+
+
 def test_jpeg_exif_gps_not_in_output():
     exif = Image.Exif()
     exif[0x010F] = "CameraMaker"
