@@ -178,7 +178,11 @@ def _core_masks(places: list[_Place], r: int) -> list[np.ndarray]:
             a, b = p.crop, q.crop
             if i != j and q.ellipse is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
                 need |= (d < p.feather / U) & (_dist_at(q, xs, ys) <= 1.0)
-        # how far resizing back reaches, in r pixels: bicubic's 2 taps a side, or the area of a shrink
+        # how far resizing back reaches, in r pixels: bicubic's 2 taps a side, or the area of a shrink;
+        # nothing for a crop of size r (cv2.resize to the same size copies: an aligned 64 px face)
+        if (w, h) == (r, r):
+            out.append(need)
+            continue
         k = 2 if min(w, h) >= r else math.ceil(r / min(w, h) / 2) + 1
         out.append(cv2.dilate(need.astype(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8)) > 0)
     return out
