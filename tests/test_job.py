@@ -399,13 +399,14 @@ def test_detect_mode_cross_checks_by_default_fail_closed():
     """A face the first detector misses would be published in the clear, so the CLI and the job
     run a second detector unless told `none`; the plan records the detector actually used."""
     from anondata.cli import build_parser
-    from anondata.job.pipeline import JobOptions, _face_spec
+    from anondata.job.pipeline import JobOptions
+    from anondata.job.plan import face_spec
 
     args = build_parser().parse_args(["anonymize", "SRC", "--out", "OUT", "--recipient", "o.pub", "--signing-key", "r.key"])
     assert args.cross_check == "auto"
 
     def spec(**kw):
-        return _face_spec(JobOptions(source="s", out="o", recipients=[], signing_key="k", **kw))["cross_check"]
+        return face_spec(JobOptions(source="s", out="o", recipients=[], signing_key="k", **kw))["cross_check"]
 
     assert spec(faces="detect") == "haar"
     assert spec(faces="detect", detector="haar") == "hog"
@@ -446,7 +447,8 @@ def test_resume_keeps_the_scheme_of_the_plan():
     planned before v3 (no background) with the inverted background, so one release never mixes
     schemes; a later plan keeps its cell (-1, written by the first v2 plans for the default, is 0)
     and its background."""
-    from anondata.job.pipeline import JobOptions, _options_from_plan
+    from anondata.job.pipeline import JobOptions
+    from anondata.job.plan import options_from_plan
 
     faces = {"mode": "aligned", "detector": "hog", "on_no_face": "quarantine", "box": None, "cross_check": None}
     base = {"model": "m", "steps": -1, "inversion_iters": 4, "faces": faces, "lossless": True, "shard_size": 10,
@@ -455,10 +457,10 @@ def test_resume_keeps_the_scheme_of_the_plan():
                         ({"sign_cell": -1, "background": "noised"}, (0, "noised")),
                         ({"sign_cell": 0, "background": "inverted"}, (0, "inverted"))):
         opts = JobOptions(source="s", out="o", recipients=[], signing_key="k", sign_cell=7, background="noised")
-        got = _options_from_plan(opts, {"options": {**base, **extra}})
+        got = options_from_plan(opts, {"options": {**base, **extra}})
         assert (got.sign_cell, got.background) == want
     opts = JobOptions(source="s", out="o", recipients=[], signing_key="k")
-    got = _options_from_plan(opts, {"options": {**base, "background": "noised", "flip_centre": "zero"}})
+    got = options_from_plan(opts, {"options": {**base, "background": "noised", "flip_centre": "zero"}})
     assert got.flip_centre == "zero"
 
 

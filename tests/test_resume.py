@@ -116,7 +116,8 @@ def _planned_job(identities, tiny_model, tmp_path):
     -> (options, plan, journal). Resume's refusals happen before any work, so no Ray is needed."""
     from anondata.identity import load_identity, load_recipient
     from anondata.job.journal import Journal
-    from anondata.job.pipeline import JobOptions, make_plan
+    from anondata.job.pipeline import JobOptions
+    from anondata.job.plan import make_plan
     from anondata.job.sources import open_source
 
     write_face_parquet(tmp_path / "a.parquet", 4)
@@ -184,7 +185,8 @@ def test_resume_refuses_a_source_whose_files_changed(identities, tiny_model, tmp
     from anondata.errors import InputError
     from anondata.identity import load_identity, load_recipient
     from anondata.job.journal import Journal
-    from anondata.job.pipeline import JobOptions, _same_source_contents, make_plan, run_anonymize
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.job.plan import make_plan, same_source_contents
     from anondata.job.sources import open_source
     from conftest import encode, synthetic_faces
 
@@ -201,7 +203,7 @@ def test_resume_refuses_a_source_whose_files_changed(identities, tiny_model, tmp
     with pytest.raises(InputError, match="changed since the job started.*split 'train': its files"):
         run_anonymize(_resumed(opts))
     old = {k: v for k, v in plan.items() if k != "source_fingerprint"}
-    _same_source_contents(old, open_source(str(d)))
+    same_source_contents(old, open_source(str(d)))
     assert "no fingerprint" in capsys.readouterr().err
 
 

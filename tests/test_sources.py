@@ -331,7 +331,7 @@ def test_other_picture_columns_are_refused_until_dropped_or_kept(tmp_path):
     file name) are not pictures."""
     import datasets
 
-    from anondata.job.sources import choose_columns
+    from anondata.job.columns import choose_columns
 
     img = encode(synthetic_faces(1)[0])
     schema = datasets.Features({
@@ -374,7 +374,7 @@ def test_text_columns_holding_encoded_pictures_are_refused(tmp_path, monkeypatch
     text, ids and hex digests still pass."""
     import base64
 
-    from anondata.job.sources import choose_columns
+    from anondata.job.columns import choose_columns
 
     png, jpg = encode(synthetic_faces(1)[0]), encode(synthetic_faces(1)[0], "JPEG")
     b64 = base64.b64encode
@@ -392,9 +392,9 @@ def test_text_columns_holding_encoded_pictures_are_refused(tmp_path, monkeypatch
         choose_columns(open_source(str(f)), [], [])
     assert "data_url (text holding an encoded picture, e.g. split 'train' row 1)" in str(e.value)
     assert all(f"{c} (" in str(e.value) for c in risky) and not any(f"{c} (" in str(e.value) for c in safe)
-    import anondata.job.sources as sources_mod
+    import anondata.job.columns as columns_mod
 
-    monkeypatch.setattr(sources_mod, "SCAN_ROWS", 1)  # read in blocks: the hit is found, at its row
+    monkeypatch.setattr(columns_mod, "SCAN_ROWS", 1)  # read in blocks: the hit is found, at its row
     with pytest.raises(InputError, match=r"data_url \(text holding an encoded picture, e.g. split 'train' row 1\)"):
         choose_columns(open_source(str(f)), [], [])
     s = open_source(str(f))

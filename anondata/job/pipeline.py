@@ -1,4 +1,4 @@
-"""The anonymize job: plan, run on Ray Data, commit shards, sign the release.
+"""The anonymize job: plan (plan.py), run on Ray Data, commit shards and sign the release (commit.py).
 
 Shape: `ray.data.from_items(read tasks, one per batch of a shard)` -> `map_batches(read_shard_rows)`
 (workers read their own rows) -> `map_batches(AnonymizerActor, compute=ActorPoolStrategy(size=N), num_gpus=1 or 0,
@@ -10,257 +10,30 @@ laptop's CPUs (num_gpus=0) and on a GPU cluster (`RAY_ADDRESS` set, one actor pe
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
 from .. import canonical
 from ..errors import AnondataError, FormatError, InputError, SetupError
-from . import card as card_mod
+from .commit import commit_shard, finalize
 from .journal import CRASH_ENV, Journal, WORK, crash_hook
-from .shards import (
-    DERIVED_ID_COLUMN,
-    build_public_table,
-    data_path,
-    keys_path,
-    output_schema,
-    shard_name,
-    write_parquet_atomic,
+from .options import JobOptions, JobResult  # noqa: F401 - the job's API, here too
+from .plan import (
+    face_spec,
+    load_keys,
+    make_plan,
+    options_from_plan,
+    precheck,
+    resume_checks,
+    same_model_as_committed,
 )
-from .sources import Source, choose_columns, derived_id, open_source
-
-DEFAULT_SHARD_SIZE = 1000
-MAX_REASON = 1000  # the manifest's limit on a quarantine reason
-
-
-@dataclass
-class JobOptions:
-    source: str
-    out: str
-    recipients: list[str]  # paths of NAME.pub files
-    signing_key: str  # path of the runner's NAME.key (signs the manifest)
-    image_column: str = "image"
-    id_column: str | None = None
-    splits: list[str] | None = None
-    limit: int | None = None
-    # Other columns that can hold pictures: left out of the release, or published unchanged on the
-    # runner's word that they hold no faces (sources.choose_columns refuses any not named here)
-    drop_columns: list[str] = field(default_factory=list)
-    keep_columns: list[str] = field(default_factory=list)
-    model: str = "embedded"
-    steps: int | None = None
-    inversion_iters: int | None = None
-    sign_cell: int = 0  # 0: a sign per value (the default); N >= 1: cells of N (docs/SCHEME.md)
-    background: str = "noised"  # scheme v3 (the default); "inverted": v1 / v2, to reproduce older releases
-    flip_centre: str = "mean-face"  # v3: what the flip reflects around (anonymizer.FLIP_CENTRES)
-    faces: str = "aligned"  # aligned | detect
-    face_box: tuple[int, int, int, int] | None = None
-    detector: str = "hog"
-    on_no_face: str = "quarantine"
-    # detect: a second detector whose extra faces quarantine the photo. "auto": the other of hog /
-    # haar (fail closed by default: a face the first one misses would be published), None: off
-    cross_check: str | None = "auto"
-    lossless: bool = True
-    gpus: int | None = None  # None: every GPU the cluster has
-    workers: int | None = None  # CPU actors when there are no GPUs; None: CPUs - 1
-    batch_size: int = 8  # records per actor call
-    # Stop the job when the model step fails on this many records in a row (0: never; _Breaker)
-    max_failures_in_a_row: int = 10
-    # Crops per model call (the core pads every call to this shape and records it, so restore
-    # recomputes each crop exactly as it was made). None: 1 on CPU actors, batch_size on GPUs.
-    model_batch: int | None = None
-    shard_size: int = DEFAULT_SHARD_SIZE
-    resume: bool = False
-    license: str = "other"
-    progress: bool = True
-    num_cpus: int | None = None  # for a local Ray instance started here
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class JobResult:
-    out: str
-    dataset_id: str
-    anonymized: int
-    quarantined: int
-    shards: int
-    resumed_shards: int
-    skipped: int = 0  # past --limit: listed in the manifest, not processed
-    # (record id, reason, where) of each quarantined record, for the runner's terminal; `where`:
-    # Source.where (an image folder's file), or None
-    quarantine: list[tuple[str, str, str | None]] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------ planning
-
-
-def _load_keys(opts: JobOptions):
-    from ..identity import load_identity, load_recipient
-
-    if not opts.recipients:
-        raise InputError("no --recipient: give the public key (NAME.pub) of whoever may restore the records")
-    recipients = [load_recipient(p) for p in opts.recipients]
-    fps = [r.fingerprint for r in recipients]
-    if len(set(fps)) != len(fps):
-        raise InputError("the same --recipient is given twice")
-    signer = load_identity(opts.signing_key)
-    return recipients, signer
-
-
-def _face_spec(opts: JobOptions) -> dict:
-    if opts.faces not in ("aligned", "detect"):
-        raise InputError(f"--faces must be aligned or detect, not {opts.faces!r}")
-    if opts.on_no_face not in ("quarantine", "keep"):
-        raise InputError(f"--on-no-face must be quarantine or keep, not {opts.on_no_face!r}")
-    cross_check = opts.cross_check
-    if cross_check == "auto":
-        cross_check = ("haar" if opts.detector == "hog" else "hog") if opts.faces == "detect" else None
-    elif cross_check == "none":
-        cross_check = None
-    return {
-        "mode": opts.faces,
-        "box": list(opts.face_box) if opts.face_box else None,
-        "detector": opts.detector,
-        "on_no_face": opts.on_no_face,
-        "cross_check": cross_check,
-    }
-
-
-def _precheck(opts: JobOptions) -> None:
-    """What the workers would otherwise fail on, checked once here with a clean message:
-    the face options and whether the model can be found (not loaded: that is the actors' job)."""
-    from ..faces import FaceSpec
-
-    spec = _face_spec(opts)
-    FaceSpec(**{**spec, "box": tuple(spec["box"]) if spec["box"] else None})
-    if opts.batch_size < 1 or (opts.model_batch is not None and opts.model_batch < 1):
-        raise InputError("--batch-size must be at least 1")
-    from ..backends import check_model
-
-    check_model(opts.model)
-
-
-def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
-    """Fix everything that decides the output before any record is processed."""
-    from ..envelope import check_record_id
-
-    if opts.shard_size < 1:
-        raise InputError(f"--shard-size must be at least 1, not {opts.shard_size}")
-    seen: dict[str, str] = {}
-    splits = []
-    all_ids = {}
-    for s in source.splits:
-        # every row, past --limit too: the manifest lists those as skipped, so their ids must be
-        # valid and unique like the others, and the source's fingerprint covers them
-        ids = all_ids[s.name] = source.ids(s.name, all_rows=True)
-        for row, rid in enumerate(ids):
-            try:
-                check_record_id(rid)
-            except FormatError as e:
-                raise InputError(f"split {s.name!r} row {row}: {e}; fix the id column or pass --id-column") from None
-            if rid in seen:
-                raise InputError(
-                    f"record id {rid!r} appears twice (split {seen[rid]!r} and split {s.name!r} row {row}); "
-                    "ids must be unique: fix the id column or pass --id-column"
-                )
-            seen[rid] = s.name
-        n = s.rows
-        if n == 0:
-            continue
-        count = -(-n // opts.shard_size)
-        shards = [
-            {"name": shard_name(s.name, i, count), "start": i * opts.shard_size, "stop": min(n, (i + 1) * opts.shard_size)}
-            for i in range(count)
-        ]
-        splits.append({"name": s.name, "rows": n, "shards": shards, "skipped": ids[n:]})
-    return {
-        "dataset_id": secrets.token_hex(16),
-        "source": source.describe(),
-        "source_fingerprint": source.fingerprint(all_ids),
-        "recipients": sorted(r.fingerprint for r in recipients),
-        "signer": signer.recipient.fingerprint,
-        "options": {
-            "model": opts.model,
-            "steps": opts.steps if opts.steps is not None else -1,
-            "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
-            "sign_cell": opts.sign_cell,
-            "background": opts.background,
-            "flip_centre": opts.flip_centre,
-            "faces": _face_spec(opts),
-            "lossless": opts.lossless,
-            "shard_size": opts.shard_size,
-            "limit": opts.limit or 0,
-            "drop_columns": sorted(set(opts.drop_columns)),
-            "keep_columns": sorted(set(opts.keep_columns)),
-            "image_column": opts.image_column,
-            "id_column": opts.id_column or "",
-            "splits": opts.splits or [],
-            "license": opts.license,
-        },
-        "splits": splits,
-    }
-
-
-def _resume_checks(plan: dict, source: Source, recipients, signer) -> None:
-    if plan["source"] != source.describe():
-        raise InputError(
-            f"--resume: the source does not match the interrupted job's plan ({plan['source']['location']}, "
-            f"splits {plan['source']['splits']}); give the same SRC and options"
-        )
-    if plan["recipients"] != sorted(r.fingerprint for r in recipients):
-        raise InputError("--resume: the --recipient keys differ from the interrupted job's; give the same ones")
-    if plan["signer"] != signer.recipient.fingerprint:
-        raise InputError("--resume: the --signing-key differs from the interrupted job's; give the same one")
-    _same_source_contents(plan, source)
-
-
-def _same_source_contents(plan: dict, source: Source) -> None:
-    """describe() only sees row counts; a resumed job reads rows by position, so a renamed or
-    replaced file would publish one record twice and never process another."""
-    want = plan.get("source_fingerprint")
-    if want is None:
-        # A plan from before the fingerprint. Refusing would strand every job interrupted across
-        # the upgrade, and the row counts were still checked: go on, and say what is unchecked.
-        print("warning: --resume: this job was planned by an earlier anondata, which kept no fingerprint of "
-              "the source's contents; make sure its files have not changed since the job started", file=sys.stderr)
-        return
-    have = source.fingerprint()
-    changed = [] if want["columns"] == have["columns"] else ["its columns or their types"]
-    for name, w in want["splits"].items():
-        h = have["splits"].get(name, {})
-        if w["ids"] != h.get("ids"):
-            changed.append(f"split {name!r}: its record ids (values or order)")
-        if w["files"] != h.get("files"):
-            changed.append(f"split {name!r}: its files (names, sizes or Parquet footers)")
-    if changed:
-        raise InputError(
-            f"--resume: the source {source.location} changed since the job started ({'; '.join(changed)}); the "
-            "written shards hold its old rows, so resuming would publish some records twice and never process "
-            "others: put the source back as it was, or start a new job"
-        )
-
-
-def _same_model_as_committed(model: str, committed: dict) -> None:
-    """A release has one model, so a resumed job must finish with the weights its written shards
-    used. The plan names the model ("embedded", a folder), not its weights, and an upgrade of
-    anondata changes what "embedded" is: check before any work rather than fail at the end."""
-    from ..backends import EARLIER_EMBEDDED, model_sha256
-
-    theirs = {canonical.loads(c["model"].encode(), "model info")["model"]["sha256"] for c in committed.values()}
-    ours = model_sha256(model)
-    if theirs != {ours}:
-        old = sorted(theirs - {ours})[0]
-        hint = (f" (the embedded prior of anondata {EARLIER_EMBEDDED[old]}: finish the job with that version)"
-                if old in EARLIER_EMBEDDED else "")
-        raise InputError(
-            f"--resume: the job's model {model!r} now has weights sha256 {ours[:12]}…, its written shards used "
-            f"{old[:12]}…{hint}; resume with the same weights, or start a new job"
-        )
+from .shards import output_schema
+from .columns import choose_columns
+from .sources import Source, open_source
 
 
 def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committed: dict) -> None:
@@ -310,33 +83,6 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
             "--resume: this run would not make records like the written shards, and one release holds one model, "
             f"setting and device; nothing was processed. {'; '.join(diffs)}; or start a new job"
         )
-
-
-def _options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
-    """On --resume everything that shapes the output comes from the plan, not the command line."""
-    o = plan["options"]
-    f = o["faces"]
-    opts.model = o["model"]
-    opts.steps = None if o["steps"] < 0 else o["steps"]
-    opts.inversion_iters = None if o["inversion_iters"] < 0 else o["inversion_iters"]
-    # A plan without sign_cell is from before scheme v2 (its records are v1); -1 is how plans of
-    # the first v2 release wrote "the default", which was a sign per value.
-    opts.sign_cell = max(0, o.get("sign_cell", 0))
-    opts.background = o.get("background", "inverted")  # a plan without it is from before scheme v3
-    opts.flip_centre = o.get("flip_centre", "mean-face")
-    opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
-    opts.cross_check = f.get("cross_check")
-    opts.face_box = tuple(f["box"]) if f["box"] else None
-    opts.lossless = o["lossless"]
-    opts.shard_size = o["shard_size"]
-    opts.limit = o["limit"] or None
-    # a plan without them is from before the check of the other columns (choose_columns)
-    opts.drop_columns, opts.keep_columns = o.get("drop_columns", []), o.get("keep_columns", [])
-    opts.image_column = o["image_column"]
-    opts.id_column = o["id_column"] or None
-    opts.splits = o["splits"] or None
-    opts.license = o["license"]
-    return opts
 
 
 # ------------------------------------------------------------------------------ Ray
@@ -391,7 +137,7 @@ def actor_kwargs(opts: JobOptions, plan: dict, recipients, device: str) -> dict:
         "background": opts.background,
         "flip_centre": opts.flip_centre,
         "model_batch": opts.model_batch or (opts.batch_size if device == "cuda" else 1),
-        "face_spec": _face_spec(opts),
+        "face_spec": face_spec(opts),
         "lossless": opts.lossless,
         "recipients": [r.to_bytes() for r in recipients],
         "dataset_id": plan["dataset_id"],
@@ -482,7 +228,7 @@ def run_anonymize(opts: JobOptions) -> JobResult:
                 raise InputError(f"{out}: the job was stopped before its plan was written; run again without --resume")
             raise InputError(f"{out} has no interrupted job to resume ({WORK}/plan.json is missing)")
         plan = journal.load()
-        opts = _options_from_plan(opts, plan)
+        opts = options_from_plan(opts, plan)
     elif out.exists() and _only_planless_work(out, journal):
         journal.remove()  # killed while creating the plan: nothing was done yet
     if not opts.resume and out.exists() and any(out.iterdir()):
@@ -492,8 +238,8 @@ def run_anonymize(opts: JobOptions) -> JobResult:
             else "choose a new --out folder"
         )
         raise InputError(f"output folder {out} is not empty; {hint}")
-    recipients, signer = _load_keys(opts)
-    _precheck(opts)
+    recipients, signer = load_keys(opts)
+    precheck(opts)
     source = open_source(
         opts.source, image_column=opts.image_column, id_column=opts.id_column, splits=opts.splits, limit=opts.limit
     )
@@ -510,7 +256,7 @@ def run_anonymize(opts: JobOptions) -> JobResult:
                              "columns unchanged: start a new job with those options") from None
         raise
     if opts.resume:
-        _resume_checks(plan, source, recipients, signer)
+        resume_checks(plan, source, recipients, signer)
     else:
         plan = make_plan(source, opts, recipients, signer)
         created = not out.exists()
@@ -534,7 +280,7 @@ def run_anonymize(opts: JobOptions) -> JobResult:
 def _run_job(out: Path, journal: Journal, plan: dict, opts: JobOptions, source, recipients, signer) -> JobResult:
     committed = journal.committed()
     if opts.resume and committed:
-        _same_model_as_committed(opts.model, committed)
+        same_model_as_committed(opts.model, committed)
     shard_info = {}
     tasks = []
     for s in plan["splits"]:
@@ -553,7 +299,7 @@ def _run_job(out: Path, journal: Journal, plan: dict, opts: JobOptions, source, 
         _same_marker_as_committed(opts, plan, recipients, committed)
     if tasks:
         _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done)
-    return _finalize(out, journal, plan, signer, recipients, resumed, source)
+    return finalize(out, journal, plan, signer, recipients, resumed, source)
 
 
 def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, total, done) -> None:
@@ -604,7 +350,7 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
         if breaker.healthy or last:
             for name in complete:
                 split, sh = shard_info[name]
-                _commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
+                commit_shard(name, split, sh, pending.pop(name), source, schema, journal, plan, commits + 1)
                 finished.add(name)
                 commits += 1
                 crash_hook("commit", commits)
@@ -719,121 +465,3 @@ def _user_error(e: BaseException, depth: int = 0) -> AnondataError | None:
             return cls(text.split(marker, 1)[1].strip().splitlines()[0])
     return None
 
-
-def _commit_shard(name, split, sh, got: dict[int, dict], source: Source, schema: pa.Schema, journal: Journal, plan,
-                  ordinal: int) -> None:
-    """Data file, then keys file, then the marker: a shard without a marker is redone."""
-    from ..envelope import envelope_schema, write_envelope_table
-
-    from .worker import envelopes_from_ipc
-
-    start, stop = sh["start"], sh["stop"]
-    rows = [got[i] for i in range(start, stop)]
-    base_cols = [c for c in source.schema.names if c != source.image_column]
-    base = source.read(split, start, stop, base_cols) if base_cols else pa.table({})
-    if source.id_column:
-        ids = [str(v) for v in base.column(source.id_column).to_pylist()]
-    else:
-        ids = [derived_id(split, i) for i in range(start, stop)]
-    models = {r["model"] for r in rows}
-    if len(models) != 1:
-        raise AnondataError(f"shard {name}: workers used different models or settings; use one model for the job")
-    records, keep, images, envs = [], [], [], []
-    for rid, r in zip(ids, rows):
-        if r["record_id"] != rid:
-            raise AnondataError(f"shard {name}: row {r['row']} came back as {r['record_id']!r}, expected {rid!r}; the source changed during the job")
-        ok = r["status"] == "anonymized"
-        keep.append(ok)
-        if ok:
-            images.append(r["image"])
-            envs.append(envelopes_from_ipc(r["envelopes"]))
-            records.append({"id": rid, "split": split, "status": "anonymized", "shard": data_path(name)})
-        else:
-            records.append({"id": rid, "split": split, "status": "quarantined", "reason": _reason(r["reason"])})
-    table = build_public_table(base, schema, source.image_column, images, keep,
-                               ids if source.id_column is None else None)
-    out = journal.out
-    write_parquet_atomic(table, out / data_path(name), journal.tmp(f"{name}.parquet"))
-    crash_hook("data", ordinal)
-    env_table = pa.concat_tables(envs) if envs else envelope_schema(plan["dataset_id"]).empty_table()
-    write_envelope_table(out / keys_path(name), env_table)
-    journal.commit(name, {"shard": name, "split": split, "records": records, "model": models.pop(),
-                          "faces": sum(int(r["faces"] or 0) for r in rows)})
-
-
-def _reason(text: str | None) -> str:
-    text = " ".join((text or "could not be anonymized (no reason given)").split())
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
-
-
-def _remove_strays(out: Path, planned: set[str]) -> None:
-    """Temp files a killed writer left in data/, keys/ or the top folder (hidden `*.tmp` names,
-    never a planned file)."""
-    for f in out.iterdir():
-        if f.is_file() and f.name.startswith(".") and f.name.endswith(".tmp"):
-            f.unlink()
-    for sub in ("data", "keys"):
-        d = out / sub
-        if d.is_dir():
-            for f in d.iterdir():
-                rel = f"{sub}/{f.name}"
-                if rel not in planned and f.name.startswith(".") and ".tmp" in f.name:
-                    f.unlink()
-
-
-def _finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resumed: int, source: Source) -> JobResult:
-    from ..manifest import build_manifest, write_signed_manifest
-
-    committed = journal.committed()
-    names = [sh["name"] for s in plan["splits"] for sh in s["shards"]]
-    missing = [n for n in names if n not in committed]
-    if missing:
-        raise AnondataError(f"shards {', '.join(missing)} are not finished; run again with --resume")
-    _remove_strays(out, {data_path(n) for n in names} | {keys_path(n) for n in names})
-    records, quarantine = [], []
-    for s in plan["splits"]:  # input order: a split's shards, then its rows past --limit
-        done = [r for sh in s["shards"] for r in committed[sh["name"]]["records"]]
-        quarantine += [(r["id"], r["reason"], source.where(s["name"], row))
-                       for row, r in enumerate(done) if r["status"] == "quarantined"]
-        records += done
-        skipped = f"beyond --limit {plan['options']['limit']}: not processed, not published"
-        records += [{"id": rid, "split": s["name"], "status": "skipped", "reason": skipped}
-                    for rid in s.get("skipped", [])]
-    models = {committed[n]["model"] for n in names}
-    if len(models) != 1:
-        raise AnondataError("the shards of this job were anonymized with different models or settings; start a new job")
-    model = canonical.loads(models.pop().encode(), "model info")
-    counts = {
-        "anonymized": sum(r["status"] == "anonymized" for r in records),
-        "quarantined": sum(r["status"] == "quarantined" for r in records),
-        "skipped": sum(r["status"] == "skipped" for r in records),
-    }
-    readme = card_mod.dataset_card(plan, model, counts, license=plan["options"]["license"])
-    from ..files import atomic_write
-
-    atomic_write(out / "README.md", readme.encode(), tmp_dir=journal.tmp_dir)
-    m = build_manifest(
-        str(out),
-        dataset_id=plan["dataset_id"],
-        model=model["model"],
-        settings=model["settings"],
-        recipients=recipients,
-        signer=signer.recipient,
-        shard_paths=[data_path(n) for n in names],
-        envelope_paths=[keys_path(n) for n in names],
-        records=records,
-        extra={
-            "faces": plan["options"]["faces"],
-            "lossless": plan["options"]["lossless"],
-            "source_kind": plan["source"]["kind"],
-            "image_column": plan["source"]["image_column"],
-            "id_column": plan["source"]["id_column"] or DERIVED_ID_COLUMN,
-            "device": model.get("device", "cpu"),
-            "torch_threads": 1,
-        },
-    )
-    write_signed_manifest(str(out), m, signer)
-    crash_hook("manifest", 1)
-    journal.remove()
-    return JobResult(str(out), plan["dataset_id"], counts["anonymized"], counts["quarantined"], len(names), resumed,
-                     counts["skipped"], quarantine)
