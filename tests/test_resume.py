@@ -51,7 +51,7 @@ def check_exactly_once(out, rows) -> dict:
     return m
 
 
-@pytest.mark.parametrize("point", ["data:1", "commit:2", "manifest:1", "cleanup:1", "external"])
+@pytest.mark.parametrize("point", ["data:1", "keys:2", "commit:2", "card:1", "manifest:1", "cleanup:1", "external"])
 def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path):
     src = tmp_path / "faces.parquet"
     rows = write_face_parquet(src, N, corrupt=CORRUPT)
@@ -85,6 +85,10 @@ def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path)
         assert len(committed) == 2
     if point == "manifest:1":
         assert (out / "manifest.json").is_file() and len(committed) == N // SHARD
+    if point == "keys:2":  # the second shard's data and keys files are written, its marker is not: redone
+        assert len(committed) == 1 and len(list((out / "keys").glob("*.keys.parquet"))) == 2
+    if point == "card:1":  # every shard and the card are written, the manifest is not
+        assert len(committed) == N // SHARD and (out / "README.md").is_file() and not (out / "manifest.json").exists()
 
     # Without --resume the folder is refused, with a pointer to --resume.
     again = subprocess.run(_cmd(src, out, identities, tiny_model), env=subprocess_env(RAY_ADDRESS=ray_address),

@@ -57,6 +57,7 @@ def commit_shard(name, split, sh, got: dict[int, dict], source: Source, schema: 
     crash_hook("data", ordinal)
     env_table = pa.concat_tables(envs) if envs else envelope_schema(plan["dataset_id"]).empty_table()
     write_envelope_table(out / keys_path(name), env_table)
+    crash_hook("keys", ordinal)
     journal.commit(name, {"shard": name, "split": split, "records": records, "model": models.pop(),
                           "faces": sum(int(r["faces"] or 0) for r in rows)})
 
@@ -112,6 +113,7 @@ def finalize(out: Path, journal: Journal, plan: dict, signer, recipients, resume
     from ..files import atomic_write
 
     atomic_write(out / "README.md", readme.encode(), tmp_dir=journal.tmp_dir)
+    crash_hook("card", 1)
     m = build_manifest(
         str(out),
         dataset_id=plan["dataset_id"],

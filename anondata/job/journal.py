@@ -98,7 +98,7 @@ CRASH_ENV = "ANONDATA_TEST_CRASH_AT"
 
 def crash_hook(point: str, count: int = 0) -> None:
     """Test hook: `ANONDATA_TEST_CRASH_AT=point:N` kills this process with SIGKILL the N-th time
-    `point` is reached (points: data, commit, manifest, cleanup). Resume tests use it to stop a
+    `point` is reached (points: data, keys, commit, card, manifest, cleanup). Resume tests use it to stop a
     job at exact places; it does nothing unless that variable is set. Point `anonymize:N` kills
     the worker process anonymizing source row N, every time (pipeline passes it to the workers)."""
     spec = os.environ.get(CRASH_ENV)
