@@ -200,6 +200,17 @@ def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     assert r.returncode == 2 and "rec-000" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_png_names_never_fold_into_one_file():
+    """restore --png named files by id, so ids 'A' and 'a' became A.png and a.png: one file on a
+    case-insensitive file system (macOS's default), the second restore written over the first."""
+    from anondata.job.restore import png_names
+
+    names = png_names(["Alice", "alice", "bob", "a/b", "a_b"])
+    assert len({n.casefold() for n in names.values()}) == 5
+    assert names["bob"] == "bob.png" and names["a_b"] == "a_b.png"  # plain where nothing folds
+    assert names["Alice"].startswith("Alice-") and names["alice"].startswith("alice-")
+
+
 def test_ids_file_lines_are_ids_exactly(tmp_path):
     """An id may have a comma or spaces at either end (docs/FORMAT.md); --ids-file used to trim
     them away, so such a record could not be named. Lines are now taken as written (a CRLF file

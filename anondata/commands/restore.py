@@ -27,7 +27,9 @@ def register(sub) -> None:
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="envelopes from a grant folder or another release's keys (default: DIR/keys)")
     p.add_argument("--out", required=True, metavar="OUT", help="new folder for the restored records")
-    p.add_argument("--png", action="store_true", help="also write loose PNG files OUT/png/{split}/{id}.png")
+    p.add_argument("--png", action="store_true",
+                   help="also write loose PNG files OUT/png/{split}/{id}.png (a short hash is added to ids with "
+                        "characters unsafe in file names, or that differ from another only in case)")
     p.add_argument("--model", default=None, help="model folder or id if the manifest's name is not loadable here")
     add_signer(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,

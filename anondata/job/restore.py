@@ -75,13 +75,22 @@ def check_ids(m: dict, ids: list[str]) -> None:
         )
 
 
-def png_name(record_id: str) -> str:
+def png_name(record_id: str, tagged: bool = False) -> str:
     """A file name for a record id: safe characters kept, others replaced, plus a short hash
-    whenever anything was replaced, so two ids never share a file."""
+    whenever anything was replaced (or `tagged`), so two ids never share a file."""
     safe = _SAFE.sub("_", record_id)[:150]
-    if safe != record_id or safe.startswith("."):
+    if tagged or safe != record_id or safe.startswith("."):
         safe = f"{safe.lstrip('.') or 'id'}-{hashlib.sha256(record_id.encode()).hexdigest()[:8]}"
     return f"{safe}.png"
+
+
+def png_names(ids: list[str]) -> dict[str, str]:
+    """png_name of each id, tagged where two names differ only in case: a case-insensitive file
+    system (macOS's and Windows' defaults) would write both to one file, the second over the first."""
+    folded: dict[str, int] = {}
+    for rid in ids:
+        folded[png_name(rid).casefold()] = folded.get(png_name(rid).casefold(), 0) + 1
+    return {rid: png_name(rid, tagged=folded[png_name(rid).casefold()] > 1) for rid in ids}
 
 
 def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | None = None,
@@ -137,6 +146,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
     from tqdm import tqdm
 
     splits: set[str] = set()
+    names = png_names(wanted) if png else {}
     bar = tqdm(total=len(wanted), unit="rec", desc="restore", disable=not progress, file=sys.stderr)
     try:
         for shard_idx in sorted(per_shard):
@@ -161,7 +171,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
                     restored.append(b)
                     if png:
                         split = by_id[rid]["split"]
-                        atomic_write(out_dir / "png" / split / png_name(rid), b)
+                        atomic_write(out_dir / "png" / split / names[rid], b)
                 bar.update(len(chunk))
             idx = sub.schema.get_field_index(image_column)
             sub = sub.set_column(idx, sub.schema.field(idx), image_array(restored, sub.schema.field(idx).type))
