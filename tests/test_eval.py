@@ -72,8 +72,10 @@ def test_every_metric_is_computed(evaluated):
     for section in ("restore", "wrong_key", "leakage"):
         assert m[section] is not None
     assert set(m["identity"]["reidentification"]) == {"original", "anonymized", "restored", "key_only", "wrong_key"}
-    # null only where a number is undefined: PSNR of identical images, a threshold with no impostor to spare
-    allowed = re.compile(r"\.restore\.restored\.psnr_face\.|\.threshold_at_far$|\.info\.|^\.per_face\[3\]\.distance_")
+    # null only where a number is undefined: PSNR of identical images, a threshold with no impostor to spare,
+    # and TAR@FAR, which 4 photos give too few impostor pairs for
+    allowed = re.compile(r"\.restore\.restored\.psnr_face\.|\.threshold_at_far$|\.tar_at_far$|\.info\.|"
+                         r"^\.per_face\[3\]\.distance_")
     missing = [p for p, v in _walk(m) if v is None and not allowed.search(p)]
     assert not missing, missing
     assert m["faces"]["evaluated"] == 4 and m["faces"]["restore_sample"] == 3 and m["faces"]["attack_sample"] == 2
@@ -170,15 +172,40 @@ def test_reidentification_protocol():
     gid = np.repeat(np.arange(5), 4)
     gkeys = [f"g{i}" for i in range(20)]
     # probes are gallery photos themselves: their own photo must not count as a match
-    r = reidentification(gal[::4], gid[::4], gkeys[::4], gal, gid, gkeys)
+    r = reidentification(gal[::4], gid[::4], gkeys[::4], gal, gid, gkeys, far=0.05)  # 80 impostor pairs
     assert r["rank1"] == 1.0 and r["tar_at_far"] == 1.0 and r["genuine_pairs"] == 5 * 3
     assert r["impostor_pairs"] == 5 * 16
     # probes unrelated to anyone: chance-level rank-1, TAR about FAR
-    r = reidentification(rng.normal(0, 1, (5, 128)), np.arange(5), ["p"] * 5, gal, gid, gkeys)
+    r = reidentification(rng.normal(0, 1, (5, 128)), np.arange(5), ["p"] * 5, gal, gid, gkeys, far=0.05)
     assert r["tar_at_far"] <= 0.2
     # a single-photo identity has no mate and is left out of rank-1
     r = reidentification(gal[:1], [9], ["x"], gal, gid, gkeys)
     assert r["probes_with_mates"] == 0 and r["rank1"] is None
+
+
+def test_tar_at_far_needs_one_over_far_impostor_pairs():
+    """With fewer than 1/FAR impostor pairs the threshold was the closest impostor whatever FAR was,
+    and that number, reported as TAR@FAR=0.1%, passed the report's re-identification check (an
+    eval of a few faces with identical anonymized and original photos said "pass"). Found with
+    hand-made 1-d distances: 999 impostors at 1..999, genuine pairs at 0.5, 1.5, 2.5."""
+    from anondata.eval.metrics import reidentification
+    from anondata.eval.report import _verdicts
+
+    def run(n_imp):
+        d = np.r_[np.arange(1, n_imp + 1), 0.5, 1.5, 2.5]
+        g = np.c_[d, np.zeros_like(d)]
+        return reidentification(np.zeros((1, 2)), [1], ["probe"], g, [2] * n_imp + [1] * 3,
+                                [f"g{i}" for i in range(len(d))], far=1e-3)
+
+    r = run(1000)  # one impostor (at 1) may be accepted: threshold just below 2
+    assert r["tar_at_far"] == pytest.approx(2 / 3) and r["threshold_at_far"] == pytest.approx(2)
+    r = run(999)
+    assert r["tar_at_far"] is None and r["threshold_at_far"] is None
+    assert r["tar_at_0_6"] == pytest.approx(1 / 3)  # the fixed-threshold numbers stay
+    m = {"identity": {"original_vs_anonymized": {"n": 1, "mean": 0.0, "share_beyond_0_6": 0.0},
+                      "reidentification": {"original": r, "anonymized": r}}, "restore": None}
+    check, evidence, verdict = _verdicts(m)[1]
+    assert verdict == "CHECK" and "999 impostor pairs" in evidence and "at least 1000" in evidence
 
 
 def test_utility_and_identity_numbers(evaluated):

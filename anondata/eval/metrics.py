@@ -74,9 +74,12 @@ def reidentification(probes: np.ndarray, probe_ids, probe_keys, gallery: np.ndar
         "genuine_mean_distance": _f(gen.mean()) if gen.size else None,
         "impostor_mean_distance": _f(imp.mean()) if imp.size else None,
     }
-    if gen.size and imp.size:
+    k = int(math.floor(far * imp.size))
+    if gen.size and k >= 1:
         # Accept d <= t with t the largest threshold that accepts at most `far` of the impostors.
-        k = int(math.floor(far * imp.size))
+        # Why k >= 1: with fewer than 1/far impostor pairs the threshold is the closest impostor
+        # whatever `far` is, so the number would not be TAR@FAR (it is TAR at one pair's distance,
+        # FAR about 1/pairs) yet the report's re-identification check passed on it; it stays null.
         s = np.sort(imp)
         t = s[k] if k < s.size else np.inf
         out["threshold_at_far"] = _f(np.nextafter(t, -np.inf)) if k < s.size else None
