@@ -208,6 +208,20 @@ def test_tar_at_far_needs_one_over_far_impostor_pairs():
     assert verdict == "CHECK" and "999 impostor pairs" in evidence and "at least 1000" in evidence
 
 
+def test_unlabelled_photos_are_in_no_pair():
+    """A source whose identity column is empty for some rows: two unlabelled photos compared equal
+    (None == None), so they were each other's "mates" (a genuine pair, rank-1 hit) and an unlabelled
+    probe's pairs with everyone counted as impostors. Found with hand-made embeddings."""
+    from anondata.eval.metrics import reidentification
+
+    e = np.array([[0.0, 0], [0.1, 0], [0.2, 0], [5.0, 0], [0.3, 0]])
+    # probes a, b (unlabelled), c (person 1); gallery: their originals, d (person 1), x (NaN label)
+    r = reidentification(e[:3], [None, None, 1], ["a", "b", "c"], e, [None, None, 1, 1, float("nan")],
+                         ["a", "b", "c", "d", "x"])
+    assert r["probes_with_mates"] == 1 and r["genuine_pairs"] == 1 and r["impostor_pairs"] == 0
+    assert r["rank1"] == 1.0  # c's nearest labelled photo is d, not the unlabelled a or b
+
+
 def test_utility_and_identity_numbers(evaluated):
     m = evaluated[0].metrics
     u = m["utility"]

@@ -42,18 +42,26 @@ def distance_stats(d) -> dict:
     }
 
 
+def known_label(v) -> bool:
+    """A person label that names someone (not None, not a float NaN from a pandas-written column)."""
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
 def reidentification(probes: np.ndarray, probe_ids, probe_keys, gallery: np.ndarray, gallery_ids, gallery_keys,
                      far: float = 1e-3) -> dict:
     """Rank-1 and TAR@FAR of `probes` against `gallery`, pairs with the same key (photo) excluded.
 
-    probe_ids/gallery_ids: person labels; probe_keys/gallery_keys: photo labels (record ids)."""
+    probe_ids/gallery_ids: person labels, None (or NaN) where unknown; probe_keys/gallery_keys: photo
+    labels (record ids). An unlabelled photo is in no pair and is no gallery candidate: two unlabelled
+    photos compared equal (None == None) and counted as the same person."""
     probes, gallery = np.asarray(probes, np.float64), np.asarray(gallery, np.float64)
-    pid, gid = np.asarray(probe_ids), np.asarray(gallery_ids)
+    pid, gid = np.asarray(probe_ids, dtype=object), np.asarray(gallery_ids, dtype=object)
     pk, gk = np.asarray(probe_keys, dtype=object), np.asarray(gallery_keys, dtype=object)
     d = np.sqrt(np.maximum(((probes[:, None, :] - gallery[None, :, :]) ** 2).sum(-1), 0))
-    valid = pk[:, None] != gk[None, :]
-    same = (pid[:, None] == gid[None, :]) & valid
-    diff = (pid[:, None] != gid[None, :]) & valid
+    known_p, known_g = np.array([known_label(v) for v in pid], bool), np.array([known_label(v) for v in gid], bool)
+    valid = (pk[:, None] != gk[None, :]) & known_g[None, :]
+    same = (pid[:, None] == gid[None, :]) & valid & known_p[:, None]
+    diff = (pid[:, None] != gid[None, :]) & valid & known_p[:, None]
     has_mate = same.any(1)
     dd = np.where(valid, d, np.inf)
     nearest = dd.argmin(1)

@@ -233,7 +233,8 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
         "faces": {
             "evaluated": n,
             "detected_on_original": int(sum(f["detected_original"] for f in faces)),
-            "identities": len(set(inp.identities)) if inp.identities is not None else None,
+            "identities": len({v for v in inp.identities if M.known_label(v)}) or None
+            if inp.identities is not None else None,
             "restore_sample": n_r if keyed else 0,
             "attack_sample": len(attack_idx) if keyed else 0,
         },
