@@ -222,6 +222,19 @@ def test_unlabelled_photos_are_in_no_pair():
     assert r["rank1"] == 1.0  # c's nearest labelled photo is d, not the unlabelled a or b
 
 
+def test_rank1_tie_does_not_depend_on_gallery_order():
+    """A probe as near to another person's photo as to its mate's was a hit or a miss depending on
+    which came first in the gallery (argmin). Found with hand-made equidistant embeddings."""
+    from anondata.eval.metrics import reidentification
+
+    g = np.array([[0.5, 0], [-0.5, 0]])
+    for labels in ([1, 2], [2, 1]):
+        r = reidentification(np.zeros((1, 2)), [1], ["p"], g, labels, ["g0", "g1"])
+        assert r["rank1"] == 1.0, labels
+    r = reidentification(np.zeros((1, 2)), [1], ["p"], np.array([[0.5, 0], [0.4, 0]]), [1, 2], ["g0", "g1"])
+    assert r["rank1"] == 0.0
+
+
 def test_utility_and_identity_numbers(evaluated):
     m = evaluated[0].metrics
     u = m["utility"]
