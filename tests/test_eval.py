@@ -385,3 +385,23 @@ def test_failed_report_leaves_no_half_written_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         report.write_report(SimpleNamespace(metrics={"leakage": {"p": []}}), str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []  # no OUT, no hidden work folder
+
+
+def test_bad_identity_column_is_one_error_line(tmp_path, monkeypatch):
+    """--identity-column naming the image column (a struct) or a list column ended in a TypeError
+    traceback (labels go into sets); a missing column was already one line. Found by running
+    `anondata eval` with wrong columns on a 2-record release."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import anondata.eval.run as run_mod
+    from anondata.errors import InputError
+
+    root, src, runner = _small_signed_release(tmp_path)
+    t = pq.read_table(src)
+    pq.write_table(t.append_column("tags", pa.array([[1], [2]])), src)
+    monkeypatch.setattr(run_mod, "evaluate", lambda anon, inp, opts: inp)  # the plumbing only
+    for col, says in (("image", "not person labels"), ("tags", "not person labels"), ("person", "not a column")):
+        with pytest.raises(InputError, match=says):
+            run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column=col)
+    assert run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column="record_id").identities == ["a", "b"]

@@ -321,6 +321,7 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
                      gallery_limit: int | None = None, opts: EvalOptions | None = None) -> EvalResult:
     """Evaluate release folder `release` against `source`; with `identity_path` also restore.
     `signer`: the Recipient that must have signed the release, or None on purpose."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ..job.sources import image_bytes, open_source
@@ -352,6 +353,11 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
     if identity_column is not None and identity_column not in src.schema.names:
         raise InputError(f"--identity-column {identity_column!r} is not a column of {source} "
                          f"(columns: {', '.join(src.schema.names)})")
+    if identity_column is not None and pa.types.is_nested(src.schema.field(identity_column).type):
+        # labels are compared and collected in sets: a struct (the image column) or list cell is no
+        # person label, and ended in a TypeError traceback
+        raise InputError(f"--identity-column {identity_column!r} holds {src.schema.field(identity_column).type} "
+                         "values, not person labels (names or numbers): name the column that says who is pictured")
     originals: dict[str, np.ndarray] = {}
     persons: dict[str, object] = {}
     gallery_rows: list[tuple[str, object, bytes]] = []  # (id, person, encoded image)
