@@ -405,3 +405,26 @@ def test_bad_identity_column_is_one_error_line(tmp_path, monkeypatch):
         with pytest.raises(InputError, match=says):
             run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column=col)
     assert run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column="record_id").identities == ["a", "b"]
+
+
+def test_gallery_smaller_than_the_limit_is_stated(tmp_path, monkeypatch):
+    """--gallery-limit 100 on a source with 1 other labelled photo gave a 1-photo gallery without a
+    word (the reid table's "gallery" column counts the release's own originals too). Found by
+    running eval on a hand-built release."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import anondata.eval.run as run_mod
+    from anondata.eval.report import _gallery_note
+
+    root, src, runner = _small_signed_release(tmp_path)
+    t = pq.read_table(src)
+    pq.write_table(pa.table({"record_id": ["a", "b", "c", "d"], "image": t.column("image").to_pylist() * 2,
+                             "person": [1, 2, 1, None]}), src)
+    monkeypatch.setattr(run_mod, "evaluate", lambda anon, inp, opts: inp.info)  # the plumbing only
+    info = run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column="person", gallery_limit=100)
+    assert info["gallery"] == {"other_photos": 1, "limit": 100}  # d has no label
+    assert "holds 1 other photos of the source, fewer than --gallery-limit 100" in _gallery_note(info["gallery"])
+    info = run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column="person", gallery_limit=1)
+    assert info["gallery"] == {"other_photos": 1, "limit": 1} and _gallery_note(info["gallery"]) == ""
+    assert run_mod.evaluate_release(str(root), str(src), signer=runner)["gallery"] is None

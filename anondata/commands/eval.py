@@ -86,5 +86,9 @@ def run(args) -> int:
     if m["restore"]:
         line += f", restore bit-exact {100 * m['restore']['restored']['bit_exact_share']:.1f}%"
     print(line)
+    g = m["info"].get("gallery")
+    if g and g["limit"] is not None and g["other_photos"] < g["limit"]:
+        print(f"note: the re-identification gallery holds {g['other_photos']} other photos, fewer than --gallery-limit "
+              f"{g['limit']}: the source has no more with a person label")
     print(f"report: {files['html']} (shows real faces: keep it private)")
     return 0

@@ -241,6 +241,7 @@ def _html(m: dict, images: list[str]) -> str:
                   "probe set's impostor pairs. The restored, key-only and wrong-key rows cover only the "
                   f"{m['faces']['restore_sample']} restored faces, so compare them with each other rather than with "
                   "the original row.</small></p>",
+                  _gallery_note(info.get("gallery")),
                   _table(["probe version", "rank-1", "TAR@FAR=0.1%", "TAR at 0.6", "FAR at 0.6", "genuine pairs",
                           "impostor pairs", "gallery"],
                          [[k, _fmt(v["rank1"], True), _fmt(v["tar_at_far"], True), _fmt(v["tar_at_0_6"], True),
@@ -293,6 +294,14 @@ def _html(m: dict, images: list[str]) -> str:
     parts += ["<h2>Sample</h2>", f"<p>{html.escape(cols)}</p>", "<img src='grid.png' alt='sample grid'>",
               "<p><small>All numbers: metrics.json (schema schemas/metrics.schema.json).</small></p></body></html>"]
     return "\n".join(parts)
+
+
+def _gallery_note(g: dict | None) -> str:
+    """States a gallery smaller than --gallery-limit asked for (the source has no more labelled photos)."""
+    if not g or g.get("limit") is None or g["other_photos"] >= g["limit"]:
+        return ""
+    return (f"<p>The gallery holds {g['other_photos']} other photos of the source, fewer than --gallery-limit "
+            f"{g['limit']}: the source has no more photos with a person label.</p>")
 
 
 def _ci(share, n) -> str:

@@ -433,6 +433,9 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
             "lossless": extra.get("lossless"),
             "model": m["model"],
             "settings": m["settings"],
+            # what the gallery holds against what was asked: a --gallery-limit the source cannot
+            # fill was silent, and the report's "gallery" column alone does not say it fell short
+            "gallery": {"other_photos": len(gallery_rows), "limit": gallery_limit} if identity_column else None,
         },
     )
     return evaluate(anon, inp, opts)
