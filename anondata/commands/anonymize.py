@@ -123,10 +123,9 @@ def register(sub) -> None:
     g.add_argument("--shard-size", type=positive, default=1000, help="records per output shard (default: 1000)")
     g.add_argument("--max-failures-in-a-row", type=count, default=10, metavar="N",
                    help="stop the job when the model step fails on N records in a row on one worker with an "
-                        "error that is not "
-                        "the record's (a CUDA error, a crash): the device or installation is broken, and those "
-                        "records are left unwritten for --resume instead of quarantined (default: 10; 0: never "
-                        "stop, quarantine them)")
+                        "error that is not the record's (a CUDA error, a crash): the device or installation is "
+                        "broken, and those records are left unwritten for --resume instead of quarantined "
+                        "(default: 10; 0: never stop, quarantine them)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
                         "output options are taken from the job's plan); finished shards are kept")
