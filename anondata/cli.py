@@ -2,13 +2,17 @@
 exposes `register(subparsers)`; the module's `run(args) -> int` does the work.
 
 Errors a user can fix (`AnondataError`, and an `OSError` naming a path, such as an --out folder
-under a file) print one line and exit 2; anything else is a bug and keeps its traceback."""
+under a file) print one line and exit 2; anything else is a bug and keeps its traceback. Ctrl-C
+prints one line and exits 130, SIGTERM (kill, a scheduler or `timeout` stopping the command) one
+line and 143."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import AnondataError
@@ -49,12 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C. Python's default for SIGTERM ends the
+    process on the spot: no cleanup ran, so `restore` and `grant` left their hidden output folder
+    (original faces) behind, and `anonymize` printed the C++ stack dump of Ray's signal handler and
+    exited 15. As an exception it unwinds like Ctrl-C: half-written output is deleted, the job's
+    private Ray instance is shut down."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.run(args) or 0)
     except AnondataError as e:
@@ -67,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anondata {args.command}: error: {where}: {e.strerror or e}; check the path (its folders must exist "
               "and be writable)", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"anondata {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"anondata {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,29 @@ def test_failed_restore_leaves_no_half_restored_folder(release, identities, tiny
     assert len(calls) == 2 and os.listdir(tmp_path) == []  # no --out folder, no hidden work folder
 
 
+def test_sigterm_during_restore_leaves_no_half_restored_folder(release, identities, tiny_model, tmp_path):
+    """SIGTERM (kill, a scheduler, `timeout`) ends a command like Ctrl-C: one line, exit 143, and
+    the hidden work folder (original faces) is deleted. Python's default left it behind."""
+    script = (
+        "import os, signal, sys, time\n"
+        "import anondata.faces as f\n"
+        "f.restore_photos = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(60))\n"
+        "from anondata.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "o"
+    out.parent.mkdir(exist_ok=True)
+    r = subprocess.run(
+        [sys.executable, "-c", script, "restore", str(release["dir"]), "--identity", identities["owner"][0],
+         "--signer", identities["runner"][1], "--ids", "rec-001", "--out", str(out), "--model", tiny_model,
+         "--no-progress"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=240,
+    )
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert r.stderr.strip() == "anondata restore: terminated"
+    assert os.listdir(tmp_path) == []  # no --out folder, no hidden work folder
+
+
 def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     (tmp_path / "ids.txt").write_text("# wanted\nrec-006\n\n")
     r = subprocess.run(

@@ -115,6 +115,28 @@ def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path)
         assert len(got) == 2
 
 
+def test_sigterm_ends_the_job_like_ctrl_c_then_resume(ray_address, identities, tiny_model, tmp_path):
+    """SIGTERM mid-job: one line and exit 143, not the C++ stack dump of Ray's signal handler and
+    exit 15 (ray.init replaced the CLI's handler); --resume then finishes it."""
+    src = tmp_path / "faces.parquet"
+    rows = write_face_parquet(src, N, corrupt=CORRUPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(src, out, identities, tiny_model), env=subprocess_env(RAY_ADDRESS=ray_address),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = out / ".anondata-work" / "done"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (done.is_dir() and any(done.iterdir())):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "anondata anonymize: terminated" and "SIGTERM received" not in err, err
+    res = subprocess.run(_cmd(src, out, identities, tiny_model, "--resume"), env=subprocess_env(RAY_ADDRESS=ray_address),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_exactly_once(out, rows)
+
+
 def _planned_job(identities, tiny_model, tmp_path):
     """A job whose plan is written and no shard run yet (as if killed right after planning):
     -> (options, plan, journal). Resume's refusals happen before any work, so no Ray is needed."""

@@ -91,10 +91,31 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. `auto` after `ray start --head`), else
     start a private local instance. An already initialised Ray (tests) is used as is."""
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler (with sys.exit(15), after a C++ stack dump): the CLI's
+    # handler, which ends the command like Ctrl-C (anondata.cli.Terminated), is put back after it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        _init_ray(num_cpus)
+    except SystemExit as e:  # Ray's handler got a SIGTERM during ray.init: the CLI's decides
+        if e.code == signal.SIGTERM and callable(on_term):
+            on_term(signal.SIGTERM, None)
+        raise
+    finally:
+        if callable(on_term):
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
     address = os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level="WARNING", log_to_driver=True)
     if address:
