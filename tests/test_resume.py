@@ -274,3 +274,33 @@ def test_resume_checks_the_device_and_settings_of_the_written_shards(ray_address
     assert pinned.gpus == 0  # the GPU is there, but the written shards ran on CPU
     with pytest.raises(InputError, match="made on cpu, this run would use cuda \\(resume with --gpus 0\\)"):
         _same_marker_as_committed(_resumed(opts, gpus=1), plan, recipients, journal.committed())
+
+
+def test_the_jobs_own_ray_is_shut_down_by_the_job_deaf_to_ctrl_c(monkeypatch):
+    """A Ray that ensure_ray started is shut down when run_anonymize ends (here by Ctrl-C), with
+    Ctrl-C ignored meanwhile. Left to Ray's exit handler, a Ctrl-C during that shutdown printed a
+    traceback and left Ray's agent processes running after the command had exited."""
+    import ray
+
+    from anondata.job import pipeline
+
+    calls = []
+
+    def fake_shutdown():
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while Ray shuts down
+        time.sleep(0.2)
+        calls.append(signal.getsignal(signal.SIGINT))
+
+    def interrupted(opts):
+        pipeline._STARTED = True  # as after ensure_ray started a private instance
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "shutdown", fake_shutdown)
+    monkeypatch.setattr(pipeline, "_run_anonymize", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_anonymize(None)
+    assert calls == [signal.SIG_IGN] and not pipeline._STARTED
+    assert signal.getsignal(signal.SIGINT) is before
+    pipeline.shutdown_ray()  # nothing started: nothing to shut down
+    assert len(calls) == 1

@@ -88,9 +88,13 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
 # ------------------------------------------------------------------------------ Ray
 
 
+_STARTED = False  # ensure_ray initialised Ray in this process: run_anonymize shuts it down
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. `auto` after `ray start --head`), else
     start a private local instance. An already initialised Ray (tests) is used as is."""
+    global _STARTED
     import signal
     import threading
 
@@ -111,6 +115,32 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     finally:
         if callable(on_term):
             signal.signal(signal.SIGTERM, on_term)
+    _STARTED = True
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray that ensure_ray started, with Ctrl-C and SIGTERM held off meanwhile (a few
+    seconds). Left to Ray's exit handler, a Ctrl-C during it (a second one, or the first landing
+    as the job ended) stopped it halfway with a traceback and left Ray's agent processes running
+    after the command had exited."""
+    global _STARTED
+    if not _STARTED:
+        return
+    import signal
+    import threading
+
+    import ray
+
+    _STARTED = False
+    if threading.current_thread() is not threading.main_thread():
+        ray.shutdown()
+        return
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ray.shutdown()
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _init_ray(num_cpus: int | None) -> None:
@@ -239,6 +269,13 @@ def _only_planless_work(out: Path, journal: Journal) -> bool:
 
 
 def run_anonymize(opts: JobOptions) -> JobResult:
+    try:
+        return _run_anonymize(opts)
+    finally:
+        shutdown_ray()
+
+
+def _run_anonymize(opts: JobOptions) -> JobResult:
     out = Path(opts.out)
     journal = Journal(out)
     if opts.resume:
