@@ -423,3 +423,16 @@ def test_help_texts(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert len(capsys.readouterr().out) > 300
+
+
+def test_every_help_fits_a_terminal(monkeypatch):
+    """No --help line runs on for hundreds of characters: descriptions given to the raw formatter
+    (kept for the epilogs' tables) came out as one line each (anonymize, grant, eval)."""
+    from anondata.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    for name, sub in [("", parser), *subs.items()]:
+        longest = max(sub.format_help().splitlines(), key=len)
+        assert len(longest) <= 120, f"anondata {name} --help: {longest[:80]}..."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from ..errors import InputError
 from ._args import count, positive
@@ -54,8 +55,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "anonymize",
         help="anonymize every record of a face dataset into a signed release",
-        description="Anonymize every record of a face dataset and write a signed release: public shards "
-        "with anonymized faces, the record keys sealed to the recipients, a dataset card and a signed manifest.",
+        # filled here: the raw formatter (for the epilog's tables) prints it as one line otherwise
+        description=textwrap.fill("Anonymize every record of a face dataset and write a signed release: public "
+        "shards with anonymized faces, the record keys sealed to the recipients, a dataset card and a signed "
+        "manifest.", 90),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
+
 from ._args import add_signer, number_list, positive, signer
 
 EPILOG = """\
@@ -34,9 +36,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="measure identity removal, restore fidelity, wrong-key behaviour and utility of a release",
-        description="Compare a release with its source and write an offline HTML report and metrics.json: "
-        "what a data protection officer needs to sign off a release. With --identity, records are also restored "
-        "(the keys stay in memory) to measure restore fidelity and wrong-key behaviour.",
+        # filled here: the raw formatter (for the epilog's tables) prints it as one line otherwise
+        description=textwrap.fill("Compare a release with its source and write an offline HTML report and "
+        "metrics.json: what a data protection officer needs to sign off a release. With --identity, records are "
+        "also restored (the keys stay in memory) to measure restore fidelity and wrong-key behaviour.", 90),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

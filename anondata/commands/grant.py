@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
-
 from ._args import add_signer, signer
 
 
@@ -20,7 +17,6 @@ def register(sub) -> None:
             "`anondata restore DIR --signer RUNNER.pub --identity THEIR.key --keys GRANT_DIR`, and "
             "nothing else. The release itself is verified first and not changed."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json and keys/)")
     p.add_argument("--identity", required=True, metavar="OWNER.key", help="your identity file")
