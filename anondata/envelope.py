@@ -344,6 +344,10 @@ def _open_payload(dk: bytes, payload: bytes, dataset_id: str, rid: str) -> bytes
         ) from None
 
 
+# A grantee who forgets --keys meets these errors first: the release's own keys/ has no envelope for them.
+_GRANT_HINT = "records granted to you are in the grant folder (restore and eval take --keys GRANT_DIR)"
+
+
 def _select(index, identity: Identity, dataset_id: str, ids) -> list[tuple[str, bytes, bytes]]:
     """(record_id, dk, payload) for the requested ids; KeyError_ naming those this identity lacks."""
     if not isinstance(identity, Identity):
@@ -352,7 +356,8 @@ def _select(index, identity: Identity, dataset_id: str, ids) -> list[tuple[str, 
     if ids is None:
         wanted = [rid for rid, (_, ws) in index.items() if any(w["recipient"] == fp for w in ws)]
         if not wanted:
-            raise KeyError_(f"identity {identity.recipient.label} has no envelopes here: wrong key or keys folder?")
+            raise KeyError_(f"identity {identity.recipient.label} has no envelopes here: wrong key or keys folder? "
+                            f"{_GRANT_HINT}")
     else:
         if isinstance(ids, str):
             ids = [ids]
@@ -362,7 +367,7 @@ def _select(index, identity: Identity, dataset_id: str, ids) -> list[tuple[str, 
         ]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise KeyError_(f"no envelope for identity {identity.recipient.label} for record(s) {shown}")
+            raise KeyError_(f"no envelope for identity {identity.recipient.label} for record(s) {shown}; {_GRANT_HINT}")
     out = []
     for rid in wanted:
         payload, ws = index[rid]

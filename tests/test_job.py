@@ -140,6 +140,11 @@ def test_restore_through_a_grant_and_through_a_copy_of_keys(release, identities,
     by_id = {r["record_id"]: r for r in release["rows"]}
     assert main(["grant", str(out), "--signer", runner_pub, "--identity", identities["owner"][0],
                  "--to", identities["stranger"][1], "--ids", "rec-001", "--out", str(tmp_path / "g")]) == 0
+    from anondata.errors import KeyError_
+
+    with pytest.raises(KeyError_, match="rec-001.*--keys GRANT_DIR"):  # the grantee forgot --keys
+        run_restore(str(out), identities["stranger"][0], str(tmp_path / "r"), ids=["rec-001"],
+                    model=tiny_model, signer_path=runner_pub, progress=False)
     run_restore(str(out), identities["stranger"][0], str(tmp_path / "r"), keys=str(tmp_path / "g"),
                 model=tiny_model, signer_path=runner_pub, progress=False)
     (got,) = _public_rows(tmp_path / "r")  # exactly the granted record, exactly its original pixels
