@@ -374,6 +374,11 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
     root = Path(release_dir)
     if not root.is_dir():
         raise FormatError(f"{root}: not a release folder")
+    from .job.journal import Journal
+
+    if Journal(root).exists():  # else "no such manifest signature file", or a manifest the job will rewrite
+        raise FormatError(f"{root}: an unfinished anonymize job (interrupted?); finish it with the same "
+                          "`anondata anonymize` command and --resume")
     data = read_bounded(root / MANIFEST, "manifest", MAX_MANIFEST)
     sig = read_bounded(root / SIGNATURE, "manifest signature", 1024)
     if not data.endswith(b"\n") or data.endswith(b"\n\n"):

@@ -156,6 +156,17 @@ def _planned_job(identities, tiny_model, tmp_path):
     return opts, plan, journal
 
 
+def test_an_unfinished_job_is_not_verified_as_a_release(identities, tiny_model, tmp_path):
+    """verify, restore, grant and eval on an interrupted job's folder point at --resume, not at a
+    missing manifest signature (or at a manifest the job will rewrite), as publish already did."""
+    from anondata.errors import FormatError
+    from anondata.manifest import verify_release
+
+    opts, _plan, _journal = _planned_job(identities, tiny_model, tmp_path)
+    with pytest.raises(FormatError, match="unfinished anonymize job.*--resume"):
+        verify_release(opts.out)
+
+
 def _resumed(opts, **changes):
     from anondata.job.pipeline import JobOptions
 
