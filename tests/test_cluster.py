@@ -109,3 +109,23 @@ def test_two_node_cluster_survives_losing_a_worker_node(identities, tiny_model, 
         _stop(worker)
         _stop(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_address_where_no_cluster_answers_fails_at_once(identities, tiny_model, tmp_path):
+    """A stale RAY_ADDRESS: one line naming it, exit 2, no job folder left, in seconds. ray.init
+    retried such an address for about 13 minutes with a C++ warning every few seconds (and with
+    RAY_ADDRESS=auto and no cluster it raised a traceback, leaving a plan that demanded --resume)."""
+    src = tmp_path / "faces.parquet"
+    write_face_parquet(src, 2)
+    with socket.socket() as s:  # a port where nothing listens: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        r = subprocess.run(
+            [sys.executable, "-m", "anondata.cli", "anonymize", str(src), "--out", str(tmp_path / "out"),
+             "--recipient", identities["owner"][1], "--signing-key", identities["runner"][0], "--model", tiny_model,
+             "--no-progress"],
+            env=subprocess_env(RAY_ADDRESS=address), cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and f"RAY_ADDRESS={address}: no Ray cluster answers there" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -149,7 +149,11 @@ def _init_ray(num_cpus: int | None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level="WARNING", log_to_driver=True)
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:  # RAY_ADDRESS=auto with no cluster on this machine
+            raise SetupError(f"RAY_ADDRESS={address}: {e} {_NO_CLUSTER_FIX}") from None
     else:
         # Ray turns token authentication on for a new local instance (good) and warns that it
         # did so on every run (noise on the runner's terminal): that one line is dropped.
@@ -158,6 +162,24 @@ def _init_ray(num_cpus: int | None) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda rec: not rec.getMessage().startswith("Token authentication is enabled for this Ray cluster"))
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+_NO_CLUSTER_FIX = "Start the cluster (`ray start --head`) or fix the address, or unset RAY_ADDRESS to run on this machine"
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT where nothing listens fails here, in seconds: ray.init retries such an address
+    for about 13 minutes (20 tries of ~40 s, a C++ warning every few seconds) before it gives up."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # auto, local, ray://: Ray resolves those
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise SetupError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}). "
+                         f"{_NO_CLUSTER_FIX}") from None
 
 
 def _pool(opts: JobOptions) -> tuple[int, int, str]:
