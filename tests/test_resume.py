@@ -167,6 +167,18 @@ def test_an_unfinished_job_is_not_verified_as_a_release(identities, tiny_model, 
         verify_release(opts.out)
 
 
+def test_a_new_run_on_an_interrupted_job_says_resume_keeps_its_options(identities, tiny_model, tmp_path):
+    """Stopped to change an option, then told only "pass --resume", a user got the old option: the
+    refusal says --resume keeps the job's options and how to start over with others."""
+    from anondata.errors import InputError
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    opts, _plan, _journal = _planned_job(identities, tiny_model, tmp_path)
+    with pytest.raises(InputError, match="--resume.*options it was started with.*to start over with other options, "
+                                         "remove"):
+        run_anonymize(JobOptions(**{**opts.__dict__, "on_no_face": "keep"}))
+
+
 def _resumed(opts, **changes):
     from anondata.job.pipeline import JobOptions
 

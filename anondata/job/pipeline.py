@@ -312,8 +312,11 @@ def _run_anonymize(opts: JobOptions) -> JobResult:
     elif out.exists() and _only_planless_work(out, journal):
         journal.remove()  # killed while creating the plan: nothing was done yet
     if not opts.resume and out.exists() and any(out.iterdir()):
+        # --resume takes every output option from the job's plan: someone who stopped a job to
+        # change an option (--on-no-face, --faces) and followed a bare "pass --resume" got the old one
         hint = (
-            "an interrupted job is there: pass --resume to finish it"
+            "an interrupted job is there: pass --resume to finish it with the options it was started with "
+            f"(--resume ignores changed ones; to start over with other options, remove {out} or choose a new --out)"
             if journal.exists()
             else "choose a new --out folder"
         )
