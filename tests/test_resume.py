@@ -327,3 +327,27 @@ def test_the_jobs_own_ray_is_shut_down_by_the_job_deaf_to_ctrl_c(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before
     pipeline.shutdown_ray()  # nothing started: nothing to shut down
     assert len(calls) == 1
+
+
+def test_ctrl_c_while_ray_starts_is_held_until_it_has_started(monkeypatch):
+    """Ctrl-C stopping ray.init halfway left Ray's agent processes running for a minute after the
+    command (or crashed it at exit); it is held until ray.init returns, then the job stops and
+    shuts that Ray down."""
+    import ray
+
+    from anondata.job import pipeline
+
+    done = []
+
+    def init(num_cpus):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        done.append(num_cpus)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(pipeline, "_init_ray", init)
+    monkeypatch.setattr(pipeline, "_STARTED", False)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.ensure_ray(3)
+    assert done == [3] and pipeline._STARTED and signal.getsignal(signal.SIGINT) is before

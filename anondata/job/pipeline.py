@@ -104,8 +104,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # ray.init replaces the SIGTERM handler (with sys.exit(15), after a C++ stack dump): the CLI's
     # handler, which ends the command like Ctrl-C (anondata.cli.Terminated), is put back after it.
+    # A Ctrl-C is held until ray.init returns (a few seconds): one that stopped it halfway left
+    # Ray's agent processes running for a minute after the command, or crashed it at exit.
     main_thread = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main_thread else None
+    held: list[int] = []
+    on_int = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main_thread else None
     try:
         _init_ray(num_cpus)
     except SystemExit as e:  # Ray's handler got a SIGTERM during ray.init: the CLI's decides
@@ -115,7 +119,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     finally:
         if callable(on_term):
             signal.signal(signal.SIGTERM, on_term)
+        if main_thread:
+            signal.signal(signal.SIGINT, on_int if on_int is not None else signal.default_int_handler)
     _STARTED = True
+    if held:
+        raise KeyboardInterrupt
 
 
 def shutdown_ray() -> None:
