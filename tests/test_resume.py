@@ -51,6 +51,17 @@ def check_exactly_once(out, rows) -> dict:
     return m
 
 
+def _signal_after_first_commit(proc: subprocess.Popen, out, sig: int) -> None:
+    """Signal the job as soon as its first shard is committed, somewhere inside the next one: a
+    pause here let a fast run finish first (3 shards of 2 records are left), and the test then
+    failed on the exit code, not on the job."""
+    done = out / ".anondata-work" / "done"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (done.is_dir() and any(done.iterdir())):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+
+
 @pytest.mark.parametrize("point", ["data:1", "keys:2", "commit:2", "card:1", "manifest:1", "cleanup:1", "external"])
 def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path):
     src = tmp_path / "faces.parquet"
@@ -62,13 +73,7 @@ def test_kill9_then_resume(point, ray_address, identities, tiny_model, tmp_path)
     proc = subprocess.Popen(_cmd(src, out, identities, tiny_model), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if point == "external":
-        done = out / ".anondata-work" / "done"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not (done.is_dir() and any(done.iterdir())):
-            time.sleep(0.05)
-        # at once, somewhere inside the next shard: a pause here let a fast run finish first (3 shards
-        # of 2 records are left), and the test then failed on the exit code, not on the job
-        proc.send_signal(signal.SIGKILL)
+        _signal_after_first_commit(proc, out, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     if point == "cleanup:1":  # killed while removing the journal: the release is already complete
@@ -123,11 +128,7 @@ def test_sigterm_ends_the_job_like_ctrl_c_then_resume(ray_address, identities, t
     out = tmp_path / "out"
     proc = subprocess.Popen(_cmd(src, out, identities, tiny_model), env=subprocess_env(RAY_ADDRESS=ray_address),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = out / ".anondata-work" / "done"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (done.is_dir() and any(done.iterdir())):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    _signal_after_first_commit(proc, out, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "anondata anonymize: terminated" and "SIGTERM received" not in err, err
