@@ -88,6 +88,11 @@ def test_limit_split_name_and_missing_columns(tmp_path):
         open_source(str(tmp_path / "f.parquet"), image_column="caption")
     with pytest.raises(InputError, match="does not exist"):
         open_source(str(tmp_path / "missing.parquet"))
+    rel = tmp_path / "rel"  # a release given as a source: its keys/ were read as data (a schema error)
+    (rel / "keys").mkdir(parents=True)
+    (rel / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="is an anondata release .*give its data/ folder"):
+        open_source(str(rel))
     # a struct named like an Image column whose fields are not bytes and text: a TypeError on every
     # worker (bytes(str)) before, found by a struct<bytes: string, path: string> column
     for fields in ([("bytes", pa.string()), ("path", pa.string())], [("bytes", pa.binary()), ("path", pa.int64())]):

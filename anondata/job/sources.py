@@ -219,6 +219,10 @@ def open_source(
         source = _open_parquet_files(location, str(path.parent), {None: [str(path)]})
     elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         source = _open_arrow(location, path)
+    elif (path / "manifest.json").is_file() and (path / "keys").is_dir():
+        # its keys/ would be read as data (and refused for another schema, a confusing error)
+        raise InputError(f"source {location!r} is an anondata release (manifest.json, keys/): to anonymize its "
+                         f"public shards again, give its data/ folder")
     else:
         # any case: a split in TEST.PARQUET must not be left out while the others are read
         parquet = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".parquet" and not p.is_dir()
