@@ -379,6 +379,16 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
     if Journal(root).exists():  # else "no such manifest signature file", or a manifest the job will rewrite
         raise FormatError(f"{root}: an unfinished anonymize job (interrupted?); finish it with the same "
                           "`anondata anonymize` command and --resume")
+    try:
+        return _open_release(root, signer, keep_envelopes)
+    except (IntegrityError, FormatError) as e:
+        if (root / REWRAP_STAGE).is_dir():  # killed between its renames: some files are new, some old
+            raise type(e)(f"{e}; an interrupted rewrap is staged in {REWRAP_STAGE}/: run the same `anondata "
+                          "rewrap` command again to finish it") from None
+        raise
+
+
+def _open_release(root: Path, signer: Recipient | None, keep_envelopes: bool) -> VerifiedRelease:
     data = read_bounded(root / MANIFEST, "manifest", MAX_MANIFEST)
     sig = read_bounded(root / SIGNATURE, "manifest signature", 1024)
     if not data.endswith(b"\n") or data.endswith(b"\n\n"):

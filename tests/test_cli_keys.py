@@ -386,8 +386,8 @@ def test_rewrap_half_staged_or_half_renamed_recovers(release, capsys):
     assert _rewrap_killed(tmp, root, "rewrap-staged:0").returncode == -9
     for name in ("keys/train-00000-of-00001.keys.parquet", "manifest.json"):
         os.replace(root / ".rewrap" / name, root / name)
-    with pytest.raises(IntegrityError):
-        verify_release(root)  # the old signature over the new manifest: loud, never a silent pass
+    with pytest.raises(IntegrityError, match="interrupted rewrap is staged in .rewrap/: run the same `anondata rewrap`"):
+        verify_release(root)  # the old signature over the new manifest: loud, never a silent pass, and says why
     # the same command again (the staged manifest is signed by its --signing-key, here --identity's)
     code, out, err = cli(capsys, "rewrap", root, "--identity", tmp / "owner.key", "--to", tmp / "new.pub",
                          "--signer", tmp / "owner.pub")
