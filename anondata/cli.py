@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed (anonymize --resume reads it)
     try:
         return int(args.run(args) or 0)
     except AnondataError as e:

@@ -352,3 +352,29 @@ def test_ctrl_c_while_ray_starts_is_held_until_it_has_started(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipeline.ensure_ray(3)
     assert done == [3] and pipeline._STARTED and signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_refuses_options_that_differ_from_the_plan(identities, tiny_model, tmp_path, monkeypatch, capsys):
+    """--resume takes every output option from the plan, so one given on its command line was
+    ignored without a word: a job stopped to change --on-no-face keep to quarantine went on with
+    keep. Options that differ from the plan are refused, by name; the plan's own values and
+    options that do not shape the output pass."""
+    from anondata import cli
+    from anondata.job import pipeline
+
+    src, out = tmp_path / "faces.parquet", tmp_path / "out"
+    write_face_parquet(src, 2)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_job", interrupted)  # stopped right after its plan was written
+    base = ["anonymize", str(src), "--out", str(out), "--recipient", identities["owner"][1],
+            "--signing-key", identities["runner"][0], "--model", tiny_model, "--no-progress"]
+    assert cli.main(base + ["--on-no-face", "keep"]) == 130 and (out / ".anondata-work" / "plan.json").is_file()
+    capsys.readouterr()
+    assert cli.main(base + ["--resume", "--on-no-face", "quarantine", "--steps=3", "--lossy-restore"]) == 2
+    err = capsys.readouterr().err
+    assert ("--lossy-restore (the plan has lossless True); --on-no-face (the plan has on_no_face 'keep'); "
+            "--steps (the plan has steps -1)") in err and err.count("\n") == 1, err
+    assert cli.main(base + ["--resume", "--on-no-face", "keep", "--batch-size", "2", "--faces", "aligned"]) == 130

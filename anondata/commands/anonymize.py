@@ -131,9 +131,35 @@ def register(sub) -> None:
                         "(default: 10; 0: never stop, quarantine them)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
-                        "output options are taken from the job's plan); finished shards are kept")
+                        "output options are taken from the job's plan, and one given that differs from it is "
+                        "refused); finished shards are kept")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
+    _DESTS.update({flag: a.dest for a in p._actions for flag in a.option_strings if flag.startswith("--")})
+
+
+_DESTS: dict[str, str] = {}  # --flag -> its argparse dest
+_FIELD = {"split": "splits", "drop_column": "drop_columns", "keep_column": "keep_columns", "lossy_restore": "lossless"}
+
+
+def _given(argv: list[str]) -> frozenset:
+    """The JobOptions fields named on the command line (argparse cannot tell an option given with
+    its default value from one left out): --resume refuses those that differ from the plan."""
+    from dataclasses import fields
+
+    from ..job.pipeline import JobOptions
+
+    names = {f.name for f in fields(JobOptions)}
+    out = set()
+    for tok in argv:
+        if tok == "--":
+            break
+        flag = tok.split("=", 1)[0]
+        match = [f for f in _DESTS if f == flag] or [f for f in _DESTS if f.startswith(flag) and flag.startswith("--")]
+        if len(match) == 1:
+            dest = _DESTS[match[0]]
+            out.add(_FIELD.get(dest, dest))
+    return frozenset(out & names)
 
 
 def run(args) -> int:
@@ -152,7 +178,7 @@ def run(args) -> int:
         cross_check=args.cross_check,
         lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,
         shard_size=args.shard_size, max_failures_in_a_row=args.max_failures_in_a_row, resume=args.resume,
-        license=args.license, progress=not args.no_progress,
+        license=args.license, progress=not args.no_progress, given=_given(getattr(args, "argv", [])),
     )
     res = run_anonymize(opts)
     print(

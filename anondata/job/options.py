@@ -49,6 +49,8 @@ class JobOptions:
     progress: bool = True
     num_cpus: int | None = None  # for a local Ray instance started here
     extra: dict = field(default_factory=dict)
+    # the fields set on the command line: --resume refuses those that differ from the plan
+    given: frozenset = frozenset()
 
 
 @dataclass

@@ -9,6 +9,7 @@ laptop's CPUs (num_gpus=0) and on a GPU cluster (`RAY_ADDRESS` set, one actor pe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from .plan import (
     face_spec,
     load_keys,
     make_plan,
+    check_given_against_plan,
     options_from_plan,
     precheck,
     resume_checks,
@@ -316,7 +318,9 @@ def _run_anonymize(opts: JobOptions) -> JobResult:
                 raise InputError(f"{out}: the job was stopped before its plan was written; run again without --resume")
             raise InputError(f"{out} has no interrupted job to resume ({WORK}/plan.json is missing)")
         plan = journal.load()
-        opts = options_from_plan(opts, plan)
+        planned = options_from_plan(dataclasses.replace(opts), plan)
+        check_given_against_plan(opts, planned)
+        opts = planned
     elif out.exists() and _only_planless_work(out, journal):
         journal.remove()  # killed while creating the plan: nothing was done yet
     if not opts.resume and out.exists() and any(out.iterdir()):
@@ -324,7 +328,7 @@ def _run_anonymize(opts: JobOptions) -> JobResult:
         # change an option (--on-no-face, --faces) and followed a bare "pass --resume" got the old one
         hint = (
             "an interrupted job is there: pass --resume to finish it with the options it was started with "
-            f"(--resume ignores changed ones; to start over with other options, remove {out} or choose a new --out)"
+            f"(--resume refuses changed ones; to start over with other options, remove {out} or choose a new --out)"
             if journal.exists()
             else "choose a new --out folder"
         )

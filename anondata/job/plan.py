@@ -103,26 +103,60 @@ def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
         "source_fingerprint": source.fingerprint(all_ids),
         "recipients": sorted(r.fingerprint for r in recipients),
         "signer": signer.recipient.fingerprint,
-        "options": {
-            "model": opts.model,
-            "steps": opts.steps if opts.steps is not None else -1,
-            "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
-            "sign_cell": opts.sign_cell,
-            "background": opts.background,
-            "flip_centre": opts.flip_centre,
-            "faces": face_spec(opts),
-            "lossless": opts.lossless,
-            "shard_size": opts.shard_size,
-            "limit": opts.limit or 0,
-            "drop_columns": sorted(set(opts.drop_columns)),
-            "keep_columns": sorted(set(opts.keep_columns)),
-            "image_column": opts.image_column,
-            "id_column": opts.id_column or "",
-            "splits": opts.splits or [],
-            "license": opts.license,
-        },
+        "options": plan_options(opts),
         "splits": splits,
     }
+
+
+def plan_options(opts: JobOptions) -> dict:
+    """The options that shape the output, as the plan keeps them."""
+    return {
+        "model": opts.model,
+        "steps": opts.steps if opts.steps is not None else -1,
+        "inversion_iters": opts.inversion_iters if opts.inversion_iters is not None else -1,
+        "sign_cell": opts.sign_cell,
+        "background": opts.background,
+        "flip_centre": opts.flip_centre,
+        "faces": face_spec(opts),
+        "lossless": opts.lossless,
+        "shard_size": opts.shard_size,
+        "limit": opts.limit or 0,
+        "drop_columns": sorted(set(opts.drop_columns)),
+        "keep_columns": sorted(set(opts.keep_columns)),
+        "image_column": opts.image_column,
+        "id_column": opts.id_column or "",
+        "splits": opts.splits or [],
+        "license": opts.license,
+    }
+
+
+# JobOptions fields whose command-line flag is not --FIELD-NAME
+_FLAGS = {"splits": "--split", "drop_columns": "--drop-column", "keep_columns": "--keep-column",
+          "lossless": "--lossy-restore"}
+
+
+def check_given_against_plan(opts: JobOptions, planned: JobOptions) -> None:
+    """--resume takes every output option from the plan; one the runner gives that differs from it
+    used to be ignored without a word, so a job stopped to change, say, --on-no-face keep to
+    quarantine went on with keep. Refuse instead, naming each. `opts.given`: the JobOptions
+    fields set on the command line; `planned`: opts after options_from_plan."""
+    import dataclasses
+
+    base = plan_options(planned)
+    diffs = []
+    for name in sorted(opts.given):
+        mixed = plan_options(dataclasses.replace(planned, **{name: getattr(opts, name)}))
+        if mixed != base:
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            k = next(k for k in base if mixed[k] != base[k])
+            old = base[k]
+            if isinstance(old, dict):  # faces: the part that differs
+                k = next(j for j in old if mixed[k][j] != old[j])
+                old = old[k]
+            diffs.append(f"{flag} (the plan has {k} {old!r})")
+    if diffs:
+        raise InputError(f"--resume finishes the job with the options of its plan, and these differ: {'; '.join(diffs)}. "
+                         "Leave them out to resume, or start a new job in another --out folder")
 
 
 def resume_checks(plan: dict, source: Source, recipients, signer) -> None:
