@@ -66,17 +66,21 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def within(path, folder) -> bool:
+    """Whether `path` is `folder` or lies below it, after `..` and links."""
+    inner, outer = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return inner == outer or outer in inner.parents
+
+
 def check_new_folder(path, what: str, error: type[Exception] = FormatError, release=None) -> Path:
     """Refuse an output folder `new_folder` cannot fill: one that holds files, or a path that is a
     file (which was reported as "folder is not empty", sending the user looking for a folder).
     `release`: the release it is made from, whose folder is for publishing: restored faces, keys
     granted to someone or a report's grid of real faces must not land inside it."""
     p = Path(path)
-    if release is not None:
-        inner, outer = Path(os.path.realpath(p)), Path(os.path.realpath(release))
-        if inner == outer or outer in inner.parents:
-            raise error(f"{what} {path}: inside the release folder {release}, which is for publishing; "
-                        "choose a folder outside it")
+    if release is not None and within(p, release):
+        raise error(f"{what} {path}: inside the release folder {release}, which is for publishing; "
+                    "choose a folder outside it")
     if p.exists() and not p.is_dir():
         raise error(f"{what} {path}: is a file, not a folder; choose a new folder name")
     if p.is_dir() and any(p.iterdir()):

@@ -139,7 +139,6 @@ def register(sub) -> None:
 
 
 _DESTS: dict[str, str] = {}  # --flag -> its argparse dest
-_FIELD = {"split": "splits", "drop_column": "drop_columns", "keep_column": "keep_columns", "lossy_restore": "lossless"}
 
 
 def _given(argv: list[str]) -> frozenset:
@@ -147,9 +146,10 @@ def _given(argv: list[str]) -> frozenset:
     its default value from one left out): --resume refuses those that differ from the plan."""
     from dataclasses import fields
 
-    from ..job.pipeline import JobOptions
+    from ..job.options import IRREGULAR_FLAGS, JobOptions
 
     names = {f.name for f in fields(JobOptions)}
+    field_of = {flag[2:].replace("-", "_"): name for name, flag in IRREGULAR_FLAGS.items()}  # dest -> field
     out = set()
     for tok in argv:
         if tok == "--":
@@ -158,7 +158,7 @@ def _given(argv: list[str]) -> frozenset:
         match = [f for f in _DESTS if f == flag] or [f for f in _DESTS if f.startswith(flag) and flag.startswith("--")]
         if len(match) == 1:
             dest = _DESTS[match[0]]
-            out.add(_FIELD.get(dest, dest))
+            out.add(field_of.get(dest, dest))
     return frozenset(out & names)
 
 

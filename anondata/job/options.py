@@ -65,3 +65,13 @@ class JobResult:
     # (record id, reason, where) of each quarantined record, for the runner's terminal; `where`:
     # Source.where (an image folder's file), or None
     quarantine: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+
+# JobOptions fields whose command-line flag is not --FIELD-NAME: the CLI maps what was typed to
+# fields, and --resume's refusal names fields by their flags
+IRREGULAR_FLAGS = {"splits": "--split", "drop_columns": "--drop-column", "keep_columns": "--keep-column",
+                   "lossless": "--lossy-restore"}
+
+
+def flag_of(field_name: str) -> str:
+    return IRREGULAR_FLAGS.get(field_name, "--" + field_name.replace("_", "-"))

@@ -20,21 +20,22 @@ import pyarrow as pa
 
 from .. import canonical
 from ..errors import AnondataError, FormatError, InputError, SetupError
+from ..files import within
+from .columns import choose_columns
 from .commit import commit_shard, finalize
 from .journal import CRASH_ENV, Journal, WORK, crash_hook
 from .options import JobOptions, JobResult  # noqa: F401 - the job's API, here too
 from .plan import (
+    check_given_against_plan,
     face_spec,
     load_keys,
     make_plan,
-    check_given_against_plan,
     options_from_plan,
     precheck,
     resume_checks,
     same_model_as_committed,
 )
 from .shards import output_schema
-from .columns import choose_columns
 from .sources import Source, open_source
 
 
@@ -338,11 +339,10 @@ def _run_anonymize(opts: JobOptions) -> JobResult:
     source = open_source(
         opts.source, image_column=opts.image_column, id_column=opts.id_column, splits=opts.splits, limit=opts.limit
     )
-    if source.fs is None and Path(opts.source).is_dir():  # a folder source: every file below it is read
-        inner, outer = Path(os.path.realpath(out)), Path(os.path.realpath(opts.source))
-        if inner == outer or outer in inner.parents:
-            raise InputError(f"--out {out} is inside the source folder {source.location}: the release's files would "
-                             "be read as the source's (and it is for publishing); choose a folder outside it")
+    # a folder source: every file below it is read
+    if source.fs is None and Path(opts.source).is_dir() and within(out, opts.source):
+        raise InputError(f"--out {out} is inside the source folder {source.location}: the release's files would "
+                         "be read as the source's (and it is for publishing); choose a folder outside it")
     try:
         choose_columns(source, opts.drop_columns, opts.keep_columns)
     except InputError as e:

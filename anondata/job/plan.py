@@ -13,7 +13,7 @@ import sys
 
 from .. import canonical
 from ..errors import FormatError, InputError
-from .options import JobOptions
+from .options import JobOptions, flag_of
 from .sources import Source
 from .shards import shard_name
 
@@ -130,11 +130,6 @@ def plan_options(opts: JobOptions) -> dict:
     }
 
 
-# JobOptions fields whose command-line flag is not --FIELD-NAME
-_FLAGS = {"splits": "--split", "drop_columns": "--drop-column", "keep_columns": "--keep-column",
-          "lossless": "--lossy-restore"}
-
-
 def check_given_against_plan(opts: JobOptions, planned: JobOptions) -> None:
     """--resume takes every output option from the plan; one the runner gives that differs from it
     used to be ignored without a word, so a job stopped to change, say, --on-no-face keep to
@@ -147,7 +142,7 @@ def check_given_against_plan(opts: JobOptions, planned: JobOptions) -> None:
     for name in sorted(opts.given):
         mixed = plan_options(dataclasses.replace(planned, **{name: getattr(opts, name)}))
         if mixed != base:
-            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            flag = flag_of(name)
             k = next(k for k in base if mixed[k] != base[k])
             old = base[k]
             if isinstance(old, dict):  # faces: the part that differs

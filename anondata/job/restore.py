@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,7 @@ def parse_ids(ids: str | None, ids_file: str | None) -> list[str] | None:
             text = Path(ids_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--ids-file {ids_file}: cannot read it ({e})") from None
-        out += [ln for ln in text.split("\n") if ln.strip() and not ln.startswith("#")]
-        out = [ln[:-1] if ln.endswith("\r") else ln for ln in out]
+        out += [ln.removesuffix("\r") for ln in text.split("\n") if ln.strip() and not ln.startswith("#")]
     if (ids is not None or ids_file is not None) and not out:  # --ids "" (an empty variable) is not "all"
         raise InputError("no record ids given (--ids / --ids-file are empty)")
     if not out:
@@ -87,10 +87,9 @@ def png_name(record_id: str, tagged: bool = False) -> str:
 def png_names(ids: list[str]) -> dict[str, str]:
     """png_name of each id, tagged where two names differ only in case: a case-insensitive file
     system (macOS's and Windows' defaults) would write both to one file, the second over the first."""
-    folded: dict[str, int] = {}
-    for rid in ids:
-        folded[png_name(rid).casefold()] = folded.get(png_name(rid).casefold(), 0) + 1
-    return {rid: png_name(rid, tagged=folded[png_name(rid).casefold()] > 1) for rid in ids}
+    plain = {rid: png_name(rid) for rid in ids}
+    folded = Counter(n.casefold() for n in plain.values())
+    return {rid: png_name(rid, tagged=True) if folded[n.casefold()] > 1 else n for rid, n in plain.items()}
 
 
 def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | None = None,

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from .. import canonical
 from ..errors import InputError
+from ..files import within
 
 # Every file of an image folder with one of these names is a record. Some are formats the decoder
 # may refuse (HEIC, AVIF, JPEG XL, ...): those records are quarantined as unreadable, so the runner
@@ -565,9 +566,8 @@ def _inside_root(source: Source, p: str) -> str | None:
         return full if not p.startswith("/") and full.startswith(source.root.rstrip("/") + "/") else None
     if "\0" in p:
         return None
-    root = os.path.realpath(source.root)
-    full = os.path.realpath(os.path.join(root, p))  # an absolute p replaces root
-    if os.path.commonpath([root, full]) != root or (os.path.exists(full) and not os.path.isfile(full)):
+    full = os.path.realpath(os.path.join(source.root, p))  # an absolute p replaces root
+    if not within(full, source.root) or (os.path.exists(full) and not os.path.isfile(full)):
         return None
     return full  # a missing file: "cannot be read"
 
