@@ -373,7 +373,7 @@ def test_resume_refuses_options_that_differ_from_the_plan(identities, tiny_model
             "--signing-key", identities["runner"][0], "--model", tiny_model, "--no-progress"]
     assert cli.main(base + ["--on-no-face", "keep"]) == 130 and (out / ".anondata-work" / "plan.json").is_file()
     capsys.readouterr()
-    assert cli.main(base + ["--resume", "--on-no-face", "quarantine", "--steps=3", "--lossy-restore"]) == 2
+    assert cli.main(base + ["--resume", "--on-no-face", "quarantine", "--steps=3", "--lossy"]) == 2  # abbreviated too
     err = capsys.readouterr().err
     assert ("--lossy-restore (the plan has lossless True); --on-no-face (the plan has on_no_face 'keep'); "
             "--steps (the plan has steps -1)") in err and err.count("\n") == 1, err

@@ -135,31 +135,31 @@ def register(sub) -> None:
                         "refused); finished shards are kept")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
-    _DESTS.update({flag: a.dest for a in p._actions for flag in a.option_strings if flag.startswith("--")})
+    _PARSER.append(p)
 
 
-_DESTS: dict[str, str] = {}  # --flag -> its argparse dest
+_PARSER: list = []  # the subcommand's parser, for _given
 
 
-def _given(argv: list[str]) -> frozenset:
-    """The JobOptions fields named on the command line (argparse cannot tell an option given with
-    its default value from one left out): --resume refuses those that differ from the plan."""
+def _given(args) -> frozenset:
+    """The JobOptions fields named on the command line: --resume refuses those that differ from
+    the plan. argparse cannot tell an option given with its default value from one left out, so
+    parse what was typed again into a namespace where every option is None (argparse then applies
+    no default): what is no longer None was typed, matched (abbreviations, --flag=value) by
+    argparse itself. No option's value parses to None."""
+    import argparse
     from dataclasses import fields
 
     from ..job.options import IRREGULAR_FLAGS, JobOptions
 
-    names = {f.name for f in fields(JobOptions)}
+    argv = getattr(args, "argv", None)
+    if not _PARSER or not argv or args.command not in argv:
+        return frozenset()
+    blank = argparse.Namespace(**{k: None for k in vars(args) if k not in ("command", "run", "argv")})
+    typed, _ = _PARSER[0].parse_known_args(argv[argv.index(args.command) + 1:], blank)
     field_of = {flag[2:].replace("-", "_"): name for name, flag in IRREGULAR_FLAGS.items()}  # dest -> field
-    out = set()
-    for tok in argv:
-        if tok == "--":
-            break
-        flag = tok.split("=", 1)[0]
-        match = [f for f in _DESTS if f == flag] or [f for f in _DESTS if f.startswith(flag) and flag.startswith("--")]
-        if len(match) == 1:
-            dest = _DESTS[match[0]]
-            out.add(field_of.get(dest, dest))
-    return frozenset(out & names)
+    out = {field_of.get(k, k) for k, v in vars(typed).items() if v is not None}
+    return frozenset(out & {f.name for f in fields(JobOptions)})
 
 
 def run(args) -> int:
@@ -178,7 +178,7 @@ def run(args) -> int:
         cross_check=args.cross_check,
         lossless=not args.lossy_restore, gpus=args.gpus, workers=args.workers, batch_size=args.batch_size,
         shard_size=args.shard_size, max_failures_in_a_row=args.max_failures_in_a_row, resume=args.resume,
-        license=args.license, progress=not args.no_progress, given=_given(getattr(args, "argv", [])),
+        license=args.license, progress=not args.no_progress, given=_given(args),
     )
     res = run_anonymize(opts)
     print(
