@@ -15,13 +15,17 @@ from typing import Any
 from .errors import FormatError
 
 
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: string is not valid Unicode (lone surrogate)") from None
+
+
 def _check(value: Any, path: str = "$") -> None:
     if value is None or isinstance(value, (bool, str)):
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise FormatError(f"{path}: string is not valid Unicode (lone surrogate)") from None
+            _check_text(value, path)
         return
     if isinstance(value, int):
         if not -(2**53) + 1 <= value <= 2**53 - 1:
@@ -33,6 +37,7 @@ def _check(value: Any, path: str = "$") -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise FormatError(f"{path}: object key {k!r} is not a string")
+            _check_text(k, f"{path} (a key)")  # keys too: sorting encodes them as UTF-16
             _check(v, f"{path}.{k}")
         return
     if isinstance(value, (list, tuple)):
@@ -100,6 +105,8 @@ def loads(data: bytes, what: str = "document") -> Any:
         again = dumps(value)
     except RecursionError:
         raise FormatError(f"{what}: nested too deeply") from None
+    except FormatError as e:  # a lone surrogate, an integer out of range: name the document
+        raise FormatError(f"{what}: {e}") from None
     if again != bytes(data):
         raise FormatError(f"{what}: not canonical JSON (RFC 8785): re-encode it with anondata.canonical.dumps")
     return value

@@ -38,6 +38,8 @@ def test_escapes_match_jcs():
         b'"\\u0041"',  # needless escape
         b'"\\/"',
         b'"\\ud800"',  # lone surrogate
+        b'{"\\ud800":1}',  # lone surrogate in a key (was a UnicodeEncodeError traceback)
+        b'{"a":{"\\udfff":1}}',
         b'9007199254740992',  # outside I-JSON
         b'\xef\xbb\xbf{}',  # BOM
         b'\xff',
@@ -51,6 +53,14 @@ def test_loads_rejects_non_canonical(text):
         loads(text)
 
 
+def test_errors_from_the_reencoding_name_the_document():
+    # A lone surrogate in a key raised UnicodeEncodeError (a traceback from the CLI); the value
+    # checks run while re-encoding and did not say which document they were about.
+    for text in (b'{"\\ud800":1}', b'{"a":"\\udc00"}', b'{"a":9007199254740992}'):
+        with pytest.raises(FormatError, match=r"^grant\.json: \$"):
+            loads(text, "grant.json")
+
+
 def test_integer_past_pythons_digit_limit_is_a_format_error():
     for text in (b"1" * 5000, b'{"a":-' + b"9" * 5000 + b"}"):
         with pytest.raises(FormatError, match="too many digits"):
@@ -58,7 +68,7 @@ def test_integer_past_pythons_digit_limit_is_a_format_error():
 
 
 def test_dumps_rejects_unencodable():
-    for bad in (1.5, {"a": float("nan")}, {1: "x"}, "\ud800", 2**60, b"bytes", object()):
+    for bad in (1.5, {"a": float("nan")}, {1: "x"}, "\ud800", {"\ud800": 1}, 2**60, b"bytes", object()):
         with pytest.raises(FormatError):
             dumps(bad)
 
