@@ -377,6 +377,64 @@ def test_vector_intermediates_match_spec():
     assert len(opened) == 6 and {k for k, _ in opened} == {hpke.KEM.X25519, hpke.KEM.MLKEM768_X25519}
 
 
+def test_vector_hpke_by_hand_pins_the_kems():
+    """The HPKE layer of every opening vector, written out from RFC 9180 (base mode key schedule,
+    DHKEM(X25519) 0x0020) and X-Wing (0x647A, its SHA3-256 combiner), as FORMAT.md names them: the
+    test above uses `cryptography`'s HPKE, so alone it would follow that library if its
+    `MLKEM768_X25519` ever meant another combiner or KEM id."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    def extract(salt, ikm):
+        return hmac.new(salt, ikm, hashlib.sha256).digest()
+
+    def expand(prk, info, n):
+        out, t, i = b"", b"", 1
+        while len(out) < n:
+            t = hmac.new(prk, t + info + bytes([i]), hashlib.sha256).digest()
+            out, i = out + t, i + 1
+        return out[:n]
+
+    def lextract(suite, salt, label, ikm):
+        return extract(salt, b"HPKE-v1" + suite + label + ikm)
+
+    def lexpand(suite, prk, label, info, n):
+        return expand(prk, n.to_bytes(2, "big") + b"HPKE-v1" + suite + label + info, n)
+
+    def decap(kem, sk, enc):
+        if kem == "X25519":
+            k = x25519.X25519PrivateKey.from_private_bytes(sk)
+            dh = k.exchange(x25519.X25519PublicKey.from_public_bytes(enc))
+            suite = b"KEM\x00\x20"
+            prk = lextract(suite, b"", b"eae_prk", dh)
+            return 0x0020, lexpand(suite, prk, b"shared_secret", enc + k.public_key().public_bytes_raw(), 32)
+        ss_m = mlkem.MLKEM768PrivateKey.from_seed_bytes(sk[:64]).decapsulate(enc[:1088])
+        kx = x25519.X25519PrivateKey.from_private_bytes(sk[64:])
+        ss_x = kx.exchange(x25519.X25519PublicKey.from_public_bytes(enc[1088:]))
+        pk_x = kx.public_key().public_bytes_raw()
+        return 0x647A, hashlib.sha3_256(ss_m + ss_x + enc[1088:] + pk_x + b"\\.//^\\").digest()
+
+    kems = set()
+    for v in json.loads((VECTORS / "envelopes.json").read_text(encoding="utf-8"))["vectors"]:
+        if v["data_key"] is None:
+            continue
+        key = json.loads((VECTORS / v["identity"]).read_text(encoding="utf-8"))
+        n_enc = {"X25519": 32, "MLKEM768-X25519": 1120}[key["kem"]]
+        sealed = canonical.b64d(v["sealed"])
+        kem_id, ss = decap(key["kem"], canonical.b64d(key["kem_secret"]), sealed[:n_enc])
+        suite = b"HPKE" + kem_id.to_bytes(2, "big") + b"\x00\x01\x00\x03"
+        ctx = b"\x00" + lextract(suite, b"", b"psk_id_hash", b"") + lextract(suite, b"", b"info_hash", canonical.b64d(v["hpke_info"]))
+        secret = lextract(suite, ss, b"secret", b"")
+        aead = ChaCha20Poly1305(lexpand(suite, secret, b"key", ctx, 32))
+        dk = aead.decrypt(lexpand(suite, secret, b"base_nonce", ctx, 12), sealed[n_enc:], b"")
+        assert dk == canonical.b64d(v["data_key"]), v["description"]
+        kems.add(kem_id)
+    assert kems == {0x0020, 0x647A}
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_payload_parser(data):
