@@ -279,6 +279,15 @@ def read_envelope_table(source) -> pa.Table:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise FormatError(f"{what}: not a readable Parquet envelope table ({msg})") from None
     _rows(table, what)
+    # pyarrow reads the metadata from the footer's ARROW:schema, a reader without Arrow from the
+    # footer's own key-value pairs: both must say the same, so no two readers see two datasets.
+    try:
+        footer = pq.read_metadata(pa.BufferReader(bytes(source)) if isinstance(source, (bytes, bytearray)) else src).metadata
+    except Exception as e:  # read twice from a path: the file changed in between
+        raise FormatError(f"{what}: not a readable Parquet envelope table ({type(e).__name__})") from None
+    if set(footer or {}) != {b"ARROW:schema", METADATA_KEY} or footer[METADATA_KEY] != table.schema.metadata[METADATA_KEY]:
+        raise FormatError(f"{what}: the Parquet footer's key-value metadata must be exactly ARROW:schema and "
+                          "anondata, the same bytes as the Arrow schema's (docs/FORMAT.md)")
     return table
 
 

@@ -209,6 +209,31 @@ def test_wrong_schema_and_metadata(people):
             open_records([bad], people["a"], DID)
 
 
+def test_parquet_footer_metadata_must_agree_with_the_arrow_schema(people):
+    """pyarrow takes the table's metadata from the footer's ARROW:schema; a reader without Arrow
+    takes the footer's own key-value pairs. A file whose two copies of `anondata` differ (or with
+    other footer keys) would name one dataset to pyarrow and another to that reader: refused."""
+    t = seal_records([people["a"].recipient], DID, items(2))
+    other = canonical.dumps({"dataset_id": DID2, "format": "anondata-envelopes", "version": 1})
+
+    def written(table, footer):
+        buf = io.BytesIO()
+        with pq.ParquetWriter(buf, table.schema, write_statistics=False) as w:
+            w.write_table(table)
+            w.add_key_value_metadata(footer)
+        return buf.getvalue()
+
+    read_envelope_table(written(t, {}))  # what writers write: both copies the same
+    for what, data in {
+        "footer names another dataset": written(t, {"anondata": other}),
+        "footer only": written(t.replace_schema_metadata(None), {"anondata": t.schema.metadata[b"anondata"]}),
+        "extra footer key": written(t, {"note": "hello"}),
+    }.items():
+        with pytest.raises(FormatError, match="metadata"):
+            read_envelope_table(data)
+            pytest.fail(what)
+
+
 def test_schema_check_is_exact_at_every_level(people):
     from anondata.envelope import WRAP_TYPE
 
