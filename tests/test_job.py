@@ -554,3 +554,17 @@ def test_other_picture_columns_and_rows_past_limit(ray_address, identities, tiny
     card = (out / "README.md").read_text()
     assert "except `gallery`, `original`" in card and "`thumb`: published unchanged" in card
     assert "skipped records: 1" in card
+
+
+def test_restore_refuses_a_shard_that_lacks_or_repeats_a_wanted_record():
+    """The manifest names the shard each record is in, but verify checks only the shard's row
+    count: restore picked the rows it found and reported every wanted record restored, so a shard
+    without one (or with it twice) gave a silent loss under a "restored N records" line."""
+    from anondata.errors import IntegrityError
+    from anondata.job.restore import shard_rows
+
+    assert shard_rows(["a", "b", "c"], {"a", "c"}, "data/x.parquet") == [0, 2]
+    with pytest.raises(IntegrityError, match=r"data/x\.parquet.*'d'"):
+        shard_rows(["a", "b", "c"], {"a", "d"}, "data/x.parquet")
+    with pytest.raises(IntegrityError, match=r"data/x\.parquet.*'a'"):
+        shard_rows(["a", "b", "a"], {"a"}, "data/x.parquet")

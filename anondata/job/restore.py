@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from ..files import atomic_write, check_new_folder, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
@@ -153,7 +153,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
             table = pq.read_table(root / rel)
             want = set(per_shard[shard_idx])
             col = [str(v) for v in table.column(id_column).to_pylist()]
-            rows = [i for i, v in enumerate(col) if v in want]
+            rows = shard_rows(col, want, rel)
             sub = table.take(pa.array(rows, pa.int64()))
             restored: list[bytes] = []
             cells = sub.column(image_column).to_pylist()
@@ -184,6 +184,22 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
         bar.close()
     _write_card(out_dir, sorted(splits), dataset_id, len(wanted))
     return len(wanted)
+
+
+def shard_rows(ids: list[str], want: set[str], shard: str) -> list[int]:
+    """The rows of the wanted records in a shard, each exactly once. The manifest says the shard
+    holds them, but verify checks only its row count: without this, a record missing from the
+    shard (or there twice) was skipped (or restored twice) under a "restored N records" line."""
+    rows = [i for i, v in enumerate(ids) if v in want]
+    found = Counter(ids[i] for i in rows)
+    missing, twice = sorted(want - found.keys()), sorted(k for k, n in found.items() if n > 1)
+    if missing or twice:
+        raise IntegrityError(
+            f"{shard}: " + ("; ".join(
+                ([f"record(s) {', '.join(map(repr, missing[:5]))} the manifest places here are missing"] if missing else [])
+                + ([f"record(s) {', '.join(map(repr, twice[:5]))} appear more than once"] if twice else [])))
+            + ": the release does not match its manifest; nothing was restored")
+    return rows
 
 
 def _device(asked: str | None, used: str) -> str:
