@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -239,9 +240,12 @@ def test_cli_verify_of_the_vector_release_prints_ok():
     r = subprocess.run([sys.executable, "-m", "anondata", "verify", "tests/vectors/release", "--signer", "tests/vectors/alice.pub"],
                        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    # "On success it prints `ok: N shards, M envelope files, K records (...), signed by NAME (FP)`"
+    # "On success it prints `ok: N shards, M envelope files, K records (...), signed by NAME (FP)`
+    # and, on a second line, `dataset DATASET_ID, manifest.json sha256 HEX`"
+    manifest_hash = hashlib.sha256((repo / "tests/vectors/release/manifest.json").read_bytes()).hexdigest()
     assert re.fullmatch(r"ok: 1 shards, 1 envelope files, 5 records \(3 anonymized, 1 quarantined, 1 skipped\), "
-                        r"signed by alice \(2da0fcf8cc8bf1e3afa01c14a9be9734\)\n", r.stdout), r.stdout
+                        r"signed by alice \(2da0fcf8cc8bf1e3afa01c14a9be9734\)\n"
+                        rf"dataset f03dc616d188f83464b57270433c159c, manifest.json sha256 {manifest_hash}\n", r.stdout), r.stdout
 
 
 def test_json_schema_accepts_what_we_write(tmp_path, owner):

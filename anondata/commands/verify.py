@@ -36,4 +36,7 @@ def run(args) -> int:
         f"({c['anonymized']} anonymized, {c['quarantined']} quarantined, {c['skipped']} skipped), "
         f"signed by {who}{trust}"
     )
+    # A signature proves who signed, not which of their releases this is: an older release of the
+    # same key (before a rewrap that dropped a recipient, say) verifies too. These two name it.
+    print(f"dataset {s['dataset_id']}, manifest.json sha256 {s['manifest_sha256']}")
     return 0
