@@ -16,7 +16,9 @@ original face's descriptor. A photo counts as re-identified when any face is clo
 (dlib's same-person threshold). Goal: <= 5%.
 
 --cross-check D: how many photos `--faces detect --detector hog --cross-check D` quarantines
-because D finds a face in no HOG crop (a face HOG missed, or a false positive of D).
+because D finds a face the HOG faces do not cover (a face HOG missed, or a false positive of D),
+and where those boxes lie: a shifted second box of an anonymized face (IoU >= 0.3 with its box),
+overlapping one (chins, necks), or elsewhere; --json keeps the boxes per photo (no pixels).
 
 --calibrate measures, on aligned CelebA images (celeba-ids-dev), where each detector's box and
 dlib's 5 landmarks sit relative to the model's training framing, the CelebA crop
@@ -151,19 +153,55 @@ def calibrate(limit, detectors):
               f"{m[:, 1].mean():.3f}, framing centre below eye midpoint = {m[:, 2].mean():.4f} x side")
 
 
-def cross_check(imgs, second: str) -> dict:
+def _iou(a, b) -> float:
+    i = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
+
+
+def _classify(img, second: str) -> list[dict]:
+    """The boxes of `second` that the cross-check counts as missed, each with its best IoU with a
+    HOG box, its centre's elliptic distance in the nearest anonymized face ellipse (1 = on it) and
+    its width over that face's box width; kind: 'shifted box' (IoU >= 0.3, the usual loose
+    same-object match), 'overlaps a face' (IoU > 0) or 'elsewhere'."""
+    from anondata.detect import get_detector
+    from anondata.faces import _dist_at, _missed_faces, _place_detected
+
+    found = sorted(get_detector("hog").detect(img), key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
+    places = [_place_detected(f, "hog", 1.15, False) for f in found]
+    out = []
+    for b in _missed_faces(img, places, get_detector(second), second, 1.15):
+        cx, cy = np.array([(b[0] + b[2]) / 2]), np.array([(b[1] + b[3]) / 2])
+        d, j = min((float(_dist_at(p, cx, cy)[0, 0]), j) for j, p in enumerate(places))
+        iou = max(_iou(b, f.box) for f in found)
+        kind = "shifted box" if iou >= 0.3 else "overlaps a face" if iou > 0 else "elsewhere"
+        out.append({"box": list(b), "kind": kind, "iou": round(iou, 3), "centre_in_ellipse": round(d, 3),
+                    "width_ratio": round((b[2] - b[0]) / (found[j].box[2] - found[j].box[0]), 3)})
+    return out
+
+
+def cross_check(ids, imgs, second: str) -> dict:
+    """Photos published / quarantined by `--detector hog --cross-check second`; the cross-check's
+    quarantines by their boxes' kind (see _classify; a photo counts under the farthest kind among
+    its boxes: 'shifted box' only when every box it was quarantined for is one)."""
     from collections import Counter
 
     from anondata.faces import FaceSpec, _find_places
 
-    spec, outcome = FaceSpec(mode="detect", detector="hog", cross_check=second), Counter()
-    for img in imgs:
+    spec, outcome, kinds, photos = FaceSpec(mode="detect", detector="hog", cross_check=second), Counter(), Counter(), []
+    order = ["shifted box", "overlaps a face", "elsewhere"]
+    for rid, img in zip(ids, imgs):
         _, reason, _ = _find_places(img, spec)
-        outcome["published" if reason is None else "quarantined: no face" if reason.startswith("no face")
-                else f"quarantined: {second} found a face hog missed"] += 1
-    out = {"photos": len(imgs), **outcome}
+        if reason is None or reason.startswith("no face"):
+            outcome["published" if reason is None else "quarantined: no face"] += 1
+            continue
+        outcome[f"quarantined: {second} found a face hog missed"] += 1
+        boxes = _classify(img, second)
+        kinds[max((b["kind"] for b in boxes), key=order.index)] += 1
+        photos.append({"id": rid, "boxes": boxes})
+    out = {"photos": len(imgs), **outcome, "cross_check_quarantines_by_kind": dict(kinds),
+           "boxes_by_kind": dict(Counter(b["kind"] for p in photos for b in p["boxes"]))}
     print("cross-check", second, json.dumps(out), flush=True)
-    return out
+    return {**out, "quarantined": photos}
 
 
 def main():
@@ -183,7 +221,10 @@ def main():
         return calibrate(a.limit, a.detectors.split(","))
     ids, imgs = _load("celeba-wild-dev.parquet", a.limit)
     if a.cross_check:
-        return cross_check(imgs, a.cross_check)
+        out = cross_check(ids, imgs, a.cross_check)
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        return out
     sizes = np.array([im.shape[0] * im.shape[1] for im in imgs]) / 1e6
     results = {"photos": len(imgs), "megapixels_median": round(float(np.median(sizes)), 3),
                "detection": detection(ids, imgs, a.detectors.split(","))}

@@ -310,6 +310,64 @@ def test_cross_check_face_in_a_crop_corner_is_not_counted_as_anonymized():
     assert same.quarantine_reason is None and same.faces == 1
 
 
+def _hidden_face_photo(dx: int, dy: int) -> np.ndarray:
+    """The astronaut with Grace Hopper's face (scaled to the same size) behind her head, shifted dx
+    px sideways and dy down: the astronaut's head (an ellipse over face and hair) is in front."""
+    from matplotlib.cbook import get_sample_data
+
+    with get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.asarray(Image.open(f).convert("RGB"))
+    ast = skimage_data.astronaut()
+    k = 91 / 187  # HOG's face box: 91 px wide on the astronaut, 187 px on Grace Hopper at (180, 139)
+    h = cv2.resize(hopper, (round(hopper.shape[1] * k), round(hopper.shape[0] * k)), interpolation=cv2.INTER_AREA)
+    ox, oy = 175 + dx - round(180 * k), 76 + dy - round(139 * k)
+    img = ast.copy()
+    img[max(0, oy):oy + h.shape[0], max(0, ox):ox + h.shape[1]] = h[max(0, -oy):512 - oy, max(0, -ox):512 - ox]
+    head = np.zeros(ast.shape[:2], np.uint8)
+    cv2.ellipse(head, (221, 118), (50, 62), 0, 0, 360, 1, -1)
+    img[head > 0] = ast[head > 0]
+    return img
+
+
+def test_cross_check_face_half_hidden_behind_an_anonymized_one_is_quarantined():
+    """A real face half hidden behind the anonymized one, which HOG misses and Haar finds: its box
+    overlaps the anonymized face (centre at the edge of its ellipse, about half its inner face
+    anonymized) and what shows of it (an eye, half the mouth) would be published: quarantined.
+
+    This is also why a second detector's box that overlaps an anonymized face is never excused as
+    'the same face, shifted' (3 of 150 wild photos are quarantined for such a box, with centres at
+    0.66-0.81 of the face ellipse and IoU 0.32-0.48 with the face's box; benchmarks/README.md):
+    Haar puts the hidden face below at 0.95-1.15, but a detector that finds a face by one eye
+    (dlib's CNN, YuNet, a registered one) finds it further behind, where a shifted box lies."""
+    hog, haar = detect.get_detector("hog"), detect.get_detector("haar")
+    run = lambda img, cc="haar": anonymize_photos(InvertAnon(), [img], [new_key()],  # noqa: E731
+                                                  FaceSpec(mode="detect", detector="hog", cross_check=cc))[0]
+    alone = run(skimage_data.astronaut())
+    assert alone.quarantine_reason is None and alone.faces >= 1  # Haar's own box of her face counts as covered
+    seen = 0
+    for dx, dy in ((51, -8), (51, 0), (54, 0)):
+        img = _hidden_face_photo(dx, dy)
+        if any(f.box[0] > 195 and f.box[1] < 200 for f in hog.detect(img)):
+            continue  # HOG found the hidden face itself: nothing for the cross-check to catch
+        if not any(f.box[0] > 195 and f.box[3] < 250 for f in haar.detect(img)):
+            continue  # Haar did not see it either (another OpenCV build): no claim to test here
+        seen += 1
+        assert run(img, None).quarantine_reason is None  # without the cross-check it would be published
+        res = run(img)
+        assert res.image is None and "'haar' (--cross-check) found 1 face(s) that 'hog' did not" in res.quarantine_reason
+    assert seen >= 1, "no composite where Haar sees the hidden face and HOG does not: the test checks nothing"
+
+    class Shifted:
+        name = "shifted"
+
+        def detect(self, rgb):  # the astronaut's HOG box 44% of its width sideways: centre at 0.70 of her
+            return [detect.Face((175 + 40, 76 + 4, 266 + 40, 167 + 4), 1.0)]  # face ellipse, IoU 0.37
+
+    detect.register("shifted-box", lambda arg: Shifted())
+    res = run(skimage_data.astronaut(), "shifted-box")
+    assert res.image is None and "first at box [215, 80, 306, 171]" in res.quarantine_reason
+
+
 def test_unusable_detector_setting_raises_for_the_whole_batch(anon):
     with pytest.raises(InputError, match="yunet"):
         anonymize_photos(anon, [np.zeros((64, 64, 3), np.uint8)], [new_key()], FaceSpec(mode="detect", detector="yunet"))
