@@ -389,20 +389,44 @@ def _scheduler_config(folder: Path) -> dict:
     )
 
 
+def _check_beta_schedule(cfg: dict) -> None:
+    """The scheme runs DDIM on the model's training betas, so the scheduler must have some: a
+    variance-exploding (ScoreSdeVe, NCSN++), EDM/Karras-sigma, flow-matching or consistency
+    scheduler has none, and DDIMScheduler.from_config would fill in its default linear betas,
+    a schedule the model never saw (no error, wrong images, restore from the key fails)."""
+    import inspect
+
+    import diffusers
+
+    name = cfg.get("_class_name")
+    if not name:  # an old config without a class: read as DDPM, as diffusers does
+        return
+    cls = getattr(diffusers, str(name), None) if str(name).endswith("Scheduler") else None
+    if cls is None:
+        raise InputError(f"the model's scheduler is a {name}, which this diffusers does not know; "
+                         "anondata runs DDPM-style (beta schedule) diffusion models")
+    if hasattr(cls, "_backends"):  # a placeholder for a class whose extra dependency is missing
+        return
+    if "beta_schedule" not in inspect.signature(cls.__init__).parameters:
+        raise InputError(f"the model's scheduler is a {name}, which has no DDPM beta schedule (a variance-exploding, "
+                         "EDM, flow-matching or consistency model); anondata runs DDPM-style diffusion models only")
+
+
 def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     # The scheduler classes own the beta formulas; DDIMScheduler accepts DDPM configs too.
     from diffusers import DDIMScheduler
 
+    _check_beta_schedule(cfg)
     sched = DDIMScheduler.from_config(cfg)
     return sched.alphas_cumprod.clone()
 
 
 def check_model(name_or_path: str) -> None:
     """Fail here, once, with one line, on what every worker would otherwise fail on when loading:
-    no such folder, no scheduler config, no UNet config, a missing weight file. Reads configs and
+    no such folder, no scheduler config or one without betas, no UNet config, a missing weight file. Reads configs and
     file names only (a Hub id is fetched, which loading would do anyway)."""
     folder = _resolve(str(name_or_path))[0]
-    _scheduler_config(folder)
+    _check_beta_schedule(_scheduler_config(folder))
     dirs = _component_dirs(folder)
     if "unet" not in dirs:
         raise InputError(f"model folder {folder} has no UNet config (unet/config.json or config.json)")

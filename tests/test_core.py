@@ -370,6 +370,37 @@ def test_loading_layouts_and_errors(tmp_path):
         Anonymizer.from_pretrained(tiny_model_dir(tmp_path), steps=0)
 
 
+def _edited_model(tmp_path, name, scheduler=None, unet=None):
+    """A copy of the random tiny model with its scheduler and/or UNet config edited in place."""
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(tiny_model_dir(tmp_path, trained=False), d)
+    for edit, f in ((scheduler, d / "scheduler" / "scheduler_config.json"), (unet, d / "unet" / "config.json")):
+        if edit is not None:
+            cfg = json.loads(f.read_text())
+            edit(cfg)
+            f.write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.mark.parametrize("scheduler", [
+    {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "sigma_min": 0.01, "sigma_max": 1348.0},
+    {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5},
+    {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000},
+    {"_class_name": "NoSuchScheduler", "beta_schedule": "linear"},
+])
+def test_schedulers_without_betas_are_refused(tmp_path, scheduler):
+    """DDIMScheduler.from_config fills in its default linear betas for a config that has none, so a
+    variance-exploding or EDM model loaded as if it were DDPM and made wrong images without a word."""
+    from anondata.backends import check_model
+
+    d = _edited_model(tmp_path, "sched", scheduler=lambda c: (c.clear(), c.update(scheduler)))
+    for load in (Anonymizer.from_pretrained, check_model):
+        with pytest.raises(InputError, match=scheduler["_class_name"]):
+            load(d)
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
