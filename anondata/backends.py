@@ -382,7 +382,13 @@ def weights_sha256(folder: Path) -> str:
 def _scheduler_config(folder: Path) -> dict:
     for cand in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
         if cand.is_file():
-            return json.loads(cand.read_text())
+            try:
+                cfg = json.loads(cand.read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"{cand}: not a readable JSON scheduler config ({e})") from None
+            if not isinstance(cfg, dict):
+                raise InputError(f"{cand}: not a scheduler config (expected a JSON object)")
+            return cfg
     raise InputError(
         f"model folder {folder} has no scheduler config (scheduler/scheduler_config.json or "
         "scheduler_config.json): anondata needs the training noise schedule"
@@ -417,7 +423,10 @@ def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     _check_beta_schedule(cfg)
-    sched = DDIMScheduler.from_config(cfg)
+    try:
+        sched = DDIMScheduler.from_config(cfg)
+    except (NotImplementedError, ValueError, TypeError) as e:  # e.g. DDPM's "sigmoid" betas, which DDIM lacks
+        raise InputError(f"the model's scheduler config is not usable here: {e}") from None
     return sched.alphas_cumprod.clone()
 
 

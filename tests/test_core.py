@@ -401,6 +401,20 @@ def test_schedulers_without_betas_are_refused(tmp_path, scheduler):
             load(d)
 
 
+def test_unusable_scheduler_configs_are_one_line_errors(tmp_path):
+    sigmoid = _edited_model(tmp_path, "sigmoid", scheduler=lambda c: c.update(_class_name="DDPMScheduler",
+                                                                             beta_schedule="sigmoid"))
+    with pytest.raises(InputError, match="sigmoid"):
+        Anonymizer.from_pretrained(sigmoid)
+    broken = _edited_model(tmp_path, "broken")
+    (Path(broken) / "scheduler" / "scheduler_config.json").write_text("{not json")
+    from anondata.backends import check_model
+
+    for load in (Anonymizer.from_pretrained, check_model):
+        with pytest.raises(InputError, match="scheduler_config.json: not a readable JSON"):
+            load(broken)
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
