@@ -87,11 +87,30 @@ class _Schedule:
         return out
 
 
+def _check_unconditional(unet) -> None:
+    """The scheme calls the UNet with a noisy input and a timestep only (a UNet2DConditionModel also
+    gets one zero token). Refuse at load what that cannot drive: a class-conditional UNet or one
+    needing added conditions (SDXL's text_time) fails on its first call, mid-job; a Fourier time
+    embedding is a variance-exploding score model (NCSN++), which takes noise levels, not DDPM steps."""
+    cfg = unet.config
+    if getattr(unet, "class_embedding", None) is not None:
+        raise InputError(f"the UNet is class-conditional (class_embed_type {cfg.class_embed_type!r}, num_class_embeds "
+                         f"{cfg.num_class_embeds}); anondata runs unconditional models")
+    if getattr(unet, "add_embedding", None) is not None or getattr(unet, "encoder_hid_proj", None) is not None:
+        raise InputError(f"the UNet needs added conditions (addition_embed_type {getattr(cfg, 'addition_embed_type', None)!r}, "
+                         f"encoder_hid_dim_type {getattr(cfg, 'encoder_hid_dim_type', None)!r}); anondata gives a UNet "
+                         "only a zero text embedding")
+    if getattr(cfg, "time_embedding_type", "positional") == "fourier":
+        raise InputError("the UNet has a Fourier time embedding: a variance-exploding score model (as NCSN++), "
+                         "which anondata does not run (DDPM-style models only)")
+
+
 class PixelBackend(_Schedule):
     """A pixel-space `UNet2DModel`: the scheme's latent is the image itself, in [-1, 1]."""
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str, info: dict):
         self._check_prediction_type(prediction_type)
+        _check_unconditional(unet)
         self.unet = unet.eval().requires_grad_(False)
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.prediction_type = prediction_type
@@ -152,6 +171,7 @@ class LatentBackend(_Schedule):
         from diffusers import VQModel
 
         self._check_prediction_type(prediction_type)
+        _check_unconditional(unet)
         if not 0 <= decoder_inversion_iters <= 10_000:
             raise InputError(f"decoder_inversion_iters must be in 0..10000, got {decoder_inversion_iters}")
         self.vae = vae.eval().requires_grad_(False)

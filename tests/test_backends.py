@@ -276,6 +276,24 @@ def test_bad_layouts_are_clear_errors(root, tmp_path):
         load_backend(d)
 
 
+def test_unet_needing_added_conditions_is_refused_at_load(root, tmp_path):
+    """An SDXL-style UNet (addition_embed_type text_time) failed on its first call, mid-job."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    d = _copy(Path(build_tiny_latent(root, "kl")), tmp_path / "sdxl-like")
+    shutil.rmtree(d / "unet")
+    UNet2DConditionModel(
+        sample_size=RES // 4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
+    ).save_pretrained(d / "unet")
+    with pytest.raises(InputError, match="added conditions.*text_time"):
+        load_backend(d)
+
+
 def test_identity_ignores_files_that_are_not_loaded(root, tmp_path):
     """A Hub snapshot and a `huggingface-cli download` copy of the same model may differ in extra
     files (flax weights, .ckpt); only what from_pretrained reads is the model."""

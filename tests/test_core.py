@@ -415,6 +415,27 @@ def test_unusable_scheduler_configs_are_one_line_errors(tmp_path):
             load(broken)
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"num_class_embeds": 10}, "class-conditional"),
+    ({"class_embed_type": "timestep"}, "class-conditional"),
+    ({"time_embedding_type": "fourier"}, "Fourier time embedding"),
+])
+def test_unets_the_scheme_cannot_drive_are_refused_at_load(tmp_path, extra, match):
+    """A class-conditional UNet loaded and then failed on its first call, mid-job, with a diffusers
+    traceback; a Fourier-time (variance-exploding) one ran as if its inputs were DDPM steps."""
+    from diffusers import UNet2DModel
+
+    from anondata.testing import _scheduler
+
+    d = tmp_path / "odd"
+    UNet2DModel(sample_size=32, block_out_channels=(16, 32), down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, attention_head_dim=None,
+                **extra).save_pretrained(d / "unet")
+    _scheduler().save_pretrained(d / "scheduler")
+    with pytest.raises(InputError, match=match):
+        Anonymizer.from_pretrained(str(d))
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
