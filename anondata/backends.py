@@ -105,6 +105,16 @@ def _check_unconditional(unet) -> None:
                          "which anondata does not run (DDPM-style models only)")
 
 
+def _square_size(unet) -> int:
+    """The UNet's sample_size, which sets the crop size: one int or a square pair. A non-square
+    pair was read as its first side, so faces were made at a shape the model never saw."""
+    size = unet.config.sample_size
+    sides = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+    if not sides or len(sides) > 2 or len(set(sides)) != 1 or not all(type(v) is int and v > 0 for v in sides):
+        raise InputError(f"the UNet's config has sample_size {size!r}; anondata needs a square size (one integer)")
+    return sides[0]
+
+
 class PixelBackend(_Schedule):
     """A pixel-space `UNet2DModel`: the scheme's latent is the image itself, in [-1, 1]."""
 
@@ -115,8 +125,7 @@ class PixelBackend(_Schedule):
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.prediction_type = prediction_type
         self.info = info
-        size = unet.config.sample_size
-        self.resolution = int(size if isinstance(size, int) else size[0])
+        self.resolution = _square_size(unet)
         self.channels = int(unet.config.in_channels)
         if self.channels != 3:
             raise InputError(f"pixel model has {self.channels} input channels; expected RGB (3)")
@@ -195,8 +204,7 @@ class LatentBackend(_Schedule):
                 f"the UNet takes {ucfg.in_channels} channels but the autoencoder's latents have {self.latent_channels}: "
                 "unet/ and vae/ are not from the same pipeline"
             )
-        size = ucfg.sample_size
-        self.latent_size = int(size if isinstance(size, int) else size[0])
+        self.latent_size = _square_size(unet)
         self.resolution = self.latent_size * self.factor
         self.cross_attention_dim = getattr(ucfg, "cross_attention_dim", None)
         if controlnet is not None:

@@ -436,6 +436,16 @@ def test_unets_the_scheme_cannot_drive_are_refused_at_load(tmp_path, extra, matc
         Anonymizer.from_pretrained(str(d))
 
 
+@pytest.mark.parametrize("size", [[32, 16], None])
+def test_unet_sample_size_must_be_square(tmp_path, size):
+    """[32, 16] was read as 32 (square crops the model never saw); no sample_size was a TypeError."""
+    d = _edited_model(tmp_path, "size", unet=lambda c: c.update(sample_size=size))
+    with pytest.raises(InputError, match="square"):
+        Anonymizer.from_pretrained(d)
+    square = _edited_model(tmp_path, "square", unet=lambda c: c.update(sample_size=[32, 32]))
+    assert Anonymizer.from_pretrained(square).resolution == 32
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
