@@ -528,6 +528,15 @@ def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype):
         raise InputError(f"--model {name}: could not load the {what}: {e}") from None
 
 
+def _check_device(device) -> None:
+    """Before loading: an unknown device string, or a GPU this machine lacks, was a torch traceback
+    (AssertionError 'Torch not compiled with CUDA enabled') after the weights were read."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+        raise InputError(f"device {str(device)!r} is not usable here ({str(e).splitlines()[0][:120]})") from None
+
+
 def load_backend(
     name_or_path: str = "embedded",
     device: str | torch.device = "cpu",
@@ -539,6 +548,7 @@ def load_backend(
     decoder_inversion_iters and vq_quantize apply to latent models only."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel, VQModel
 
+    _check_device(device)
     folder, name, revision = _resolve(str(name_or_path))
     dirs = _component_dirs(folder)
     if "unet" not in dirs:

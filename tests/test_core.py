@@ -446,6 +446,15 @@ def test_unet_sample_size_must_be_square(tmp_path, size):
     assert Anonymizer.from_pretrained(square).resolution == 32
 
 
+def test_unusable_device_is_one_line_error(model_dir):
+    import torch
+
+    bad = ["nonsense", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(InputError, match=f"device '{device}' is not usable here"):
+            Anonymizer.from_pretrained(model_dir, device=device)
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
