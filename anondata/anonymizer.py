@@ -93,6 +93,9 @@ class Anonymizer:
                  background: str = "noised", flip_centre: str = "mean-face"):
         if not 1 <= batch_size <= MAX_BATCH:
             raise InputError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
+        if backend.dtype not in _DTYPES.values():  # records name it; half precision is not among them
+            raise InputError(f"the backend runs in {backend.dtype}; anondata runs {' or '.join(_DTYPES)} "
+                             "(load it with dtype=torch.float32)")
         self.backend = backend
         self.batch_size = batch_size
         grid = self._latent_shape()[-1]

@@ -455,6 +455,17 @@ def test_unusable_device_is_one_line_error(model_dir):
             Anonymizer.from_pretrained(model_dir, device=device)
 
 
+def test_half_precision_backend_is_refused(model_dir):
+    """A float16 backend was accepted and failed at the first anonymize with KeyError: torch.float16."""
+    import torch
+
+    from anondata.backends import load_backend
+    from anondata.scheme import Sampler
+
+    with pytest.raises(InputError, match="float16"):
+        Anonymizer(load_backend(model_dir, dtype=torch.float16), Sampler())
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
