@@ -523,9 +523,18 @@ def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype):
         )
     try:
         # low_cpu_mem_usage=False: without `accelerate` installed diffusers would warn on every load.
-        return cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False)
+        model, loading = cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False,
+                                                               output_loading_info=True)
     except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
         raise InputError(f"--model {name}: could not load the {what}: {e}") from None
+    # diffusers fills parameters the weights lack with a fresh random init and only logs it: a config
+    # edited after training (configs are not part of the model's sha256) would run a partly random
+    # model, different in every process, whose records no restore reproduces.
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"--model {name}: the {what}'s weights lack {len(missing)} parameters its config asks for "
+                         f"(first: {missing[0]}); config.json and the weights are not from the same model")
+    return model
 
 
 def _check_device(device) -> None:

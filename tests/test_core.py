@@ -466,6 +466,17 @@ def test_half_precision_backend_is_refused(model_dir):
         Anonymizer(load_backend(model_dir, dtype=torch.float16), Sampler())
 
 
+def test_weights_missing_parameters_of_the_config_are_refused(tmp_path):
+    """A config asking for layers the weights lack loaded with those layers randomly initialized (a
+    logged warning only): a model different in every process, whose records could not be restored."""
+    def attention(c):
+        c.update(down_block_types=["AttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "AttnUpBlock2D"],
+                 attention_head_dim=8)
+
+    with pytest.raises(InputError, match="weights lack .* parameters"):
+        Anonymizer.from_pretrained(_edited_model(tmp_path, "attn", unet=attention))
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
