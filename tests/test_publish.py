@@ -80,6 +80,60 @@ def test_upload_passes_explicit_allow_patterns_to_huggingface_hub(release, runne
         pub.upload(release["dir"], "me/ds", files)
 
 
+class FakeRepo:
+    """A Hub dataset repo as `HfApi` changes it, offline: upload_folder adds the local files that
+    huggingface_hub's own pattern filter admits (its default ignore patterns included) and deletes
+    the remote ones its delete_patterns match, sparing .gitattributes and files being added."""
+
+    def __init__(self, files=(), private=None):
+        self.files, self.private, self.calls = set(files) | {".gitattributes"}, private, []
+        repo = self
+
+        class Api:
+            def __init__(self, token=None):
+                pass
+
+            def create_repo(self, repo_id, repo_type, private, exist_ok):
+                repo.calls.append("create_repo")
+                if repo.private is None:
+                    repo.private = private
+
+            def repo_info(self, repo_id, repo_type):
+                return type("Info", (), {"private": repo.private})()
+
+            def upload_folder(self, *, folder_path, allow_patterns, delete_patterns=None, ignore_patterns=None, **kw):
+                from pathlib import Path
+
+                from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+                from huggingface_hub.utils import filter_repo_objects
+
+                repo.calls.append("upload_folder")
+                local = _all_files(Path(folder_path))
+                ignore = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]
+                added = set(filter_repo_objects(local, allow_patterns=allow_patterns, ignore_patterns=ignore))
+                deleted = set(filter_repo_objects(sorted(repo.files), allow_patterns=delete_patterns)) if delete_patterns else set()
+                repo.files = (repo.files - (deleted - {".gitattributes"})) | added
+                return type("Info", (), {"commit_url": "https://hub/commit/2"})()
+
+        self.Api = Api
+
+
+def test_republishing_leaves_no_file_of_an_earlier_release(release, runner, monkeypatch):
+    """An earlier release's shards (another shard count) and envelope files stayed in the repo beside
+    the new manifest: load_dataset read them as data, and the Hub copy failed verify."""
+    import huggingface_hub
+
+    repo = FakeRepo(["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00003.parquet",
+                     "keys/train-00000-of-00002.keys.parquet", "images/banner.png"])
+    monkeypatch.setattr(huggingface_hub, "HfApi", repo.Api)
+    files = pub.publish(release["dir"], "me/ds", signer=runner)
+    assert repo.files == set(files) | {".gitattributes", "images/banner.png"}  # files outside data/, keys/ are kept
+    with_keys = pub.publish(release["dir"], "me/ds", signer=runner, include_envelopes=True)
+    assert repo.files == set(with_keys) | {".gitattributes", "images/banner.png"}
+    pub.publish(release["dir"], "me/ds", signer=runner)
+    assert repo.files == set(files) | {".gitattributes", "images/banner.png"}
+
+
 def test_refuses_unfinished_tampered_or_bad_repo(release, runner, identities, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(release["dir"], copy)

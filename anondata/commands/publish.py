@@ -13,7 +13,8 @@ def register(sub) -> None:
         description=(
             "Verify the release, then upload exactly its public files to a Hub dataset repo: README.md, "
             "manifest.json, manifest.json.sig and the data/ shards named in the manifest. keys/ (the sealed "
-            "record keys) stays local unless --include-envelopes. Log in first with `huggingface-cli login` "
+            "record keys) stays local unless --include-envelopes. Other files under data/ and keys/ in the repo "
+            "(an earlier release's) are deleted in the same upload. Log in first with `huggingface-cli login` "
             "or set HF_TOKEN."
         ),
     )

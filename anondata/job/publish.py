@@ -16,6 +16,11 @@ from ..errors import InputError
 from .journal import WORK
 
 PUBLIC_TOP = ("README.md", "manifest.json", "manifest.json.sig")
+# Folders whose every file the manifest lists (verify refuses any other). The upload deletes the
+# repo's other files there, in its first commit: a shard or envelope file of an earlier release
+# published to the same repo (another shard count, a record since removed) would otherwise stay
+# beside the new manifest, read by `load_dataset` (the card's data/{split}-*), failing verify.
+MANIFEST_GOVERNED = ("data/*", "keys/*")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -85,6 +90,7 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
             repo_type="dataset",
             folder_path=str(release),
             allow_patterns=allow_patterns(files),
+            delete_patterns=list(MANIFEST_GOVERNED),
             commit_message=message or "Upload anonymized release (anondata)",
         )
     except Exception as e:  # network, auth, permissions: all reported the same way
