@@ -134,6 +134,23 @@ def test_republishing_leaves_no_file_of_an_earlier_release(release, runner, monk
     assert repo.files == set(files) | {".gitattributes", "images/banner.png"}
 
 
+def test_private_refuses_an_existing_public_repo(release, runner, monkeypatch):
+    """create_repo(private=True, exist_ok=True) does not change an existing repo's visibility: with
+    --private the release was uploaded to a public repo without a word."""
+    import huggingface_hub
+
+    public = FakeRepo(["README.md"], private=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", public.Api)
+    with pytest.raises(InputError, match="already exists and is public; nothing was uploaded"):
+        pub.publish(release["dir"], "me/ds", signer=runner, private=True)
+    assert "upload_folder" not in public.calls and public.files == {".gitattributes", "README.md"}
+    pub.publish(release["dir"], "me/ds", signer=runner)  # without --private a public repo is what was asked
+    for repo in (FakeRepo(), FakeRepo(["README.md"], private=True)):  # new (made private), or already private
+        monkeypatch.setattr(huggingface_hub, "HfApi", repo.Api)
+        files = pub.publish(release["dir"], "me/ds", signer=runner, private=True)
+        assert repo.private is True and set(files) <= repo.files
+
+
 def test_refuses_unfinished_tampered_or_bad_repo(release, runner, identities, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(release["dir"], copy)

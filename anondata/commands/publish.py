@@ -20,7 +20,7 @@ def register(sub) -> None:
     )
     p.add_argument("dir", metavar="DIR", help="finished release folder")
     p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub dataset repository")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--private", action="store_true", help="create the repository as private; an existing public one is refused")
     p.add_argument("--include-envelopes", action="store_true",
                    help="also upload keys/ (sealed to the recipients; only they can open them)")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")

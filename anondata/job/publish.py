@@ -77,6 +77,10 @@ def check_patterns(release: str | Path, files: list[str], patterns: list[str]) -
         raise InputError(f"upload patterns admit {sorted(set(admitted) ^ set(files))[:5]}: refusing to publish")
 
 
+class _Refused(Exception):
+    """A refusal inside `upload`'s try, not to be reported as a network failure."""
+
+
 def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool = False,
            token: str | None = None, message: str | None = None) -> str:
     """The network call: create the dataset repo if needed and upload exactly `files`."""
@@ -85,6 +89,11 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # create_repo leaves an existing repo's visibility as it is: --private must not upload to a public one
+        public = private and getattr(api.repo_info(repo_id, repo_type="dataset"), "private", None) is not True
+        if public:
+            raise _Refused(f"--private: datasets/{repo_id} already exists and is public; nothing was uploaded. Make "
+                           "it private on the Hub first, or publish to a new --repo")
         info = api.upload_folder(
             repo_id=repo_id,
             repo_type="dataset",
@@ -93,6 +102,8 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
             delete_patterns=list(MANIFEST_GOVERNED),
             commit_message=message or "Upload anonymized release (anondata)",
         )
+    except _Refused as e:
+        raise InputError(str(e)) from None
     except Exception as e:  # network, auth, permissions: all reported the same way
         raise InputError(
             f"upload to {repo_id} failed ({type(e).__name__}: {str(e)[:200]}); check your network and "
