@@ -151,6 +151,30 @@ def test_private_refuses_an_existing_public_repo(release, runner, monkeypatch):
         assert repo.private is True and set(files) <= repo.files
 
 
+def test_a_failed_upload_says_whether_part_of_it_may_be_on_the_hub(release, runner, monkeypatch):
+    """huggingface_hub commits a large upload in parts; a failure midway said only 'check your
+    network', not that the repo may hold part of the release and a rerun finishes it."""
+    import huggingface_hub
+
+    repo = FakeRepo()
+
+    class Midway(repo.Api):
+        def upload_folder(self, **kw):
+            raise ConnectionError("reset by peer")
+
+    class NoRepo(repo.Api):
+        def create_repo(self, *a, **k):
+            raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Midway)
+    with pytest.raises(InputError, match="part of it may be on the Hub.*run the same `anondata publish` again"):
+        pub.publish(release["dir"], "me/ds", signer=runner)
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoRepo)
+    with pytest.raises(InputError, match="failed") as e:
+        pub.publish(release["dir"], "me/ds", signer=runner)
+    assert "part of it" not in str(e.value)  # nothing was sent
+
+
 def test_refuses_unfinished_tampered_or_bad_repo(release, runner, identities, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(release["dir"], copy)

@@ -87,6 +87,7 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
+    started = False
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         # create_repo leaves an existing repo's visibility as it is: --private must not upload to a public one
@@ -94,6 +95,7 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
         if public:
             raise _Refused(f"--private: datasets/{repo_id} already exists and is public; nothing was uploaded. Make "
                            "it private on the Hub first, or publish to a new --repo")
+        started = True
         info = api.upload_folder(
             repo_id=repo_id,
             repo_type="dataset",
@@ -105,8 +107,12 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
     except _Refused as e:
         raise InputError(str(e)) from None
     except Exception as e:  # network, auth, permissions: all reported the same way
+        # huggingface_hub commits a large upload in parts (in sorted path order: the manifest after the
+        # shards), so a failure midway can leave some of it on the Hub; a rerun skips what is there.
+        partial = ("; part of it may be on the Hub (large uploads are committed in parts): run the same "
+                   "`anondata publish` again to finish it") if started else ""
         raise InputError(
-            f"upload to {repo_id} failed ({type(e).__name__}: {str(e)[:200]}); check your network and "
+            f"upload to {repo_id} failed ({type(e).__name__}: {str(e)[:200]}){partial}; check your network and "
             "`huggingface-cli login`"
         ) from None
     return str(getattr(info, "commit_url", info))
