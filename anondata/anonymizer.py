@@ -126,10 +126,13 @@ class Anonymizer:
         sign_cell: int | None = None,
         background: str = "noised",
         flip_centre: str = "mean-face",
+        weights: bool = True,
     ) -> "Anonymizer":
+        """weights=False: built without loading the weights (backends.load_backend), to read its
+        model_info and settings; it cannot anonymize."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        backend = load_backend(name_or_path, device=device, dtype=_DTYPES[dtype])
+        backend = load_backend(name_or_path, device=device, dtype=_DTYPES[dtype], weights=weights)
         defaults = scheme.Sampler()
         try:
             sampler = scheme.Sampler(

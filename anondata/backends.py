@@ -514,17 +514,21 @@ def _class_name(d: Path) -> str:
         raise InputError(f"{d / 'config.json'}: not a readable JSON config") from None
 
 
-def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype):
+def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype, weights: bool = True):
     cls_name = _class_name(d) or next(iter(cls_by_name))  # no _class_name: the layout's default class
     if cls_name not in cls_by_name:
         raise InputError(
             f"--model {name}: {what} is a {cls_name}; "
             f"anondata supports {', '.join(sorted(cls_by_name))}"
         )
+    cls = cls_by_name[cls_name]
     try:
+        if not weights:  # the module from its config as from_pretrained builds it, on no memory
+            with torch.device("meta"):
+                module = cls.from_config(cls.load_config(d))
+            return module if module.dtype == dtype else module.to(dtype=dtype)
         # low_cpu_mem_usage=False: without `accelerate` installed diffusers would warn on every load.
-        model, loading = cls_by_name[cls_name].from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False,
-                                                               output_loading_info=True)
+        model, loading = cls.from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
         raise InputError(f"--model {name}: could not load the {what}: {e}") from None
     # diffusers fills parameters the weights lack with a fresh random init and only logs it: a config
@@ -552,9 +556,16 @@ def load_backend(
     dtype=torch.float32,
     decoder_inversion_iters: int = DECODER_INVERSION_ITERS,
     vq_quantize: bool = True,
+    weights: bool = True,
 ) -> PixelBackend | LatentBackend:
     """A backend for "embedded", a diffusers folder or a Hub id (see the module docstring).
-    decoder_inversion_iters and vq_quantize apply to latent models only."""
+    decoder_inversion_iters and vq_quantize apply to latent models only.
+
+    weights=False: the modules are built from their configs on PyTorch's meta device, with no
+    weights read into memory (they are still hashed, for `info`) and `device` ignored. Such a
+    backend cannot run; it says what a loaded one would (info, settings, resolution, latent
+    shape, face mean) by the same code, for a driver that must know what its workers will record
+    without a large model's load (pipeline._same_marker_as_committed)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel, VQModel
 
     _check_device(device)
@@ -568,22 +579,24 @@ def load_backend(
     if "vae" not in dirs:
         if "controlnet" in dirs:
             raise InputError(f"--model {name_or_path}: controlnet/ without vae/ or vqvae/: only latent ControlNet models are supported")
-        unet = _load({"UNet2DModel": UNet2DModel}, dirs["unet"], "UNet", name_or_path, dtype)
+        unet = _load({"UNet2DModel": UNet2DModel}, dirs["unet"], "UNet", name_or_path, dtype, weights)
         backend = PixelBackend(unet, _alphas_cumprod(cfg), prediction_type, info)
         backend.face_mean = read_face_mean(folder, backend.channels)
-        return backend.to(device=device)
+        return backend.to(device=device) if weights else backend
     unet_classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-    unet = _load(unet_classes, dirs["unet"], "UNet", name_or_path, dtype)
-    vae = _load({"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}, dirs["vae"], "autoencoder", name_or_path, dtype)
+    unet = _load(unet_classes, dirs["unet"], "UNet", name_or_path, dtype, weights)
+    vae = _load({"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}, dirs["vae"], "autoencoder", name_or_path, dtype,
+                weights)
     controlnet = None
     if "controlnet" in dirs:
-        controlnet = _load({"ControlNetModel": ControlNetModel}, dirs["controlnet"], "ControlNet", name_or_path, dtype)
+        controlnet = _load({"ControlNetModel": ControlNetModel}, dirs["controlnet"], "ControlNet", name_or_path, dtype,
+                           weights)
     backend = LatentBackend(
         vae, unet, _alphas_cumprod(cfg), prediction_type, info, controlnet=controlnet,
         decoder_inversion_iters=decoder_inversion_iters, vq_quantize=vq_quantize,
     )
     backend.face_mean = read_face_mean(folder, backend.latent_shape[0])
-    return backend.to(device=device)
+    return backend.to(device=device) if weights else backend
 
 
 ANONDATA_CONFIG = "anondata.json"

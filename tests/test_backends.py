@@ -304,3 +304,23 @@ def test_identity_ignores_files_that_are_not_loaded(root, tmp_path):
     assert weights_sha256(d) == weights_sha256(kl)
     (d / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
     assert weights_sha256(d) != weights_sha256(kl)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "embedded", *KINDS])
+def test_the_model_info_of_an_actor_is_known_without_its_weights(root, tiny_model, kind):
+    """--resume compares what this run's workers would record with the written shards' markers
+    (pipeline._same_marker_as_committed), on the driver, which may have no GPU: building the actor
+    there loaded a whole model (a large Hub model: minutes, gigabytes). The model built without
+    weights (on PyTorch's meta device, weights only hashed) gives the actor's string exactly, for
+    each layout and scheme, and holds no weights."""
+    from anondata.job.worker import AnonymizerActor, actor_model_json
+
+    model = {"pixel": tiny_model, "embedded": "embedded"}.get(kind) or build_tiny_latent(root, kind)
+    for sign_cell, background, centre in ((0, "noised", "mean-face"), (2, "inverted", "mean-face"), (0, "noised", "zero")):
+        kw = dict(model=model, device="cpu", steps=3, inversion_iters=None, sign_cell=sign_cell, background=background,
+                  flip_centre=centre, model_batch=1, face_spec={"mode": "aligned"}, lossless=True, recipients=[],
+                  dataset_id="d")
+        assert actor_model_json(**kw) == AnonymizerActor(**kw).model_json
+    bare = load_backend(model, weights=False)
+    modules = [bare.unet] + [getattr(bare, m) for m in ("vae", "controlnet") if getattr(bare, m, None) is not None]
+    assert {p.device.type for m in modules for p in m.parameters()} == {"meta"}

@@ -43,12 +43,12 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
     """Every shard's marker records the model, its settings and the device (lossless restore is
     bit-exact only on the kind of device that made a record), and the release must have one of
     each: a difference found at the end would cost the whole run and leave the job unfinishable.
-    So build what this run's actors would write, with the actor itself, before any work. A job
-    whose shards so far ran on CPU stays on CPU unless --gpus says otherwise (the markers pin the
-    device: the plan is written before Ray is up, so it cannot know it)."""
-    import torch
-
-    from .worker import AnonymizerActor
+    So build what this run's actors would write, by the actor's own code, before any work; without
+    loading the weights (worker.actor_model_json), which for a large model would be a long load on
+    a driver that may have no GPU. A job whose shards so far ran on CPU stays on CPU unless --gpus
+    says otherwise (the markers pin the device: the plan is written before Ray is up, so it cannot
+    know it)."""
+    from .worker import actor_model_json
 
     written = {c["model"] for c in committed.values()}
     if len(written) != 1:
@@ -58,12 +58,7 @@ def _same_marker_as_committed(opts: JobOptions, plan: dict, recipients, committe
     if theirs.get("device") == "cpu" and opts.gpus is None:
         opts.gpus = 0
     device = _pool(opts)[2]
-    threads = torch.get_num_threads()
-    try:  # on CPU whatever the device: the string holds the device by name, and the driver may have no GPU
-        actor = AnonymizerActor(**{**actor_kwargs(opts, plan, recipients, "cpu"), "model_batch": 1})
-        ours = {**canonical.loads(actor.model_json.encode(), "model info"), "device": device}
-    finally:
-        torch.set_num_threads(threads)
+    ours = canonical.loads(actor_model_json(**actor_kwargs(opts, plan, recipients, device)).encode(), "model info")
     diffs = []
     if theirs.get("device") != ours["device"]:
         fix = ("resume with --gpus 0" if theirs.get("device") == "cpu"

@@ -104,16 +104,14 @@ class AnonymizerActor:
         import torch
 
         torch.set_num_threads(1)
-        from ..anonymizer import Anonymizer
         from ..faces import FaceSpec
         from ..identity import Recipient
 
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
-        self.anon = Anonymizer.from_pretrained(
-            model, device=device, steps=steps, inversion_iters=inversion_iters, batch_size=model_batch,
-            sign_cell=sign_cell, background=background, flip_centre=flip_centre,
-        )
+        self.anon = _anonymizer(model=model, device=device, steps=steps, inversion_iters=inversion_iters,
+                                sign_cell=sign_cell, background=background, flip_centre=flip_centre,
+                                model_batch=model_batch)
         box = face_spec.get("box")
         self.spec = FaceSpec(**{**face_spec, "box": tuple(box) if box else None})
         # Load what every photo needs now: a node without it stops the job here (SetupError)
@@ -129,14 +127,38 @@ class AnonymizerActor:
         self.lossless = lossless
         self.recipients = [Recipient.from_bytes(b) for b in recipients]
         self.dataset_id = dataset_id
-        # The device is part of it: lossless restore is bit-exact only on the same kind of device.
-        self.model_json = canonical.dumps(
-            {"model": self.anon.model_info, "settings": self.anon.settings, "device": device}
-        ).decode()
+        self.model_json = _model_json(self.anon, device)
         self.worker = _worker_label(device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return process_rows(self, batch)
+
+
+def _anonymizer(*, model: str, device: str, steps, inversion_iters, sign_cell: int, background: str, flip_centre: str,
+                model_batch: int, weights: bool = True):
+    from ..anonymizer import Anonymizer
+
+    return Anonymizer.from_pretrained(
+        model, device=device, steps=steps, inversion_iters=inversion_iters, batch_size=model_batch,
+        sign_cell=sign_cell, background=background, flip_centre=flip_centre, weights=weights,
+    )
+
+
+def _model_json(anon, device: str) -> str:
+    """What each record's marker says made it. The device is part of it: lossless restore is
+    bit-exact only on the same kind of device."""
+    return canonical.dumps({"model": anon.model_info, "settings": anon.settings, "device": device}).decode()
+
+
+def actor_model_json(*, model: str, device: str, steps, inversion_iters, sign_cell: int, background: str,
+                     flip_centre: str, model_batch: int, **_) -> str:
+    """The model_json of an AnonymizerActor built with these arguments (pipeline.actor_kwargs), by
+    the same code but without loading the weights: the model is built from its configs on no
+    memory (backends.load_backend weights=False) and its weights only hashed, so a driver with no
+    GPU can check a large model's settings before the workers load it."""
+    anon = _anonymizer(model=model, device=device, steps=steps, inversion_iters=inversion_iters, sign_cell=sign_cell,
+                       background=background, flip_centre=flip_centre, model_batch=model_batch, weights=False)
+    return _model_json(anon, device)
 
 
 def _worker_label(device: str) -> str:
