@@ -51,6 +51,35 @@ def test_parquet_folder_hub_layout_splits_and_file_boundaries(tmp_path):
     assert datasets  # the layout is the one datasets itself writes
 
 
+def test_ids_are_read_in_blocks_across_files_past_the_limit(tmp_path, monkeypatch):
+    """A plan reads every id, rows past --limit too (listed as skipped), block by block rather than
+    the whole column at once (memory on a Hub dataset of millions of rows): blocks smaller than a
+    row group and a file, ending inside one, give the ids in row order, and an empty id is named
+    by its row in the split, whichever file and block it is in."""
+    from anondata.job import sources
+
+    monkeypatch.setattr(sources, "_ID_BLOCK", 2)
+    d = tmp_path / "ds" / "data"
+    a = write_face_parquet(d / "train-00000-of-00002.parquet", 5, seed=1)  # row groups of 3
+    schema = pq.read_schema(d / "train-00000-of-00002.parquet")
+    b = [{**r, "record_id": f"b-{i}"} for i, r in enumerate(write_face_parquet(tmp_path / "b.parquet", 4))]
+    pq.write_table(pa.Table.from_pylist(b, schema=schema), d / "train-00001-of-00002.parquet")
+    want = [r["record_id"] for r in a + b]
+    for limit in (None, 1, 4, 6, 9, 20):
+        s = open_source(str(tmp_path / "ds"), limit=limit)
+        assert s.ids("train", all_rows=True) == want
+        assert s.ids("train") == want[:limit]
+    b[2]["record_id"] = " "
+    pq.write_table(pa.Table.from_pylist(b, schema=schema), d / "train-00001-of-00002.parquet")
+    with pytest.raises(InputError, match="split 'train' row 7: the id column 'record_id' is empty"):
+        open_source(str(tmp_path / "ds"), limit=3).ids("train", all_rows=True)
+    assert open_source(str(tmp_path / "ds"), limit=7).ids("train") == want[:7]  # row 7 is past it
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    damage_first_data_page(tmp_path / "f.parquet")
+    with pytest.raises(InputError, match=r"f\.parquet: the column 'record_id' cannot be read"):
+        open_source(str(tmp_path / "f.parquet")).ids("train")
+
+
 def test_hub_layout_with_a_missing_or_stray_file_is_refused(tmp_path):
     """The names say how many files a split has: a download cut short silently left a third of
     the split out of the job and its manifest (found by opening train-00000/00002-of-00003)."""

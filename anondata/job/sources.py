@@ -33,6 +33,7 @@ from ..files import within
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                     ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ppm", ".pgm", ".pnm", ".tga", ".qoi", ".ico")
 DEFAULT_SPLIT = "train"
+_ID_BLOCK = 65_536  # rows of the id column held as Arrow at a time (Source.ids)
 _SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Hub layout: data/train-00000-of-00003.parquet, train-*.parquet, or train/xxx.parquet
@@ -128,21 +129,46 @@ class Source:
         n = info.total if all_rows else info.rows
         if self.id_column is None:
             return [derived_id(split, i) for i in range(n)]
-        col = self._read(info, 0, n, [self.id_column]).column(0).to_pylist()
-        out = []
-        for i, v in enumerate(col):
-            if v is None or (isinstance(v, str) and not v.strip()):
-                raise InputError(
-                    f"split {split!r} row {i}: the id column {self.id_column!r} is empty; "
-                    "fill it, or pass --id-column to use another column"
-                )
-            if isinstance(v, bool) or not isinstance(v, (str, int)):
-                raise InputError(
-                    f"the id column {self.id_column!r} holds {type(v).__name__} values; "
-                    "ids must be strings or integers (pass --id-column)"
-                )
-            out.append(str(v))
+        out: list[str] = []
+        for block in self._column_blocks(info, n, self.id_column):
+            for v in block.to_pylist():
+                if v is None or (isinstance(v, str) and not v.strip()):
+                    raise InputError(
+                        f"split {split!r} row {len(out)}: the id column {self.id_column!r} is empty; "
+                        "fill it, or pass --id-column to use another column"
+                    )
+                if isinstance(v, bool) or not isinstance(v, (str, int)):
+                    raise InputError(
+                        f"the id column {self.id_column!r} holds {type(v).__name__} values; "
+                        "ids must be strings or integers (pass --id-column)"
+                    )
+                out.append(str(v))
         return out
+
+    def _column_blocks(self, info: SplitInfo, stop: int, column: str):
+        """`column` of rows [0, stop), in row order, _ID_BLOCK rows at a time. A plan reads every id
+        (rows past --limit too: the manifest lists them), and the whole column as Arrow beside its
+        Python values cost a third more memory (2 million ids: +320 MiB, now +225 MiB)."""
+        if self.kind in ("imagefolder", "arrow"):  # ids derived, or a memory-mapped table
+            for a in range(0, stop, _ID_BLOCK):
+                yield self._read(info, a, min(stop, a + _ID_BLOCK), [column]).column(0)
+            return
+        offset = 0
+        for path, n in zip(info.files, info.file_rows):
+            if offset >= stop:
+                break
+            left = min(n, stop - offset)
+            try:
+                for batch in _parquet_file(path, self.fs).iter_batches(batch_size=_ID_BLOCK, columns=[column]):
+                    if left <= 0:
+                        break
+                    batch = batch.slice(0, left)
+                    left -= batch.num_rows
+                    yield _cast_like(pa.Table.from_batches([batch]), self.schema, [column]).column(0)
+            except (OSError, pa.ArrowException) as e:  # a damaged data page behind a valid footer
+                raise InputError(f"{path}: the column {column!r} cannot be read ({str(e).splitlines()[0][:160]}); "
+                                 "repair or re-export the file") from None
+            offset += n
 
     def fingerprint(self, ids: dict[str, list[str]] | None = None) -> dict:
         """What --resume compares to notice changed contents: a resumed job reads rows by
