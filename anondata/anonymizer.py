@@ -172,6 +172,7 @@ class Anonymizer:
             "sign_cell": self.sign_cell,
             "background": self.background,
             "face_mean": "none" if self.face_mean is None else ",".join(map(str, self.face_mean)),
+            **({"schedule": self.backend.schedule} if self.backend.schedule else {}),
             "dtype": self.dtype_name,
             "resolution": self.resolution,
             **getattr(self.backend, "settings", {}),

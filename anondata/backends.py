@@ -61,6 +61,7 @@ class _Schedule:
     prediction_type: str
     unet: torch.nn.Module
     face_mean: tuple[float, ...] | None = None  # read_face_mean: what the flip centres on (scheme v3)
+    schedule: str | None = None  # _alphas_cumprod's id of the noise schedule, for the manifest's settings
 
     @property
     def device(self) -> torch.device:
@@ -446,7 +447,12 @@ def _check_beta_schedule(cfg: dict) -> None:
                          "EDM, flow-matching or consistency model); anondata runs DDPM-style diffusion models only")
 
 
-def _alphas_cumprod(cfg: dict) -> torch.Tensor:
+def _alphas_cumprod(cfg: dict) -> tuple[torch.Tensor, str]:
+    """(alphas_cumprod, schedule id). The id names the schedule by the config values that define
+    it (with diffusers' defaults filled in) and the prediction type: the weights' sha256 does not
+    cover configs, so a scheduler config edited after anonymizing would otherwise restore from the
+    key silently wrong. From the config, not the floats: the same config must give the same id
+    on every machine and torch version."""
     # The scheduler classes own the beta formulas; DDIMScheduler accepts DDPM configs too.
     from diffusers import DDIMScheduler
 
@@ -455,7 +461,12 @@ def _alphas_cumprod(cfg: dict) -> torch.Tensor:
         sched = DDIMScheduler.from_config(cfg)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. DDPM's "sigmoid" betas, which DDIM lacks
         raise InputError(f"the model's scheduler config is not usable here: {e}") from None
-    return sched.alphas_cumprod.clone()
+    c = sched.config
+    defining = {k: c.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                      "trained_betas", "rescale_betas_zero_snr")}
+    defining["prediction_type"] = cfg.get("prediction_type", "epsilon")
+    text = json.dumps(defining, sort_keys=True, separators=(",", ":"), default=list)
+    return sched.alphas_cumprod.clone(), hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_model(name_or_path: str) -> None:
@@ -568,7 +579,8 @@ def load_backend(
     without a large model's load (pipeline._same_marker_as_committed)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel, VQModel
 
-    _check_device(device)
+    if weights:  # else `device` is ignored: a driver without the workers' GPU asks what they will record
+        _check_device(device)
     folder, name, revision = _resolve(str(name_or_path))
     dirs = _component_dirs(folder)
     if "unet" not in dirs:
@@ -576,12 +588,14 @@ def load_backend(
     cfg = _scheduler_config(folder)
     info = {"name": name, "sha256": weights_sha256(folder), "revision": revision or ""}
     prediction_type = cfg.get("prediction_type", "epsilon")
+    alphas_cumprod, schedule = _alphas_cumprod(cfg)
     if "vae" not in dirs:
         if "controlnet" in dirs:
             raise InputError(f"--model {name_or_path}: controlnet/ without vae/ or vqvae/: only latent ControlNet models are supported")
         unet = _load({"UNet2DModel": UNet2DModel}, dirs["unet"], "UNet", name_or_path, dtype, weights)
-        backend = PixelBackend(unet, _alphas_cumprod(cfg), prediction_type, info)
+        backend = PixelBackend(unet, alphas_cumprod, prediction_type, info)
         backend.face_mean = read_face_mean(folder, backend.channels)
+        backend.schedule = schedule
         return backend.to(device=device) if weights else backend
     unet_classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     unet = _load(unet_classes, dirs["unet"], "UNet", name_or_path, dtype, weights)
@@ -592,10 +606,11 @@ def load_backend(
         controlnet = _load({"ControlNetModel": ControlNetModel}, dirs["controlnet"], "ControlNet", name_or_path, dtype,
                            weights)
     backend = LatentBackend(
-        vae, unet, _alphas_cumprod(cfg), prediction_type, info, controlnet=controlnet,
+        vae, unet, alphas_cumprod, prediction_type, info, controlnet=controlnet,
         decoder_inversion_iters=decoder_inversion_iters, vq_quantize=vq_quantize,
     )
     backend.face_mean = read_face_mean(folder, backend.latent_shape[0])
+    backend.schedule = schedule
     return backend.to(device=device) if weights else backend
 
 

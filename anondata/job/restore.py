@@ -224,7 +224,7 @@ def _load_model(model: str | None, m: dict, device: str = "cpu"):
     s = m["settings"]
     name = model or m["model"]["name"]
     try:
-        return Anonymizer.from_pretrained(
+        anon = Anonymizer.from_pretrained(
             name, device=device, steps=s.get("steps"), inversion_iters=s.get("inversion_iters"),
             dtype=s.get("dtype", "float32"),
         )
@@ -235,6 +235,16 @@ def _load_model(model: str | None, m: dict, device: str = "cpu"):
             f"cannot load the release's model {name!r} ({e}); pass --model with the folder it was anonymized with "
             f"(sha256 {m['model']['sha256'][:12]}…)"
         ) from None
+    # The records check the weights' sha256, which does not cover the scheduler config; newer
+    # releases also name the noise schedule (older ones lack it: nothing to compare).
+    ours = anon.settings.get("schedule")
+    if "schedule" in s and s["schedule"] != ours:
+        raise InputError(
+            f"the model {name!r} has the release's weights but another noise schedule (scheduler config: "
+            f"schedule {ours} here, {s['schedule']} in the release): restore would be wrong; use the model "
+            "folder the release was anonymized with, its scheduler/ unedited"
+        )
+    return anon
 
 
 def _write_card(out_dir: Path, splits: list[str], dataset_id: str, n: int) -> None:
