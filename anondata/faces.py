@@ -54,7 +54,10 @@ _ALIGNED_ELLIPSE = (0.5, 0.54, 0.36, 0.42)
 _ALIGNED_FEATHER = 1.10
 # Training-framing side per detector box width, and framing centre offset (in sides) from the
 # box centre; measured on 300 CelebA aligned images (40 for mmod) by benchmarks/wild_detection.py --calibrate.
-_BOX_FRAMING = {"hog": (1.357, -0.079), "haar": (1.235, -0.019), "mmod": (1.476, -0.031)}
+# Looked up by the full detector spec, then by its name: "haar" is detect.HAAR_SETTINGS (alt2, whose
+# boxes are 3% smaller), "haar:frontalface_default,5" the setting before it, which older job plans resume with.
+_BOX_FRAMING = {"hog": (1.357, -0.079), "haar": (1.269, -0.017), "haar:frontalface_default,5": (1.235, -0.019),
+                "mmod": (1.476, -0.031)}
 _DEFAULT_FRAMING = (1.30, -0.05)
 # From the 5 landmarks: side = eye distance / 0.296 (or nose-to-eye-line / 0.234 for turned
 # heads); framing centre = eye midpoint + 0.0627 side downwards (in the face's own frame).
@@ -226,7 +229,7 @@ def _place_aligned(box, full: bool) -> _Place:
 
 def _place_detected(face, detector: str, expand: float, full: bool) -> _Place:
     x0, y0, x1, y1 = face.box
-    k, dy = _BOX_FRAMING.get(detector.partition(":")[0], _DEFAULT_FRAMING)
+    k, dy = _BOX_FRAMING.get(detector) or _BOX_FRAMING.get(detector.partition(":")[0], _DEFAULT_FRAMING)
     s_box = (x1 - x0) * k
     c_box = np.array([(x0 + x1) / 2, (y0 + y1) / 2 + dy * s_box])
     side, centre, theta = s_box, c_box, 0.0
@@ -535,7 +538,7 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
 # face (elliptic distance <= _FEATURES in its own face ellipse: eyes, nose and mouth sit within
 # ~0.6 in the training framing) is. Not its whole box: the box's corners (hair, background) get
 # weight 0 even for the very face the first detector anonymized (86% of a box lies at weight ~1
-# for the same box, 75% for Haar's box of a HOG face); jitter between detectors (box shifted 15%
+# for the same box, 75% for Haar's box of a HOG face, frontalface_default); jitter between detectors (box shifted 15%
 # or 15% larger) keeps >= 0.96 of the inner face, a face beside another one's chin 0.69 or less.
 _COVERED_WEIGHT = 0.99
 _COVERED_SHARE = 0.95

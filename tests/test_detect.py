@@ -25,7 +25,7 @@ def astronaut():
     return skimage_data.astronaut()
 
 
-@pytest.mark.parametrize("name", ["hog", "haar"])
+@pytest.mark.parametrize("name", ["hog", "haar", "haar:frontalface_default,5"])
 def test_finds_the_astronaut(astronaut, name):
     faces = detect.get_detector(name).detect(astronaut)
     best = [f for f in faces if _overlap(f.box, ASTRONAUT_FACE) > 0.8]
@@ -52,7 +52,7 @@ def test_large_photo_is_searched_downscaled_and_boxes_map_back(astronaut):
     assert len(faces) == 1
 
 
-@pytest.mark.parametrize("name", ["hog", "haar"])
+@pytest.mark.parametrize("name", ["hog", "haar", "haar:frontalface_default,5"])
 def test_no_face_in_flat_or_noise_image(name):
     flat = np.full((120, 160, 3), 128, np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
@@ -60,9 +60,23 @@ def test_no_face_in_flat_or_noise_image(name):
     assert d.detect(flat) == [] and d.detect(noise) == []
 
 
+def test_haar_setting_is_named_in_the_spec():
+    """"haar" is detect.HAAR_SETTINGS; "haar:CASCADE,MIN_NEIGHBORS" another one (job plans name it,
+    so that a resumed job keeps the setting it started with); a bad one says the format."""
+    d = detect.get_detector("haar")
+    assert (d.cascade, d.min_neighbors) == ("frontalface_alt2", 2) and detect.HAAR_SETTINGS == "frontalface_alt2,2"
+    before = detect.get_detector("haar:" + detect.HAAR_SETTINGS_BEFORE)
+    assert (before.cascade, before.min_neighbors) == ("frontalface_default", 5)
+    for bad in ("haar:frontalface_alt2", "haar:frontalface_alt2,0", "haar:eye,3", "haar:frontalface_alt2,x"):
+        with pytest.raises(InputError, match="expected haar:CASCADE,MIN_NEIGHBORS .* e.g. haar:frontalface_alt2,2"):
+            detect.get_detector(bad)
+
+
 def test_unknown_detector_lists_the_choices():
-    with pytest.raises(InputError, match="haar, hog, mmod, yunet"):
+    with pytest.raises(InputError, match="unknown face detector 'retinaface'; choose one of: ") as e:
         detect.get_detector("retinaface")
+    choices = str(e.value).split("choose one of: ")[1].split(", ")  # other tests may have registered more
+    assert {"haar", "hog", "mmod", "yunet"} <= set(choices) and choices == sorted(choices)
 
 
 def test_detector_needing_a_download_fails_clearly(tmp_path):

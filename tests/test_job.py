@@ -471,11 +471,42 @@ def test_detect_mode_cross_checks_by_default_fail_closed():
     def spec(**kw):
         return face_spec(JobOptions(source="s", out="o", recipients=[], signing_key="k", **kw))["cross_check"]
 
-    assert spec(faces="detect") == "haar"
+    assert spec(faces="detect") == "haar:frontalface_alt2,2"  # the Haar setting too (see the test below)
     assert spec(faces="detect", detector="haar") == "hog"
     assert spec(faces="detect", cross_check="mmod") == "mmod"
     assert spec(faces="detect", cross_check="none") is None
     assert spec(faces="aligned") is None  # one aligned face per image: nothing to cross-check
+
+
+def test_plan_records_the_haar_setting_and_an_older_plan_resumes_with_its_own():
+    """The Haar setting decides which photos are quarantined (and, with --detector haar, which
+    faces are anonymized), so the plan and the manifest record it. Plans written before it changed
+    say a bare "haar", which meant frontalface_default with minNeighbors 5: a --resume finishes such
+    a job with that setting, and refuses to be told the new one, naming the plan's."""
+    import dataclasses
+
+    from anondata.job.pipeline import JobOptions
+    from anondata.job.plan import check_given_against_plan, face_spec, options_from_plan
+
+    kw = dict(source="s", out="o", recipients=[], signing_key="k")
+    new = face_spec(JobOptions(faces="detect", **kw))
+    assert (new["detector"], new["cross_check"]) == ("hog", "haar:frontalface_alt2,2")
+    assert face_spec(JobOptions(faces="detect", detector="haar", **kw))["detector"] == "haar:frontalface_alt2,2"
+    base = {"model": "m", "steps": -1, "inversion_iters": 4, "lossless": True, "shard_size": 10,
+            "limit": 0, "image_column": "image", "id_column": "", "splits": [], "license": "other"}
+    old_faces = {"mode": "detect", "detector": "hog", "on_no_face": "quarantine", "box": None, "cross_check": "haar"}
+    got = options_from_plan(JobOptions(**kw), {"options": {**base, "faces": old_faces}})
+    assert got.cross_check == "haar:frontalface_default,5" and got.detector == "hog"
+    assert face_spec(got)["cross_check"] == "haar:frontalface_default,5"  # what the resumed workers run
+    old_faces = {**old_faces, "detector": "haar", "cross_check": "hog"}
+    got = options_from_plan(JobOptions(**kw), {"options": {**base, "faces": old_faces}})
+    assert got.detector == "haar:frontalface_default,5"
+    got = options_from_plan(JobOptions(**kw), {"options": {**base, "faces": new}})
+    assert face_spec(got) == new  # a new plan resumes as written
+    planned = options_from_plan(JobOptions(**kw), {"options": {**base, "faces": {**new, "cross_check": "haar"}}})
+    given = dataclasses.replace(planned, cross_check="haar", given=frozenset({"cross_check"}))
+    with pytest.raises(InputError, match="--cross-check \\(the plan has cross_check 'haar:frontalface_default,5'\\)"):
+        check_given_against_plan(given, planned)
 
 
 def test_lossy_release_restores_every_record_close_or_exact(ray_address, identities, tiny_model, tmp_path):

@@ -113,8 +113,9 @@ def register(sub) -> None:
     g.add_argument("--cross-check", choices=["auto", "none", "hog", "haar", "mmod"], default="auto",
                    help="with --faces detect: a second detector; a photo where it finds a face the first missed is "
                         "quarantined, never published (fail closed). auto (default): haar for --detector hog, hog "
-                        "for haar. Haar also flags non-faces (32%% of wild CelebA photos quarantined, mostly false "
-                        "alarms): review the quarantine. none publishes photos with a missed face: unsafe")
+                        "for haar (OpenCV's frontalface_alt2 cascade, minNeighbors 2). Haar also flags non-faces "
+                        "(26%% of wild CelebA photos quarantined, mostly false alarms): review the quarantine. none "
+                        "publishes photos with a missed face: unsafe")
     g.add_argument("--lossy-restore", action="store_true",
                    help="omit the lossless residual: smaller keys, restore is close but not bit-exact (a face "
                         "whose key-only restore would be below 30 dB keeps its residual anyway)")

@@ -44,10 +44,30 @@ def face_spec(opts: JobOptions) -> dict:
     return {
         "mode": opts.faces,
         "box": list(opts.face_box) if opts.face_box else None,
-        "detector": opts.detector,
+        "detector": _with_settings(opts.detector),
         "on_no_face": opts.on_no_face,
-        "cross_check": cross_check,
+        "cross_check": _with_settings(cross_check),
     }
+
+
+def _with_settings(detector: str | None) -> str | None:
+    """"haar" -> "haar:CASCADE,MIN_NEIGHBORS" as of now, so that the plan (and the manifest) say which
+    Haar setting decided the output, and a --resume by a later anondata keeps it."""
+    if detector == "haar":
+        from ..detect import HAAR_SETTINGS
+
+        return f"haar:{HAAR_SETTINGS}"
+    return detector
+
+
+def _planned_detector(detector: str | None) -> str | None:
+    """A plan's detector as this anondata must run it: plans written before 2026-11-28 say a bare "haar",
+    which then meant frontalface_default with minNeighbors 5 (now HAAR_SETTINGS_BEFORE)."""
+    if detector == "haar":
+        from ..detect import HAAR_SETTINGS_BEFORE
+
+        return f"haar:{HAAR_SETTINGS_BEFORE}"
+    return detector
 
 
 def precheck(opts: JobOptions) -> None:
@@ -223,8 +243,8 @@ def options_from_plan(opts: JobOptions, plan: dict) -> JobOptions:
     opts.sign_cell = max(0, o.get("sign_cell", 0))
     opts.background = o.get("background", "inverted")  # a plan without it is from before scheme v3
     opts.flip_centre = o.get("flip_centre", "mean-face")
-    opts.faces, opts.detector, opts.on_no_face = f["mode"], f["detector"], f["on_no_face"]
-    opts.cross_check = f.get("cross_check")
+    opts.faces, opts.detector, opts.on_no_face = f["mode"], _planned_detector(f["detector"]), f["on_no_face"]
+    opts.cross_check = _planned_detector(f.get("cross_check"))
     opts.face_box = tuple(f["box"]) if f["box"] else None
     opts.lossless = o["lossless"]
     opts.shard_size = o["shard_size"]
