@@ -34,6 +34,21 @@ from .errors import InputError, SetupError
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), full-resolution pixels
 
 
+def box_of(rect) -> Box:
+    """dlib rectangle -> half-open box. Why +1: dlib's right() and bottom() are the last pixel
+    *inside* the rectangle (rect.width() == right - left + 1), where a Box's x1, y1 are the first
+    pixel outside it; taking them as-is made every box one pixel short on both axes."""
+    return (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
+
+
+def rect_of(box: Box):
+    """Half-open box -> dlib rectangle (the inverse of `box_of`)."""
+    import dlib
+
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
+
+
 @dataclass(frozen=True)
 class Face:
     box: Box
@@ -110,9 +125,7 @@ def _with_landmarks(rgb: np.ndarray, boxes: list[tuple[Box, float]]) -> list[Fac
     for box, score in boxes:
         lm = None
         if sp is not None:
-            import dlib
-
-            shape = sp(rgb, dlib.rectangle(*box[:2], box[2] - 1, box[3] - 1))
+            shape = sp(rgb, rect_of(box))
             lm = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], np.float32)
         out.append(Face(box, float(score), lm))
     return out
@@ -131,7 +144,7 @@ class HogDetector:
         h, w = rgb.shape[:2]
         boxes = []
         for r, s in zip(rects, scores):
-            b = _clip_box(r.left() / f, r.top() / f, (r.right() + 1) / f, (r.bottom() + 1) / f, w, h)
+            b = _clip_box(*(v / f for v in box_of(r)), w, h)
             if b:
                 boxes.append((b, s))
         return _with_landmarks(rgb, boxes)
@@ -152,7 +165,7 @@ class MmodDetector:
         boxes = []
         for d in dets:
             r = d.rect
-            b = _clip_box(r.left() / f, r.top() / f, (r.right() + 1) / f, (r.bottom() + 1) / f, w, h)
+            b = _clip_box(*(v / f for v in box_of(r)), w, h)
             if b:
                 boxes.append((b, d.confidence))
         return _with_landmarks(rgb, boxes)

@@ -83,13 +83,15 @@ def _descriptors(img, boxes):
     import dlib
     import face_recognition_models as frm
 
+    from anondata.detect import rect_of
+
     sp = _descriptors.sp = getattr(_descriptors, "sp", None) or dlib.shape_predictor(
         frm.pose_predictor_five_point_model_location())
     rec = _descriptors.rec = getattr(_descriptors, "rec", None) or dlib.face_recognition_model_v1(
         frm.face_recognition_model_location())
     out = []
     for x0, y0, x1, y1 in boxes:
-        shape = sp(img, dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
+        shape = sp(img, rect_of((x0, y0, x1, y1)))
         out.append(np.array(rec.compute_face_descriptor(img, shape)))
     return out
 

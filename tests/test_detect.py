@@ -95,3 +95,9 @@ def test_register_a_detector():
 
     detect.register("one-test", lambda arg: One())
     assert detect.get_detector("one-test").detect(np.zeros((50, 50, 3), np.uint8))[0].box == (1, 2, 30, 40)
+
+
+def test_dlib_rectangles_convert_to_half_open_boxes_and_back():
+    r = detect.rect_of((3, 4, 10, 12))
+    assert (r.left(), r.top(), r.right(), r.bottom()) == (3, 4, 9, 11) and (r.width(), r.height()) == (7, 8)
+    assert detect.box_of(r) == (3, 4, 10, 12)

@@ -428,3 +428,42 @@ def test_gallery_smaller_than_the_limit_is_stated(tmp_path, monkeypatch):
     info = run_mod.evaluate_release(str(root), str(src), signer=runner, identity_column="person", gallery_limit=1)
     assert info["gallery"] == {"other_photos": 1, "limit": 1} and _gallery_note(info["gallery"]) == ""
     assert run_mod.evaluate_release(str(root), str(src), signer=runner)["gallery"] is None
+
+
+def test_hog_boxes_are_half_open_like_every_other_box():
+    """dlib's right()/bottom() are the last pixel inside; the eval's boxes (crops, embeddings,
+    landmarks) end one past it. Taken as-is they were one pixel short on each axis."""
+    import dlib
+    from skimage import data
+
+    from anondata import detect
+    from anondata.eval import identity as ident
+    from anondata.eval import metrics as M
+
+    img = data.astronaut()
+    rects = sorted(dlib.get_frontal_face_detector()(img, 1), key=lambda r: -r.area())
+    boxes = ident.detect(img)
+    assert rects and len(boxes) == len(rects)
+    r, box = rects[0], boxes[0]
+    assert (box[2] - box[0], box[3] - box[1]) == (r.width(), r.height())
+    assert detect.rect_of(box) == r  # what embed() and landmarks68() hand dlib is dlib's own rectangle
+    assert M.crop(img, box).shape[:2] == (r.height(), r.width())
+    assert box in [f.box for f in detect.HogDetector().detect(img)]  # the job's detector agrees
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (1, 40), (40, 2), (2, 2)])
+def test_ssim_is_undefined_on_crops_under_three_pixels(shape):
+    from anondata.eval import metrics as M
+
+    a = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert M.ssim(a, a.copy()) is None
+    assert M.summary([M.ssim(a, a), 0.5])["n"] == 1  # left out of the summary, not counted as a value
+
+
+def test_ssim_on_the_smallest_defined_crops():
+    from anondata.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 40, 3), dtype=np.uint8)
+    assert M.ssim(a, a.copy()) == pytest.approx(1.0)
+    assert M.ssim(a, rng.integers(0, 256, a.shape, dtype=np.uint8)) < 0.5

@@ -17,9 +17,9 @@ import functools
 
 import numpy as np
 
+from ..detect import Box, box_of, rect_of  # Box: x0, y0, x1, y1 (x1, y1 exclusive), pixels
 from ..errors import InputError
 
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
 SAME_PERSON = 0.6  # dlib's threshold on the embedding distance
 
 
@@ -59,10 +59,9 @@ def _rgb(img: np.ndarray) -> np.ndarray:
 
 
 def detect(img: np.ndarray, upsample: int = 1) -> list[Box]:
-    """HOG detections, largest first."""
-    dlib, det, *_ = _dlib()
-    rects = det(_rgb(img), upsample)
-    boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+    """HOG detections as half-open boxes (not clipped to the image), largest first."""
+    _, det, *_ = _dlib()
+    boxes = [box_of(r) for r in det(_rgb(img), upsample)]
     return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
 
 
@@ -79,21 +78,16 @@ def face_box(img: np.ndarray, fallback: Box | None = None) -> tuple[Box, bool]:
     return (x0, y0, x0 + s, y0 + s), False
 
 
-def _rect(box: Box):
-    dlib = _dlib()[0]
-    return dlib.rectangle(int(box[0]), int(box[1]), int(box[2]) - 1, int(box[3]) - 1)
-
-
 def embed(img: np.ndarray, box: Box) -> np.ndarray:
     """128-d dlib ResNet descriptor of the face in `box` (aligned by the 5-point predictor)."""
     _, _, sp5, _, rec = _dlib()
     img = _rgb(img)
-    shape = sp5(img, _rect(box))
+    shape = sp5(img, rect_of(box))
     return np.asarray(rec.compute_face_descriptor(img, shape, 0), dtype=np.float64)
 
 
 def landmarks68(img: np.ndarray, box: Box) -> np.ndarray:
     """(68, 2) float landmarks fitted inside `box` (iBUG 300-W order: 36 and 45 are the outer eye corners)."""
     _, _, _, sp68, _ = _dlib()
-    shape = sp68(_rgb(img), _rect(box))
+    shape = sp68(_rgb(img), rect_of(box))
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)

@@ -102,12 +102,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if mse == 0 else _f(10 * math.log10(255.0**2 / mse))
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
+SSIM_MIN_SIDE = 3  # the smallest odd window with a sample variance in it
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean SSIM of two uint8 crops over 7x7 windows, or the largest odd window that fits.
+
+    None (undefined, left out of the summaries, whose `n` then counts fewer faces) when either
+    side is under 3 px: a 1-px window has no variance to compare (skimage divides by N - 1 = 0)
+    and a 2-px side fits no odd window. Such a crop is a face box that lies almost entirely
+    outside the photo; a number made up for it would say nothing about the face."""
     from skimage.metrics import structural_similarity
 
     side = min(a.shape[:2])
+    if side < SSIM_MIN_SIDE:
+        return None
     win = min(7, side if side % 2 else side - 1)
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win))
+    return _f(structural_similarity(a, b, channel_axis=2, data_range=255, win_size=win))
 
 
 def crop(img: np.ndarray, box) -> np.ndarray:

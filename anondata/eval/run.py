@@ -22,8 +22,7 @@ import numpy as np
 from .. import __version__
 from ..errors import AnondataError, InputError
 from . import attacks, identity as ident, metrics as M
-
-Box = tuple[int, int, int, int]
+from .identity import Box
 FORMAT = "anondata-eval"
 
 
