@@ -100,7 +100,7 @@ def register(sub) -> None:
                         "come out orange and oversaturated; docs/SCHEME.md, 'The background path')")
     g.add_argument("--flip-centre", choices=["mean-face", "zero"], default="mean-face",
                    help="what the sign flip reflects around (scheme v3): the model's public mean face (the "
-                        "default: strangers get skin tones; CelebA, embedded prior: 100%% of faces beyond dlib's 0.6, colour "
+                        "default: strangers get skin tones; CelebA, embedded prior: 96-100%% of faces beyond dlib's 0.6, colour "
                         "shift within 3 levels) or zero (grey strangers that hid a little more on 0.1.0's prior: "
                         "100%%, -27 levels of red); "
                         "ignored with --background inverted; docs/SCHEME.md, 'The flip's centre'")
