@@ -467,3 +467,25 @@ def test_ssim_on_the_smallest_defined_crops():
     a = rng.integers(0, 256, (3, 40, 3), dtype=np.uint8)
     assert M.ssim(a, a.copy()) == pytest.approx(1.0)
     assert M.ssim(a, rng.integers(0, 256, a.shape, dtype=np.uint8)) < 0.5
+
+
+def test_eval_refuses_the_weights_with_another_noise_schedule(release, identities, tiny_model, tmp_path):
+    """eval --identity restores records, so it must refuse what restore refuses: the release's
+    weights with an edited scheduler config (the weights' sha256 does not cover it) would report
+    restore fidelity and wrong-key numbers of a restore that is not the release's."""
+    import shutil
+
+    from anondata.errors import InputError
+    from anondata.eval.run import evaluate_release
+    from anondata.identity import load_recipient
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model, edited)
+    cfg_path = next(p for p in (edited / "scheduler" / "scheduler_config.json", edited / "scheduler_config.json")
+                    if p.is_file())
+    cfg = json.loads(cfg_path.read_text())
+    cfg["beta_end"] = 0.03
+    cfg_path.write_text(json.dumps(cfg))
+    kw = dict(signer=load_recipient(identities["runner"][1]), identity_path=identities["owner"][0], limit=1)
+    with pytest.raises(InputError, match="another noise schedule"):
+        evaluate_release(str(release["dir"]), str(release["source"]), model=str(edited), **kw)

@@ -312,6 +312,9 @@ def _load_anonymizer(m: dict, model: str | None):
     if anon.model_info.get("sha256") != m["model"]["sha256"]:
         raise InputError(f"--model {name}: its weights (sha256 {anon.model_info.get('sha256', '')[:12]}…) are not the "
                          f"release's ({m['model']['sha256'][:12]}…); pass the model folder the release was made with")
+    from ..job.restore import check_schedule
+
+    check_schedule(anon, s, name)  # eval restores records too: the same weights with edited betas restore wrong
     return anon
 
 

@@ -235,16 +235,21 @@ def _load_model(model: str | None, m: dict, device: str = "cpu"):
             f"cannot load the release's model {name!r} ({e}); pass --model with the folder it was anonymized with "
             f"(sha256 {m['model']['sha256'][:12]}…)"
         ) from None
-    # The records check the weights' sha256, which does not cover the scheduler config; newer
-    # releases also name the noise schedule (older ones lack it: nothing to compare).
+    check_schedule(anon, s, name)
+    return anon
+
+
+def check_schedule(anon, settings: dict, name: str) -> None:
+    """The records check the weights' sha256, which does not cover the scheduler config; newer
+    releases also name the noise schedule (older ones lack it: nothing to compare). Every path
+    that restores records (restore, eval) must refuse another schedule: restore would be wrong."""
     ours = anon.settings.get("schedule")
-    if "schedule" in s and s["schedule"] != ours:
+    if "schedule" in settings and settings["schedule"] != ours:
         raise InputError(
             f"the model {name!r} has the release's weights but another noise schedule (scheduler config: "
-            f"schedule {ours} here, {s['schedule']} in the release): restore would be wrong; use the model "
+            f"schedule {ours} here, {settings['schedule']} in the release): restore would be wrong; use the model "
             "folder the release was anonymized with, its scheduler/ unedited"
         )
-    return anon
 
 
 def _write_card(out_dir: Path, splits: list[str], dataset_id: str, n: int) -> None:
