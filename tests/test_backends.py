@@ -324,3 +324,13 @@ def test_the_model_info_of_an_actor_is_known_without_its_weights(root, tiny_mode
     bare = load_backend(model, weights=False)
     modules = [bare.unet] + [getattr(bare, m) for m in ("vae", "controlnet") if getattr(bare, m, None) is not None]
     assert {p.device.type for m in modules for p in m.parameters()} == {"meta"}
+
+
+def test_schedule_id_is_what_format_md_says():
+    """docs/FORMAT.md, settings.schedule, gives the embedded prior's JSON text and id so that the
+    id can be computed without anondata: the loader must produce exactly that."""
+    text = ('{"beta_end":0.02,"beta_schedule":"squaredcos_cap_v2","beta_start":0.0001,"num_train_timesteps":1000,'
+            '"prediction_type":"v_prediction","rescale_betas_zero_snr":true,"trained_betas":null}')
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "9a8c88e50d46dfc5"
+    assert load_backend("embedded", weights=False).schedule == "9a8c88e50d46dfc5"
+    assert text in (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
