@@ -9,10 +9,16 @@ Loading (`load_backend`): "embedded" (the prior shipped in this package), a loca
 diffusers layout, or a Hub id through the real `snapshot_download`; offline, a Hub id fails with
 a message that says how to pre-download. Folder layouts:
 
-- bare pixel model: `config.json` (UNet2DModel) + weights, optionally `scheduler_config.json`;
+- bare pixel model: `config.json` (UNet2DModel) + weights + `scheduler_config.json` (required: the
+  training betas; a folder without one is refused);
 - pipeline: `unet/` + `scheduler/`, and for latent diffusion `vqvae/` (VQModel, as
   CompVis/ldm-celebahq-256) or `vae/` (AutoencoderKL or VQModel), optionally `controlnet/`
   (ControlNetModel over a UNet2DConditionModel, conditioned on the face mask as in the paper).
+
+What the scheme cannot drive is refused at load with one line, not met mid-job: schedulers without
+DDPM betas (`_check_beta_schedule`), class-conditional UNets, added conditions and Fourier time
+embeddings (`_check_unconditional`), a non-square sample_size (`_square_size`), and weights that
+lack parameters their config asks for (diffusers would initialise them at random).
 
 Latent models (`LatentBackend`) need more than encode/decode, because decode(encode(y)) != y and
 decode is many-to-one: the stored image does not determine the latent that generated it
