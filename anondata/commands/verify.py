@@ -1,4 +1,5 @@
-"""`anondata verify DIR`: check a release's signature, hashes, row counts and schemas."""
+"""`anondata verify DIR`: check a release's signature, hashes, row counts and schemas; print which
+release it is (dataset id, manifest hash)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def register(sub) -> None:
             "is accounted for. Without --signer the key named inside the manifest is used, which "
             "only proves the release is intact: pass the publisher's NAME.pub (obtained "
             "separately) to prove who made it. A public copy without keys/ is verified without "
-            "its envelopes. Exits 2 naming the first failure."
+            "its envelopes. On success a second line names the dataset id and manifest.json's SHA-256: "
+            "the signature proves who signed, not which of their releases this is (an older one verifies "
+            "too), so pin the hash to tell them apart. Exits 2 naming the first failure."
         ),
     )
     p.add_argument("dir", metavar="DIR", help="release folder (holds manifest.json)")
