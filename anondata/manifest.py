@@ -49,6 +49,7 @@ PATH_RE = {
 }
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+SCHEDULE_RE = re.compile(r"^[0-9a-f]{16}\Z")  # settings.schedule: backends._alphas_cumprod's id
 MAX_REASON = 1000
 _SCALAR = (str, int, bool, type(None))
 
@@ -267,6 +268,8 @@ def validate_manifest(m) -> None:
     _str(m["model"]["name"], "$.model.name")
     _str(m["model"]["sha256"], "$.model.sha256", SHA256_RE)
     _scalars(m["settings"], "$.settings")
+    if "schedule" in m["settings"]:  # restore compares it: a value no writer makes is a broken manifest
+        _str(m["settings"]["schedule"], "$.settings.schedule", SCHEDULE_RE)
     if not isinstance(m["extra"], dict):
         _fail("$.extra", "expected an object")
     try:

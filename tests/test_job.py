@@ -46,6 +46,10 @@ def test_release_layout_verify_and_load_dataset(release, identities):
     assert [r["id"] for r in m["records"]] == [r["record_id"] for r in rows]  # every input record, in order
     assert (m["settings"]["scheme"], m["settings"]["sign_cell"], m["settings"]["background"]) == (
         "anondata-signflip/3", 0, "noised")  # the default
+    import jsonschema  # what the job writes (settings.schedule, extra) fits the published schema
+    from pathlib import Path
+
+    jsonschema.validate(m, json.loads((Path(__file__).parents[1] / "schemas" / "manifest.schema.json").read_text()))
 
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.column_names == ["record_id", "image", "label", "caption"]

@@ -313,6 +313,23 @@ def test_counts_must_be_integers_not_booleans():
         _parse_edited(lambda m: m["counts"].update(quarantined=True, skipped=True))
 
 
+def test_settings_schedule_is_16_hex_digits_when_present():
+    """docs/FORMAT.md: settings.schedule is 16 hex digits or absent (older releases); the schema
+    and the validator agree."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    ok = _parse_edited(lambda m: m["settings"].update(schedule="9a8c88e50d46dfc5"))
+    jsonschema.validate(ok, schema)
+    for bad in ("9A8C88E50D46DFC5", "9a8c88e50d46dfc", "9a8c88e50d46dfc5\n", 7, None):
+        with pytest.raises(FormatError, match=r"\$\.settings\.schedule"):
+            _parse_edited(lambda m: m["settings"].update(schedule=bad))
+        if bad != "9a8c88e50d46dfc5\n":  # Python's re reads the schema's ECMA-262 `$` as "before a final newline"
+            m = json.loads(_BASE)
+            m["settings"]["schedule"] = bad
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(m, schema)
+
+
 def test_recipient_names_follow_the_pub_file_rule():
     for name in ("a\nb", "\x00", "x\x7f", "x" * 129):
         with pytest.raises(FormatError, match=r"\$\.recipients\[0\]: name must be .* without control characters"):
