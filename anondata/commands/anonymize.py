@@ -107,7 +107,8 @@ def register(sub) -> None:
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
     g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
-    g.add_argument("--detector", choices=["hog", "haar"], default="hog", help="face detector for --faces detect")
+    g.add_argument("--detector", choices=["hog", "haar"], default="hog", help="face detector for --faces detect: hog (dlib HOG, default) or haar (OpenCV's frontalface_alt2 "
+                        "cascade, minNeighbors 2: finds smaller faces, and more non-faces)")
     g.add_argument("--on-no-face", choices=["quarantine", "keep"], default="quarantine",
                    help="a photo with no detected face: quarantine it (default) or publish it unchanged")
     g.add_argument("--cross-check", choices=["auto", "none", "hog", "haar", "mmod"], default="auto",
