@@ -67,6 +67,21 @@ def tiny_model_dir(root, resolution: int = 32, layout: str = "pipeline", trained
     return str(path)
 
 
+def with_edited_schedule(model_dir, dest) -> str:
+    """A copy of a model folder whose scheduler config says other betas (same weights, so the same
+    sha256): what restore and eval must refuse by the manifest's settings.schedule."""
+    import json
+
+    shutil.copytree(model_dir, dest)
+    dest = Path(dest)
+    cfg_path = next(p for p in (dest / "scheduler" / "scheduler_config.json", dest / "scheduler_config.json")
+                    if p.is_file())
+    cfg = json.loads(cfg_path.read_text())
+    cfg["beta_end"] = 0.03
+    cfg_path.write_text(json.dumps(cfg))
+    return str(dest)
+
+
 def sample_images() -> list:
     """Public-domain RGB uint8 images that ship inside dependencies."""
     import numpy as np

@@ -473,19 +473,12 @@ def test_eval_refuses_the_weights_with_another_noise_schedule(release, identitie
     """eval --identity restores records, so it must refuse what restore refuses: the release's
     weights with an edited scheduler config (the weights' sha256 does not cover it) would report
     restore fidelity and wrong-key numbers of a restore that is not the release's."""
-    import shutil
-
     from anondata.errors import InputError
     from anondata.eval.run import evaluate_release
+    from anondata.testing import with_edited_schedule
     from anondata.identity import load_recipient
 
-    edited = tmp_path / "edited"
-    shutil.copytree(tiny_model, edited)
-    cfg_path = next(p for p in (edited / "scheduler" / "scheduler_config.json", edited / "scheduler_config.json")
-                    if p.is_file())
-    cfg = json.loads(cfg_path.read_text())
-    cfg["beta_end"] = 0.03
-    cfg_path.write_text(json.dumps(cfg))
+    edited = with_edited_schedule(tiny_model, tmp_path / "edited")
     kw = dict(signer=load_recipient(identities["runner"][1]), identity_path=identities["owner"][0], limit=1)
     with pytest.raises(InputError, match="another noise schedule"):
-        evaluate_release(str(release["dir"]), str(release["source"]), model=str(edited), **kw)
+        evaluate_release(str(release["dir"]), str(release["source"]), model=edited, **kw)

@@ -138,22 +138,16 @@ def test_restore_refuses_the_weights_with_another_noise_schedule(release, identi
     weights with edited betas passed that check and key-only restore came out wrong. The manifest
     names the schedule; restore refuses another, before writing anything."""
     import json
-    import shutil
 
     from anondata.job.restore import run_restore
+    from anondata.testing import with_edited_schedule
 
     m = json.loads((release["dir"] / "manifest.json").read_text())
     assert len(m["settings"]["schedule"]) == 16
-    edited = tmp_path / "edited"
-    shutil.copytree(tiny_model, edited)
-    cfg_path = next(p for p in (edited / "scheduler" / "scheduler_config.json", edited / "scheduler_config.json")
-                    if p.is_file())
-    cfg = json.loads(cfg_path.read_text())
-    cfg["beta_end"] = 0.03
-    cfg_path.write_text(json.dumps(cfg))
+    edited = with_edited_schedule(tiny_model, tmp_path / "edited")
     with pytest.raises(InputError, match="another noise schedule"):
         run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"],
-                    model=str(edited), signer_path=identities["runner"][1], progress=False)
+                    model=edited, signer_path=identities["runner"][1], progress=False)
     assert not (tmp_path / "r").exists()
 
 
