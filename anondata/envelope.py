@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sized
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -429,3 +430,40 @@ def table_recipients(table: pa.Table) -> set[str]:
 
 def recipients_per_record(table: pa.Table) -> list[frozenset[str]]:
     return [frozenset(w["recipient"] for w in ws) for ws in table.column("wraps").to_pylist()]
+
+
+def check_sealed_to(table: pa.Table, recipients: list[dict], what: str, doc: str = "the manifest") -> None:
+    """Every row of a (checked) envelope table is sealed to exactly `recipients` (a manifest's
+    `recipients` or a grant's `to`: {fingerprint, kem, name}), each wrap the length of its kem.
+
+    Every writer seals each record to exactly the list it signs (anonymize, rewrap, grant), so a
+    difference means the signed document promises access the envelopes do not give (a botched
+    rewrap, a keys/ folder from another run). Vectorised over the wraps column alone, so it costs
+    little next to the table checks; Python only names the first bad row. Wraps are already
+    unique within a row (`_rows`), so count and membership together mean set equality."""
+    wanted = {r["fingerprint"]: r for r in recipients}
+    fps = pa.array(list(wanted), pa.string())
+    sizes = pa.array([WRAP_LENGTHS[r["kem"]] for r in wanted.values()], pa.int64())
+    wraps = table.column("wraps")
+    flat = pc.list_flatten(wraps)
+    idx = pc.index_in(pc.struct_field(flat, "recipient"), value_set=fps)  # null: not a listed recipient
+    wrong = pc.or_kleene(pc.is_null(idx), pc.not_equal(pc.binary_length(pc.struct_field(flat, "sealed")),
+                                                       pc.take(sizes, idx)))
+    bad_rows = pc.filter(pc.list_parent_indices(wraps), pc.fill_null(wrong, True))
+    counts = pc.not_equal(pc.list_value_length(wraps), len(wanted))
+    firsts = [pc.min(bad_rows).as_py(), pc.index(counts, True).as_py()]
+    first = min((i for i in firsts if i is not None and i >= 0), default=None)
+    if first is None:
+        return
+    rid = table.column("record_id")[first].as_py()
+    got = {w["recipient"]: len(w["sealed"]) for w in wraps[first].as_py()}
+    for fp, r in wanted.items():
+        if fp not in got:
+            raise IntegrityError(f"{what}: record {rid!r} has no envelope for recipient {fp} ({r['name']}), whom "
+                                 f"{doc} lists: the envelopes are sealed to other keys than it says (botched rewrap?)")
+        if got[fp] != WRAP_LENGTHS[r["kem"]]:
+            raise IntegrityError(f"{what}: record {rid!r}: the key sealed to recipient {fp} ({r['name']}) has "
+                                 f"{got[fp]} bytes, not the {WRAP_LENGTHS[r['kem']]} of the {r['kem']} key {doc} lists")
+    extra = sorted(set(got) - set(wanted)) or ["?"]
+    raise IntegrityError(f"{what}: record {rid!r} is also sealed to {extra[0]}, who is not a recipient in {doc}: "
+                         "the envelopes are sealed to other keys than it says")

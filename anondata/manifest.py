@@ -23,6 +23,7 @@ from .envelope import (
     FINGERPRINT_RE,
     check_dataset_id,
     check_record_id,
+    check_sealed_to,
     read_envelope_table,
     table_dataset_id,
 )
@@ -111,10 +112,16 @@ def build_manifest(
     check_dataset_id(dataset_id)
     shards = [file_entry(release_dir, p, "shards") for p in shard_paths]
     envelopes = [file_entry(release_dir, p, "envelopes") for p in envelope_paths]
+    if not all(isinstance(r, Recipient) for r in recipients):
+        raise KeyError_("recipients must be Recipients (load them with load_recipient)")
+    refs = [_recipient_ref(r) for r in recipients]
+    _recipient_refs(refs, "$.recipients")
     for e in envelopes:
         table = read_envelope_table(Path(release_dir) / e["path"])
         if table_dataset_id(table, e["path"]) != dataset_id:
             raise FormatError(f"{e['path']}: envelope table belongs to another dataset")
+        # What verify checks: never sign a release it would refuse.
+        check_sealed_to(table, refs, e["path"], "the recipients given")
     shard_index = {s["path"]: i for i, s in enumerate(shards)}
     out_records = []
     for rec in records:
@@ -142,7 +149,7 @@ def build_manifest(
         "extra": {} if extra is None else extra,
         "format": MANIFEST_FORMAT,
         "model": model,
-        "recipients": [_recipient_ref(r) for r in recipients],
+        "recipients": refs,
         "records": out_records,
         "settings": settings,
         "shards": shards,
@@ -434,7 +441,8 @@ def _open_release(root: Path, signer: Recipient | None, keep_envelopes: bool) ->
 def _envelope_tables(base: Path, m: dict, where: str) -> list:
     """The manifest's envelope files under `base` (a release folder, or the folder above a copy
     of its keys/), each read once: size, SHA-256 and rows checked on the bytes that are then
-    parsed; the strict table checks; the dataset id; each anonymized record in exactly one file."""
+    parsed; the strict table checks; the dataset id; every row sealed to exactly the manifest's
+    recipients; each anonymized record in exactly one file."""
     anonymized = {r["id"] for r in m["records"] if r["status"] == "anonymized"}
     seen: set[str] = set()
     tables = []
@@ -443,6 +451,7 @@ def _envelope_tables(base: Path, m: dict, where: str) -> list:
         table = read_envelope_table(_read_checked(base, e, what, where))
         if table_dataset_id(table, what) != m["dataset_id"]:
             raise IntegrityError(f"{what}: belongs to another dataset")
+        check_sealed_to(table, m["recipients"], what)
         for rid in table.column("record_id").to_pylist():
             if rid not in anonymized:
                 raise IntegrityError(f"{what}: record {rid!r} is not an anonymized record of this manifest")
@@ -582,6 +591,7 @@ def read_grant(grant_dir, release: VerifiedRelease) -> tuple[dict, list]:
     table = read_envelope_table(_read_checked(root, e, f"grant file {e['path']}", str(root), doc=name))
     if table_dataset_id(table, GRANT_TABLE) != g["dataset_id"] or table.column("record_id").to_pylist() != g["records"]:
         raise IntegrityError(f"{root / GRANT_TABLE}: does not match {name}")
+    check_sealed_to(table, g["to"], str(root / GRANT_TABLE), name)
     return g, [table]
 
 

@@ -517,3 +517,25 @@ def test_arrow_schema_doc_matches_code():
 
     doc = (Path(__file__).parents[1] / "schemas" / "envelope.arrow.md").read_text()
     assert str(envelope_schema(DID).remove_metadata()) in doc
+
+
+def test_check_sealed_to_names_the_first_row_that_differs_in_any_chunk(people):
+    """check_sealed_to works on whole Arrow columns: a table read back in several chunks must be
+    checked row by row across all of them, and the message must name the row that differs."""
+    from anondata.envelope import check_sealed_to
+
+    a, b, c = people["a"], people["b"], people["c"]
+    ref = lambda p: {"fingerprint": p.fingerprint, "kem": p.kem, "name": p.recipient.name}
+    good = seal_records([a.recipient, b.recipient], DID, items(3))
+    check_sealed_to(good, [ref(b), ref(a)], "t")  # order does not matter
+    odd = seal_records([a.recipient, c.recipient], DID, [("late", secrets.token_bytes(32), b"")])
+    mixed = pa.concat_tables([good, good.slice(0, 0), odd])
+    assert mixed.column("wraps").num_chunks == 3
+    with pytest.raises(IntegrityError, match=rf"t: record 'late' has no envelope for recipient {b.fingerprint}"):
+        check_sealed_to(mixed, [ref(a), ref(b)], "t")
+    with pytest.raises(IntegrityError, match=rf"t: record 'rec-0' has no envelope for recipient {c.fingerprint}"):
+        check_sealed_to(mixed, [ref(a), ref(c)], "t")
+    with pytest.raises(IntegrityError, match=rf"t: record 'rec-0' is also sealed to {b.fingerprint}, who is not"):
+        check_sealed_to(good, [ref(a)], "t")
+    with pytest.raises(IntegrityError, match=rf"key sealed to recipient {b.fingerprint} \(b\) has 1168 bytes, not the 80"):
+        check_sealed_to(good, [ref(a), dict(ref(b), kem="X25519")], "t")

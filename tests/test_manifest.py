@@ -352,3 +352,85 @@ def test_grant_to_is_checked_like_the_manifest_recipients():
     ]:
         with pytest.raises(FormatError, match=match):
             validate_grant(dict(grant, to=to))
+
+
+def _reseal_file(root: Path, m: dict, index: int, table) -> None:
+    """Replace envelope file `index` with `table` and fix its manifest entry (size, hash, rows)."""
+    from anondata.manifest import file_entry
+
+    path = m["envelopes"][index]["path"]
+    write_envelope_table(root / path, table)
+    m["envelopes"][index] = file_entry(root, path, "envelopes")
+
+
+def test_manifest_recipients_must_be_who_the_envelopes_are_sealed_to(tmp_path, owner):
+    """`recipients` says who can restore; the wraps say who really can. Every writer seals each
+    record to exactly the list it signs, so verify refuses any difference, even one the signer
+    signed (a botched rewrap, keys/ from another run), naming the file, record and fingerprint."""
+    other, pq_key = generate_identity(name="other"), generate_identity(pq=True, name="pqkey")
+    m = make_release(tmp_path, owner)
+    did, ref = m["dataset_id"], lambda ident: {"fingerprint": ident.fingerprint, "kem": ident.kem, "name": ident.recipient.name}
+    train_ids = [r["id"] for r in m["records"] if r["status"] == "anonymized" and r["shard"] == 0]
+    table = pq.read_table(tmp_path / m["envelopes"][0]["path"])
+    cases = []
+    c = json.loads(json.dumps(m)); c["recipients"] = [ref(other)]
+    cases.append(("someone else listed", c, rf"record 'train/0000.png' has no envelope for recipient {other.fingerprint} \(other\)"))
+    c = json.loads(json.dumps(m)); c["recipients"].append(ref(other))
+    cases.append(("an extra recipient listed", c, rf"record 'train/0000.png' has no envelope for recipient {other.fingerprint}"))
+    c = json.loads(json.dumps(m)); c["recipients"][0]["kem"] = "MLKEM768-X25519"
+    cases.append(("wrong kem listed", c, rf"record 'train/0000.png': the key sealed to recipient {owner.fingerprint} \(owner\) has 80 bytes, not the 1168"))
+    for what, bad, match in cases:
+        _resign(tmp_path, bad, owner)
+        with pytest.raises(IntegrityError, match=r"envelope file keys/train-00000-of-00001\.keys\.parquet: " + match):
+            verify_release(tmp_path, owner.recipient)
+            pytest.fail(what)
+    # envelopes sealed to one more key than the manifest lists
+    c = json.loads(json.dumps(m))
+    _reseal_file(tmp_path, c, 0, seal_records([owner.recipient, pq_key.recipient], did,
+                                              [(i, secrets.token_bytes(32), b"") for i in train_ids]))
+    _resign(tmp_path, c, owner)
+    with pytest.raises(IntegrityError, match=rf"record 'train/0000.png' is also sealed to {pq_key.fingerprint}, who is not a recipient"):
+        verify_release(tmp_path, owner.recipient)
+    # a rewrap that stopped half-way through a file: only the last record is sealed to someone else
+    mixed = pa.concat_tables([table.slice(0, len(train_ids) - 1),
+                              seal_records([other.recipient], did, [(train_ids[-1], secrets.token_bytes(32), b"")])])
+    c = json.loads(json.dumps(m))
+    _reseal_file(tmp_path, c, 0, mixed)
+    _resign(tmp_path, c, owner)
+    with pytest.raises(IntegrityError, match=rf"record '{re.escape(train_ids[-1])}' has no envelope for recipient {owner.fingerprint}"):
+        verify_release(tmp_path, owner.recipient)
+    # the same file, restored, verifies again: the refusals above were about the recipients alone
+    c = json.loads(json.dumps(m))
+    _reseal_file(tmp_path, c, 0, table)
+    _resign(tmp_path, c, owner)
+    assert verify_release(tmp_path, owner.recipient)["envelopes_checked"]
+
+
+def test_build_refuses_recipients_the_envelopes_are_not_sealed_to(tmp_path, owner):
+    """The writer checks what verify checks: it never signs a release verify would refuse."""
+    m = make_release(tmp_path, owner, sign=False)
+    shard_of = {i: s["path"] for i, s in enumerate(m["shards"])}
+    records = [dict(r, shard=shard_of[r["shard"]]) if "shard" in r else r for r in m["records"]]
+    other = generate_identity(name="other")
+    with pytest.raises(IntegrityError, match=rf"no envelope for recipient {other.fingerprint} \(other\), whom the recipients given"):
+        build_manifest(tmp_path, dataset_id=m["dataset_id"], model=MODEL, settings=SETTINGS, recipients=[owner.recipient, other.recipient],
+                       signer=owner.recipient, shard_paths=[s["path"] for s in m["shards"]],
+                       envelope_paths=[e["path"] for e in m["envelopes"]], records=records)
+
+
+def test_grant_to_must_be_who_its_table_is_sealed_to(tmp_path, owner):
+    """A grant's `to` promises who can restore the granted records; read_grant refuses a table
+    sealed to anyone else, even in a grant the granter signed."""
+    from anondata.envelope import grant_records
+    from anondata.manifest import open_release, read_grant, write_grant
+
+    other, third = generate_identity(name="other"), generate_identity(name="third")
+    m = make_release(tmp_path / "rel", owner)
+    rel = open_release(tmp_path / "rel", owner.recipient)
+    table = grant_records(rel.envelopes, owner, [other.recipient], m["dataset_id"], ["train/0001.png"])
+    write_grant(tmp_path / "ok", table, owner, [other.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
+    assert read_grant(tmp_path / "ok", rel)[0]["records"] == ["train/0001.png"]
+    write_grant(tmp_path / "bad", table, owner, [third.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
+    with pytest.raises(IntegrityError, match=rf"grant\.keys\.parquet: record 'train/0001.png' has no envelope for recipient "
+                                             rf"{third.fingerprint} \(third\), whom .*grant\.json lists"):
+        read_grant(tmp_path / "bad", rel)

@@ -10,8 +10,8 @@ def register(sub) -> None:
         help="check a release: signature, file hashes, row counts, schemas",
         description=(
             "Check DIR/manifest.json's Ed25519 signature, then every shard and envelope file's "
-            "size, SHA-256 and row count, the envelope tables' schema, and that every input record "
-            "is accounted for. Without --signer the key named inside the manifest is used, which "
+            "size, SHA-256 and row count, the envelope tables' schema, that every envelope is sealed "
+            "to exactly the manifest's recipients, and that every input record is accounted for. Without --signer the key named inside the manifest is used, which "
             "only proves the release is intact: pass the publisher's NAME.pub (obtained "
             "separately) to prove who made it. A public copy without keys/ is verified without "
             "its envelopes. On success a second line names the dataset id and manifest.json's SHA-256: "
