@@ -180,6 +180,43 @@ def test_a_new_run_on_an_interrupted_job_says_resume_keeps_its_options(identitie
         run_anonymize(JobOptions(**{**opts.__dict__, "on_no_face": "keep"}))
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_command_on_a_folder_a_job_is_writing_is_refused(identities, tiny_model, tmp_path):
+    """`--resume` while the job still runs, or a second job started into the same --out at the same
+    moment, wrote the same shards with other keys (a data file of one with the keys of the other
+    cannot be restored). A running job holds a flock on its --out (here: held by this test, as
+    another process would), and every other anonymize there stops before touching anything."""
+    import fcntl
+
+    from anondata.errors import InputError
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    opts, _plan, _journal = _planned_job(identities, tiny_model, tmp_path)
+    plan_bytes = (tmp_path / "out" / ".anondata-work" / "plan.json").read_bytes()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    fds = [os.open(d, os.O_RDONLY) for d in (tmp_path / "out", fresh)]
+    try:
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another anondata anonymize is writing this folder"):
+            run_anonymize(_resumed(opts))
+        with pytest.raises(InputError, match="another anondata anonymize is writing this folder"):
+            run_anonymize(JobOptions(**{**opts.__dict__, "out": str(fresh)}))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert (tmp_path / "out" / ".anondata-work" / "plan.json").read_bytes() == plan_bytes
+    assert list(fresh.iterdir()) == []
+    # released with its holder: the job can go on (stopped here by a check that comes after the lock)
+    with pytest.raises(InputError, match="--recipient"):
+        run_anonymize(_resumed(opts, recipients=[identities["stranger"][1]]))
+    # the folder is made before it is locked: a refused new job leaves neither it nor its new parents
+    with pytest.raises(InputError, match="--model /no/such"):
+        run_anonymize(JobOptions(**{**opts.__dict__, "out": str(tmp_path / "new" / "deeper" / "o"), "model": "/no/such"}))
+    assert not (tmp_path / "new").exists()
+
+
 def _resumed(opts, **changes):
     from anondata.job.pipeline import JobOptions
 

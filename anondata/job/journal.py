@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import canonical
@@ -89,6 +90,38 @@ class Journal:
         crash_hook("cleanup", 1)
         shutil.rmtree(self.work, ignore_errors=True)
         fsync_dir(self.out)
+
+
+@contextmanager
+def exclusive(out: Path):
+    """Hold the --out folder for one anonymize command at a time (an advisory `flock` on the folder
+    itself: no lock file to leave in the release, and the kernel drops it when the process dies, so
+    a kill -9 leaves no stale lock for --resume to trip on).
+
+    Why: nothing else stops two commands on one folder, a second `anonymize` started at the same
+    moment or an `--resume` while the job still runs. Both then wrote the same shards with their
+    own keys, and a shard's data file from one with the keys file of the other cannot be restored;
+    one's failure cleanup could delete the other's files. Where the platform or file system has no
+    flock, the job runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"{out}: another anondata anonymize is writing this folder; wait for it to end (or stop it) "
+                "before running --resume there, and give a new job its own --out"
+            ) from None
+        except OSError:  # e.g. ENOLCK on a file system without locks: run unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- test hook (crash injection)

@@ -23,7 +23,7 @@ from ..errors import AnondataError, FormatError, InputError, SetupError
 from ..files import within
 from .columns import choose_columns
 from .commit import commit_shard, finalize
-from .journal import CRASH_ENV, Journal, WORK, crash_hook
+from .journal import CRASH_ENV, Journal, WORK, crash_hook, exclusive
 from .options import JobOptions, JobResult  # noqa: F401 - the job's API, here too
 from .plan import (
     check_given_against_plan,
@@ -298,12 +298,35 @@ def _only_planless_work(out: Path, journal: Journal) -> bool:
 
 def run_anonymize(opts: JobOptions) -> JobResult:
     try:
-        return _run_anonymize(opts)
+        return _locked(opts)
     finally:
         shutdown_ray()
 
 
-def _run_anonymize(opts: JobOptions) -> JobResult:
+def _locked(opts: JobOptions) -> JobResult:
+    """The job, holding --out's lock (journal.exclusive) from before its emptiness is checked to
+    after the manifest is signed. The folder is made first, to be locked; a run that made it and
+    fails leaves none behind (nor the parents it made)."""
+    out = Path(opts.out)
+    made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # innermost first
+    if made and opts.resume:
+        return _run_anonymize(opts, True)  # nothing to resume: says so
+    out.mkdir(parents=True, exist_ok=True)
+    held = False
+    try:
+        with exclusive(out):
+            held = True
+            return _run_anonymize(opts, bool(made))
+    finally:
+        for p in made if held else ():
+            try:
+                if p.is_dir():
+                    p.rmdir()  # only while empty
+            except OSError:
+                break
+
+
+def _run_anonymize(opts: JobOptions, created: bool) -> JobResult:
     out = Path(opts.out)
     journal = Journal(out)
     if opts.resume:
@@ -349,7 +372,6 @@ def _run_anonymize(opts: JobOptions) -> JobResult:
         resume_checks(plan, source, recipients, signer)
     else:
         plan = make_plan(source, opts, recipients, signer)
-        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         journal.create(plan)
         try:
