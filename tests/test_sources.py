@@ -4,6 +4,7 @@ the dataset card. No Ray, no model: fast."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,18 @@ def test_image_folder_sorted_with_derived_ids(tmp_path):
         open_source(str(tmp_path / "empty"))
 
 
+def _in_thread(fn, timeout: float = 20):
+    """fn() in a daemon thread: a test of something that used to hang fails instead of hanging."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"still running after {timeout} s"
+    return out[0]
+
+
 def test_broken_link_in_an_image_folder_is_a_record_and_a_damaged_page_a_clear_error(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(encode(synthetic_faces(1)[0]))
@@ -169,6 +182,14 @@ def test_broken_link_in_an_image_folder_is_a_record_and_a_damaged_page_a_clear_e
     s = open_source(str(tmp_path / "imgs"))
     assert s.splits[0].rows == 2 and s.fingerprint()  # counted (then quarantined as unreadable), not dropped
     assert s.read("train", 0, 2).column("image").to_pylist()[1] is None
+    assert "cannot be read" in image_bytes(s, None)[1]  # the file, not "the image cell is empty"
+    # a link to a pipe (or a device) is not read: it hung the job for ever (or filled its memory)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "imgs" / "c.png").symlink_to(tmp_path / "pipe")
+    s = open_source(str(tmp_path / "imgs"))
+    assert s.splits[0].rows == 3
+    cells = _in_thread(lambda: s.read("train", 0, 3).column("image").to_pylist())
+    assert cells[0]["bytes"] and cells[1] is None and cells[2] is None
     # a Parquet file whose footer is fine but whose data page is not
     write_face_parquet(tmp_path / "f.parquet", 2)
     damage_first_data_page(tmp_path / "f.parquet")

@@ -542,11 +542,14 @@ def _cast_like(table: pa.Table, schema: pa.Schema, columns) -> pa.Table:
 
 
 def _read_image_files(source: Source, info: SplitInfo, start: int, stop: int) -> pa.Table:
-    """Image-folder rows. Unreadable files become a null image; the worker quarantines them."""
+    """Image-folder rows. Unreadable files become a null image; the worker quarantines them.
+    Only regular files are read: a link to a pipe hung the job for ever, one to /dev/zero filled
+    its memory (links out of the folder are followed: the Hub's download cache is made of them)."""
     data = []
     for rel in info.files[start:stop]:
+        full = Path(source.root) / rel
         try:
-            data.append({"bytes": (Path(source.root) / rel).read_bytes(), "path": None})
+            data.append({"bytes": full.read_bytes(), "path": None} if full.is_file() else None)
         except OSError:
             data.append(None)
     return pa.table({"image": pa.array(data, source.schema.field("image").type)}, schema=source.schema)
@@ -556,6 +559,8 @@ def image_bytes(source: Source, cell: Any) -> tuple[bytes | None, str | None]:
     """The encoded bytes of one image cell, or (None, reason). Struct cells with only a path
     (save_to_disk of local files) are read from that path, relative to the source folder."""
     if cell is None:
+        if source.kind == "imagefolder":
+            return None, "the image file cannot be read (a broken link, no permission, or not a regular file)"
         return None, "the image cell is empty"
     if isinstance(cell, (bytes, bytearray, memoryview)):
         return bytes(cell), None
