@@ -148,6 +148,20 @@ def test_bad_inputs_name_the_record(data, needle):
     assert "rec-42" in str(e.value) and needle in str(e.value)
 
 
+def test_postscript_is_never_handed_to_ghostscript(monkeypatch):
+    """PIL renders EPS by running Ghostscript on the bytes (where it is installed): a dataset's
+    bytes must not reach that interpreter. Refused as not an image, Ghostscript never called."""
+    from PIL import EpsImagePlugin
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a) or Image.new("RGB", (64, 64)))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto showpage\n%%EOF\n"
+    with pytest.raises(InputError, match="'ps1': not a recognised image file"):
+        decode_image(eps, "ps1")
+    assert called == []
+    decode_image(_bytes(Image.fromarray(_rgb()), "PNG"), "ok")  # the other formats still open
+
+
 def test_corrupt_png_crc_is_rejected():
     data = bytearray(_bytes(Image.fromarray(_rgb(16, 16)), "PNG"))
     data[-20] ^= 0xFF  # inside the IDAT payload/CRC
