@@ -389,6 +389,9 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
     if Journal(root).exists():  # else "no such manifest signature file", or a manifest the job will rewrite
         raise FormatError(f"{root}: an unfinished anonymize job (interrupted?); finish it with the same "
                           "`anondata anonymize` command and --resume")
+    if (root / GRANT).is_file() and not (root / MANIFEST).exists():  # else "no such manifest file"
+        raise FormatError(f"{root}: a grant folder, not a release: give the release folder, and this one "
+                          "as --keys (restore, eval)")
     try:
         return _open_release(root, signer, keep_envelopes)
     except (IntegrityError, FormatError) as e:

@@ -132,6 +132,11 @@ def test_grant_then_restore_exactly_those(release, capsys):
     ]:
         code, _, err = cli(capsys, "grant", root, "--to", tmp / "other.pub", "--signer", tmp / "owner.pub", *argv)
         assert code == 2 and msg in err and "Traceback" not in err, err
+    # the grant folder given where the release goes: says which is which
+    for cmd in (["verify", grant], ["grant", grant, "--identity", tmp / "other.key", "--to", tmp / "new.pub", "--ids",
+                                    "r1", "--out", tmp / "g5", "--signer", tmp / "owner.pub"]):
+        code, _, err = cli(capsys, *cmd)
+        assert code == 2 and "a grant folder, not a release" in err and "--keys" in err, err
 
 
 def test_a_grant_is_authenticated_by_its_signature(release, capsys):
