@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -120,6 +120,9 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
     im = _open(data, record_id)
     # 48/64-bit RGB(A) decodes straight to 8-bit (high byte); only the raw tile mode tells.
     deep = any(";16" in str(getattr(t, "args", None) or t[3]) for t in (im.tile or []))
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch other code may set
+        raise _fail(record_id, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process, so a truncated image "
+                    "would decode without an error (its missing rows grey)", "do not set it where anondata runs")
     try:
         im.load()
         # What exif_transpose applies: only a tag equal to 2..8 (a "6" string leaves the pixels as

@@ -162,6 +162,21 @@ def test_postscript_is_never_handed_to_ghostscript(monkeypatch):
     decode_image(_bytes(Image.fromarray(_rgb()), "PNG"), "ok")  # the other formats still open
 
 
+def test_truncated_jpeg_is_refused_even_where_pil_is_told_to_load_truncated_images(monkeypatch):
+    """PIL.ImageFile.LOAD_TRUNCATED_IMAGES (process-wide, set by some libraries) makes a truncated
+    JPEG decode without an error, its missing rows grey: such a record would be anonymized from
+    half a photo and its restore could never match. While it is set, every record is refused."""
+    from PIL import ImageFile
+
+    data = _bytes(Image.fromarray(_rgb(64, 64)), "JPEG")
+    cut = data[: len(data) * 2 // 3]
+    with pytest.raises(InputError, match="'t1'"):
+        decode_image(cut, "t1")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(InputError, match="'t1'.*LOAD_TRUNCATED_IMAGES"):
+        decode_image(cut, "t1")
+
+
 def test_corrupt_png_crc_is_rejected():
     data = bytearray(_bytes(Image.fromarray(_rgb(16, 16)), "PNG"))
     data[-20] ^= 0xFF  # inside the IDAT payload/CRC
