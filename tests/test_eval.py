@@ -460,6 +460,27 @@ def test_ssim_is_undefined_on_crops_under_three_pixels(shape):
     assert M.summary([M.ssim(a, a), 0.5])["n"] == 1  # left out of the summary, not counted as a value
 
 
+@pytest.mark.parametrize("box", [(200, 10, 260, 70), (-80, -80, -10, -10), (10, 10, 10, 50)])
+def test_psnr_is_undefined_on_an_empty_crop(box):
+    """A face box entirely outside the photo crops to nothing: null without numpy's mean-of-empty
+    warning, left out of the summary like an identical pair, and SSIM null too (how the two differ)."""
+    import warnings
+
+    from anondata.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)
+    a, b = M.crop(img, box), M.crop(rng.integers(0, 256, img.shape, dtype=np.uint8), box)
+    assert a.size == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.psnr(a, b) is None
+    assert M.ssim(a, b) is None
+    assert M.summary([M.psnr(a, b), 20.0])["n"] == 1
+    inside = M.crop(img, (10, 10, 60, 60))  # a box inside the photo: a number, or None only when identical
+    assert 0 < M.psnr(inside, inside[::-1]) < 40 and M.psnr(inside, inside.copy()) is None
+
+
 def test_ssim_on_the_smallest_defined_crops():
     from anondata.eval import metrics as M
 

@@ -97,7 +97,12 @@ def reidentification(probes: np.ndarray, probe_ids, probe_keys, gallery: np.ndar
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    """PSNR in dB of two uint8 images (None when identical: infinite)."""
+    """PSNR in dB of two uint8 images, or None (left out of the summaries, whose `n` then counts
+    fewer faces) in two cases: identical images (infinite PSNR) and an empty crop (a face box
+    entirely outside the photo: no pixel to compare, so the number is undefined; numpy's mean of
+    nothing is NaN with a warning). Tell the two apart by the crop: an empty one also has SSIM null."""
+    if a.size == 0 or b.size == 0:
+        return None
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return None if mse == 0 else _f(10 * math.log10(255.0**2 / mse))
 
@@ -122,9 +127,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def crop(img: np.ndarray, box) -> np.ndarray:
+    """The part of the half-open box inside the photo (empty when none is). Why clamp both ends
+    at 0: a negative end would index from the far edge, so a box above or left of the photo
+    cropped most of the photo instead of nothing."""
     x0, y0, x1, y1 = box
     h, w = img.shape[:2]
-    return img[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+    return img[max(0, y0):max(0, min(h, y1)), max(0, x0):max(0, min(w, x1))]
 
 
 def landmark_displacement(ref: np.ndarray, other: np.ndarray) -> float | None:
