@@ -16,6 +16,12 @@ Steps (each skipped when its output exists, so an interrupted run continues):
    128 px framing), lossless.
 4. WORK/report-N: `anondata eval` against the full celeba-ids-dev.parquet (the gallery is the other
    photos), with the owner key; prints the headline numbers.
+
+With --runs N (N > 1) steps 3-4 run N times, each a key draw of its own in WORK/draw-K (new owner
+key, new release of the same subset, so new random record keys), and WORK/spread.json gives the
+mean, min and max of the key-dependent numbers over the draws. Why: on 50 faces which stranger
+each key draws moves the shares by a face or two (2% each), so one release's number is one draw,
+not the method's figure.
 """
 
 from __future__ import annotations
@@ -81,6 +87,65 @@ def headline(m: dict) -> dict:
     return out
 
 
+# The headline numbers that depend on the record keys (anonymized and wrong-key faces, the
+# restores of a sample, the leakage guesses): the ones --runs reports a spread for.
+KEYED = {
+    "share_beyond_0_6_anonymized": ("share_beyond_0_6_anonymized",),
+    "distance_anonymized_mean": ("distance_anonymized_mean",),
+    "rank1_anonymized": ("reid", "anonymized", "rank1"),
+    "tar_at_far_0_1pct_anonymized": ("reid", "anonymized", "tar_at_far_0_1pct"),
+    "detection_rate_anonymized": ("utility", "detection_rate_anonymized"),
+    "landmark_displacement_mean": ("landmark_displacement_mean",),
+    "colour_shift_red": ("colour_shift_mean", "r"),
+    "colour_shift_luma": ("colour_shift_mean", "luma"),
+    "key_only_psnr_face_mean": ("restore", "key_only", "psnr_face_mean"),
+    "restore_bit_exact": ("restore", "restored", "bit_exact"),
+    "wrong_key_random_beyond_0_6": ("wrong_key", "random"),
+}
+
+
+def spread(heads: list[dict]) -> dict:
+    """Mean, min and max of each KEYED number over runs (one headline() each), with the values in
+    run order; a number missing or null in a run is left out and `runs` says how many had it."""
+    out = {}
+    for name, path in KEYED.items():
+        vals = []
+        for h in heads:
+            v = h
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)):
+                vals.append(float(v))
+        out[name] = ({"runs": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
+                      "values": vals} if vals else {"runs": 0, "mean": None, "min": None, "max": None, "values": []})
+    return out
+
+
+def release_and_eval(a, work: Path, draw: Path, src: Path, log: Path) -> dict:
+    """Steps 3-4 in `draw` (keys, release, report) on WORK's subset and model copy."""
+    py = [sys.executable, "-m", "anondata.cli"]
+    draw.mkdir(parents=True, exist_ok=True)
+    if not (draw / "owner.key").exists():
+        run(py + ["keygen", str(draw / "owner")], log)
+    if not (draw / "release" / "manifest.json").exists():
+        resume = ["--resume"] if (draw / "release").exists() else []
+        run(py + ["anonymize", str(work / "subset.parquet"), "--out", str(draw / "release"),
+                  "--recipient", str(draw / "owner.pub"), "--signing-key", str(draw / "owner.key"),
+                  "--face-box", "25,57,153,185", "--model", str(work / "model"), "--workers", "1",
+                  "--batch-size", "4", "--shard-size", "50", *resume,
+                  *([] if a.sign_cell is None else ["--sign-cell", str(a.sign_cell)]),
+                  *([] if a.background is None else ["--background", a.background]),
+                  *([] if a.flip_centre is None else ["--flip-centre", a.flip_centre])], log)
+    report = Path(a.report) if a.report else next(draw / f"report-{i}" for i in range(1, 1000)
+                                                    if not (draw / f"report-{i}").exists())
+    run(py + ["eval", str(draw / "release"), "--signer", str(draw / "owner.pub"), "--source", str(src),
+              "--identity", str(draw / "owner.key"),
+              "--identity-column", "identity", "--model", str(work / "model"),
+              "--restore-sample", str(a.restore_sample), "--attack-sample", str(a.attack_sample),
+              "--gallery-limit", str(a.gallery_limit), "--report", str(report)], log)
+    return headline(json.loads((report / "metrics.json").read_text()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "eval"),
@@ -99,7 +164,14 @@ def main() -> None:
                     help="anonymize --background (default: the job's)")
     ap.add_argument("--flip-centre", choices=["mean-face", "zero"], default=None,
                     help="anonymize --flip-centre (default: the job's)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="key draws: N > 1 releases and evaluates the subset N times, each with new keys in "
+                         "WORK/draw-K, and writes the spread of the key-dependent numbers to WORK/spread.json")
     a = ap.parse_args()
+    if a.runs < 1:
+        sys.exit("--runs must be at least 1")
+    if a.runs > 1 and a.report:
+        sys.exit("--report names one folder; with --runs each draw writes its own (WORK/draw-K/report-N)")
     src = Path(a.source)
     if not src.is_file():
         sys.exit(f"{src} is not here (CelebA dev data): nothing to evaluate")
@@ -108,32 +180,20 @@ def main() -> None:
         sys.exit("--work must be outside the repository: the report shows CelebA faces")
     work.mkdir(parents=True, exist_ok=True)
     log = work / "eval_celeba.log"
-    py = [sys.executable, "-m", "anondata.cli"]
     if not (work / "subset.parquet").exists():
         subset(src, work / "subset.parquet", a.identities, a.per_identity)
     if not (work / "model").exists():
         shutil.copytree(a.model, work / "model")
-    if not (work / "owner.key").exists():
-        run(py + ["keygen", str(work / "owner")], log)
-    if not (work / "release" / "manifest.json").exists():
-        resume = ["--resume"] if (work / "release").exists() else []
-        run(py + ["anonymize", str(work / "subset.parquet"), "--out", str(work / "release"),
-                  "--recipient", str(work / "owner.pub"), "--signing-key", str(work / "owner.key"),
-                  "--face-box", "25,57,153,185", "--model", str(work / "model"), "--workers", "1",
-                  "--batch-size", "4", "--shard-size", "50", *resume,
-                  *([] if a.sign_cell is None else ["--sign-cell", str(a.sign_cell)]),
-                  *([] if a.background is None else ["--background", a.background]),
-                  *([] if a.flip_centre is None else ["--flip-centre", a.flip_centre])], log)
-    report = Path(a.report) if a.report else next(work / f"report-{i}" for i in range(1, 1000)
-                                                    if not (work / f"report-{i}").exists())
-    run(py + ["eval", str(work / "release"), "--signer", str(work / "owner.pub"), "--source", str(src),
-              "--identity", str(work / "owner.key"),
-              "--identity-column", "identity", "--model", str(work / "model"),
-              "--restore-sample", str(a.restore_sample), "--attack-sample", str(a.attack_sample),
-              "--gallery-limit", str(a.gallery_limit), "--report", str(report)], log)
-    m = json.loads((report / "metrics.json").read_text())
-    print(json.dumps(headline(m), indent=1))
-
+    if a.runs == 1:
+        print(json.dumps(release_and_eval(a, work, work, src, log), indent=1))
+        return
+    heads = []
+    for k in range(1, a.runs + 1):
+        heads.append(release_and_eval(a, work, work / f"draw-{k}", src, log))
+        print(f"draw {k}:", json.dumps(heads[-1]), flush=True)
+    out = {"runs": a.runs, "faces": heads[0]["faces"], "spread": spread(heads)}
+    (work / "spread.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
 
 if __name__ == "__main__":
     main()

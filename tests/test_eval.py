@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -503,3 +504,23 @@ def test_eval_refuses_the_weights_with_another_noise_schedule(release, identitie
     kw = dict(signer=load_recipient(identities["runner"][1]), identity_path=identities["owner"][0], limit=1)
     with pytest.raises(InputError, match="another noise schedule"):
         evaluate_release(str(release["dir"]), str(release["source"]), model=edited, **kw)
+
+
+def test_eval_celeba_spread_over_key_draws(monkeypatch):
+    """benchmarks/eval_celeba.py --runs: mean, min and max of each key-dependent number over the
+    draws, a draw where the number is null (e.g. no TAR@FAR: too few impostor pairs) left out."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import eval_celeba
+
+    def head(share, rank1, tar):
+        return {"share_beyond_0_6_anonymized": share, "distance_anonymized_mean": 0.76,
+                "reid": {"anonymized": {"rank1": rank1, "tar_at_far_0_1pct": tar}},
+                "colour_shift_mean": {"r": -2.0, "luma": -0.5}}
+
+    s = eval_celeba.spread([head(1.0, 0.0, 0.0), head(0.96, 0.02, None), head(0.98, 0.04, 0.009)])
+    assert s["share_beyond_0_6_anonymized"] == {"runs": 3, "mean": pytest.approx(0.98), "min": 0.96, "max": 1.0,
+                                                "values": [1.0, 0.96, 0.98]}
+    assert (s["rank1_anonymized"]["min"], s["rank1_anonymized"]["max"]) == (0.0, 0.04)
+    assert s["tar_at_far_0_1pct_anonymized"]["runs"] == 2
+    assert s["tar_at_far_0_1pct_anonymized"]["mean"] == pytest.approx(0.0045)
+    assert s["key_only_psnr_face_mean"] == {"runs": 0, "mean": None, "min": None, "max": None, "values": []}
