@@ -15,7 +15,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import AnondataError
+from .errors import AnondataError, shown
 
 # Order shown in --help: the owner's workflow first.
 COMMANDS = [
@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except AnondataError as e:
-        print(f"anondata {args.command}: error: {e}", file=sys.stderr)
+        print(f"anondata {args.command}: error: {shown(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.filename is None:  # not about a path the user named: a bug, keep the traceback
             raise
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
-        print(f"anondata {args.command}: error: {where}: {e.strerror or e}; check the path (its folders must exist "
+        print(f"anondata {args.command}: error: {shown(where)}: {e.strerror or e}; check the path (its folders must exist "
               "and be writable)", file=sys.stderr)
         return 2
     except Terminated:

@@ -25,3 +25,11 @@ class KeyError_(AnondataError):
 class SetupError(InputError):
     """The installation cannot do the job at all (a face detector or model that cannot be loaded):
     stops the job before any record is processed, never quarantines records one by one."""
+
+
+def shown(text) -> str:
+    """`text` fit for a terminal line: control characters (ESC sequences can rewrite the screen or
+    the window title) and bidirectional overrides (which reorder what is read) escaped as \\xNN /
+    \\uNNNN. Messages carry names taken from the data (file names in an image folder, column
+    names), which the person running the command did not choose."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in str(text))

@@ -441,3 +441,14 @@ def test_every_help_fits_a_terminal(monkeypatch):
     for name, sub in [("", parser), *subs.items()]:
         longest = max(sub.format_help().splitlines(), key=len)
         assert len(longest) <= 120, f"anondata {name} --help: {longest[:80]}..."
+
+
+def test_errors_escape_control_and_bidi_characters_from_names(tmp_path, capsys):
+    """Error lines carry names taken from the data (an image folder's file names, column names) that
+    the person running the command did not choose: an ESC sequence there could rewrite the screen
+    or the window title, a bidi override reorder the line. They are shown escaped."""
+    from anondata.errors import shown
+
+    assert shown("a\x1b]0;t\x07b \u202eexe.png é 中") == "a\\x1b]0;t\\x07b \\u202eexe.png é 中"
+    code, _, err = cli(capsys, "verify", tmp_path / "rel\x1b[2J\u202e")
+    assert code == 2 and "rel\\x1b[2J\\u202e" in err and "\x1b" not in err and "\u202e" not in err

@@ -6,7 +6,7 @@ import argparse
 import sys
 import textwrap
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from ._args import count, positive
 
 EPILOG = """\
@@ -193,7 +193,7 @@ def run(args) -> int:
         print(f"quarantined ({res.quarantined}; the reasons are also in {res.out}/manifest.json, records with status "
               "quarantined):", file=sys.stderr)
         for rid, reason, where in res.quarantine[:SHOW_QUARANTINED]:
-            print(f"  {where}: {reason}" if where else f"  {reason}", file=sys.stderr)
+            print(shown(f"  {where}: {reason}" if where else f"  {reason}"), file=sys.stderr)
         if res.quarantined > SHOW_QUARANTINED:
             print(f"  … and {res.quarantined - SHOW_QUARANTINED} more (manifest.json)", file=sys.stderr)
     return 0

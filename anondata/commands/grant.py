@@ -33,7 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..envelope import grant_records
     from ..identity import load_identity, load_recipient
-    from ..errors import InputError
+    from ..errors import InputError, shown
     from ..job.restore import check_ids, parse_ids
     from ..manifest import open_release, release_envelopes, write_grant
 
@@ -51,6 +51,6 @@ def run(args) -> int:
     check_ids(m, ids)
     table = grant_records(release_envelopes(rel), ident, to, m["dataset_id"], ids)
     write_grant(args.out, table, ident, to, m["dataset_id"], rel.summary["manifest_sha256"])
-    names = ", ".join(r.label for r in to)
+    names = shown(", ".join(r.label for r in to))
     print(f"granted {table.num_rows} records to {names}: {args.out}")
     return 0

@@ -25,6 +25,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import shown
     from ..identity import load_recipient
     from ..manifest import verify_release
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     s = verify_release(args.dir, signer)
     c = s["counts"]
     env = f"{s['envelope_files']} envelope files" if s["envelopes_checked"] else "envelopes not present (public copy), not checked"
-    who = f"{s['signer_name']} ({s['signer']})" if s["signer_name"] else s["signer"]
+    who = f"{shown(s['signer_name'])} ({s['signer']})" if s["signer_name"] else s["signer"]  # a name from the release
     trust = "" if s["signer_pinned"] else " [not pinned: pass --signer NAME.pub to check who signed]"
     print(
         f"ok: {s['shards']} shards, {env}, {s['records']} records "
