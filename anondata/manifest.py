@@ -518,6 +518,7 @@ def _write_grant_files(out: Path, table, identity: Identity, to: list[Recipient]
                        release_manifest_sha256: str) -> dict:
     from .envelope import write_envelope_table
 
+    check_sealed_to(table, [_recipient_ref(r) for r in to], GRANT_TABLE, "the grant")  # as its readers will
     write_envelope_table(out / GRANT_TABLE, table)
     digest, size = sha256_file(out / GRANT_TABLE)
     doc = {

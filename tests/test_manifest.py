@@ -418,9 +418,10 @@ def test_build_refuses_recipients_the_envelopes_are_not_sealed_to(tmp_path, owne
                        envelope_paths=[e["path"] for e in m["envelopes"]], records=records)
 
 
-def test_grant_to_must_be_who_its_table_is_sealed_to(tmp_path, owner):
+def test_grant_to_must_be_who_its_table_is_sealed_to(tmp_path, owner, monkeypatch):
     """A grant's `to` promises who can restore the granted records; read_grant refuses a table
     sealed to anyone else, even in a grant the granter signed."""
+    from anondata import manifest
     from anondata.envelope import grant_records
     from anondata.manifest import open_release, read_grant, write_grant
 
@@ -430,7 +431,13 @@ def test_grant_to_must_be_who_its_table_is_sealed_to(tmp_path, owner):
     table = grant_records(rel.envelopes, owner, [other.recipient], m["dataset_id"], ["train/0001.png"])
     write_grant(tmp_path / "ok", table, owner, [other.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
     assert read_grant(tmp_path / "ok", rel)[0]["records"] == ["train/0001.png"]
-    write_grant(tmp_path / "bad", table, owner, [third.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
+    # write_grant itself refuses to sign such a grant, naming the record and the recipient
+    with pytest.raises(IntegrityError, match=rf"record 'train/0001.png' has no envelope for recipient {third.fingerprint}"):
+        write_grant(tmp_path / "bad", table, owner, [third.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
+    assert not (tmp_path / "bad").exists()
+    with monkeypatch.context() as mp:  # a writer without that check: its readers refuse the grant
+        mp.setattr(manifest, "check_sealed_to", lambda *a, **k: None)
+        write_grant(tmp_path / "bad", table, owner, [third.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
     with pytest.raises(IntegrityError, match=rf"grant\.keys\.parquet: record 'train/0001.png' has no envelope for recipient "
                                              rf"{third.fingerprint} \(third\), whom .*grant\.json lists"):
         read_grant(tmp_path / "bad", rel)
