@@ -9,10 +9,12 @@ at an arbitrary moment."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -155,6 +157,30 @@ def _planned_job(identities, tiny_model, tmp_path):
     journal = Journal(opts.out)
     journal.create(plan)
     return opts, plan, journal
+
+
+def test_resume_of_a_job_killed_while_planning_says_to_run_without_it(identities, tiny_model, tmp_path):
+    """A kill in the seconds before the plan is written (source, keys and model checks) leaves --out
+    made and empty, or holding only a planless work folder; the stress run (kill at a random
+    time, then --resume) met it in 3 of 8 rounds. --resume then names the fix, and that fix works."""
+    from anondata.errors import InputError
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    opts, _plan, journal = _planned_job(identities, tiny_model, tmp_path)
+    journal.plan_path.unlink()  # killed while writing the plan: only .anondata-work/{done,tmp}
+    resume = JobOptions(**{**opts.__dict__, "resume": True})
+    with pytest.raises(InputError, match="stopped before its plan was written; run again without --resume"):
+        run_anonymize(resume)
+    shutil.rmtree(journal.work)  # killed before that: --out made, still empty
+    with pytest.raises(InputError, match="is empty: .*nothing to resume; run again without --resume"):
+        run_anonymize(resume)
+    assert Path(opts.out).is_dir() and not any(Path(opts.out).iterdir())  # the refusal leaves it as it was
+    (Path(opts.out) / "notes.txt").write_text("mine")  # a folder with other files: not told to start a job there
+    with pytest.raises(InputError, match="no interrupted job to resume") as e:
+        run_anonymize(resume)
+    assert "without --resume" not in str(e.value)
+    assert not Journal(opts.out).exists()
 
 
 def test_an_unfinished_job_is_not_verified_as_a_release(identities, tiny_model, tmp_path):

@@ -335,6 +335,9 @@ def _run_anonymize(opts: JobOptions, created: bool) -> JobResult:
                 return _finished(out, opts.signing_key)  # killed after the release was complete: nothing to redo
             if out.exists() and _only_planless_work(out, journal):
                 raise InputError(f"{out}: the job was stopped before its plan was written; run again without --resume")
+            if out.is_dir() and not any(out.iterdir()):  # a job killed while planning leaves --out made and empty
+                raise InputError(f"{out} is empty: no job got as far as planning there, so there is nothing to "
+                                 "resume; run again without --resume")
             raise InputError(f"{out} has no interrupted job to resume ({WORK}/plan.json is missing)")
         plan = journal.load()
         planned = options_from_plan(dataclasses.replace(opts), plan)
