@@ -193,8 +193,9 @@ def parse_haar_settings(arg: str | None) -> tuple[str, int]:
 class HaarDetector:
     name = "haar"
 
-    def __init__(self, cascade: str = "frontalface_alt2", scale_factor: float = 1.1, min_neighbors: int = 2,
-                 min_size: int = 20, max_side: int = 1600):
+    def __init__(self, cascade: str, min_neighbors: int, scale_factor: float = 1.1, min_size: int = 20,
+                 max_side: int = 1600):
+        """`cascade`, `min_neighbors`: what "haar[:CASCADE,MIN_NEIGHBORS]" names (parse_haar_settings)."""
         cv2 = _cv2()
         path = cv2.data.haarcascades + f"haarcascade_{cascade}.xml"
         self._det = cv2.CascadeClassifier(path)
@@ -259,15 +260,10 @@ class YunetDetector:
 
 _REGISTRY: dict[str, Callable[[str | None], Detector]] = {
     "hog": lambda arg: HogDetector(),
-    "haar": lambda arg: HaarDetector(*_haar_args(arg)),
+    "haar": lambda arg: HaarDetector(*parse_haar_settings(arg)),
     "mmod": lambda arg: MmodDetector(),
     "yunet": lambda arg: YunetDetector(arg),
 }
-
-
-def _haar_args(arg: str | None) -> tuple[str, float, int]:
-    cascade, mn = parse_haar_settings(arg)
-    return cascade, 1.1, mn
 
 
 def register(name: str, factory: Callable[[str | None], Detector]) -> None:

@@ -518,7 +518,8 @@ def _write_grant_files(out: Path, table, identity: Identity, to: list[Recipient]
                        release_manifest_sha256: str) -> dict:
     from .envelope import write_envelope_table
 
-    check_sealed_to(table, [_recipient_ref(r) for r in to], GRANT_TABLE, "the grant")  # as its readers will
+    refs = [_recipient_ref(r) for r in to]
+    check_sealed_to(table, refs, GRANT_TABLE, "the grant")  # as its readers will
     write_envelope_table(out / GRANT_TABLE, table)
     digest, size = sha256_file(out / GRANT_TABLE)
     doc = {
@@ -528,7 +529,7 @@ def _write_grant_files(out: Path, table, identity: Identity, to: list[Recipient]
         "granted_by": identity.recipient.to_json(),
         "manifest_sha256": release_manifest_sha256,
         "records": table.column("record_id").to_pylist(),
-        "to": [_recipient_ref(r) for r in to],
+        "to": refs,
         "version": VERSION,
     }
     validate_grant(doc)

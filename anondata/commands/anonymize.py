@@ -107,8 +107,9 @@ def register(sub) -> None:
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
     g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
-    g.add_argument("--detector", choices=["hog", "haar"], default="hog", help="face detector for --faces detect: hog (dlib HOG, default) or haar (OpenCV's frontalface_alt2 "
-                        "cascade, minNeighbors 2: finds smaller faces, and more non-faces)")
+    g.add_argument("--detector", choices=["hog", "haar"], default="hog",
+                   help="face detector for --faces detect: hog (dlib HOG, default) or haar (OpenCV's "
+                        "frontalface_alt2 cascade, minNeighbors 2: finds smaller faces, and more non-faces)")
     g.add_argument("--on-no-face", choices=["quarantine", "keep"], default="quarantine",
                    help="a photo with no detected face: quarantine it (default) or publish it unchanged")
     g.add_argument("--cross-check", choices=["auto", "none", "hog", "haar", "mmod"], default="auto",
@@ -149,7 +150,6 @@ def _given(args) -> frozenset:
     parse what was typed again into a namespace where every option is None (argparse then applies
     no default): what is no longer None was typed, matched (abbreviations, --flag=value) by
     argparse itself. No option's value parses to None."""
-    import argparse
     from dataclasses import fields
 
     from ..job.options import IRREGULAR_FLAGS, JobOptions

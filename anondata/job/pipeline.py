@@ -310,13 +310,13 @@ def _locked(opts: JobOptions) -> JobResult:
     out = Path(opts.out)
     made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # innermost first
     if made and opts.resume:
-        return _run_anonymize(opts, True)  # nothing to resume: says so
+        return _run_anonymize(opts)  # nothing to resume: says so
     out.mkdir(parents=True, exist_ok=True)
     held = False
     try:
         with exclusive(out):
             held = True
-            return _run_anonymize(opts, bool(made))
+            return _run_anonymize(opts)
     finally:
         for p in made if held else ():
             try:
@@ -326,7 +326,7 @@ def _locked(opts: JobOptions) -> JobResult:
                 break
 
 
-def _run_anonymize(opts: JobOptions, created: bool) -> JobResult:
+def _run_anonymize(opts: JobOptions) -> JobResult:
     out = Path(opts.out)
     journal = Journal(out)
     if opts.resume:
@@ -375,8 +375,7 @@ def _run_anonymize(opts: JobOptions, created: bool) -> JobResult:
         resume_checks(plan, source, recipients, signer)
     else:
         plan = make_plan(source, opts, recipients, signer)
-        out.mkdir(parents=True, exist_ok=True)
-        journal.create(plan)
+        journal.create(plan)  # in --out, which _locked made
         try:
             return _run_job(out, journal, plan, opts, source, recipients, signer)
         except AnondataError:
@@ -384,10 +383,8 @@ def _run_anonymize(opts: JobOptions, created: bool) -> JobResult:
             # load, a detector missing on the workers, an unreadable source) leaves nothing behind:
             # the next run may then change the options, which --resume would take from the plan.
             if not journal.committed():  # --out was empty or absent before this run (checked above)
-                for child in list(out.iterdir()):
+                for child in list(out.iterdir()):  # and _locked removes it if this run made it
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-                if created:
-                    out.rmdir()
             raise
     return _run_job(out, journal, plan, opts, source, recipients, signer)
 
