@@ -354,15 +354,20 @@ class Anonymizer:
                 out[i] = exact.astype(np.uint8)
         return out
 
-    def _check_compatible(self, rec: RestoreRecord, what: str) -> None:
-        if rec.model_sha256 != self.backend.info["sha256"]:
-            earlier = EARLIER_EMBEDDED.get(rec.model_sha256)
+    def check_model(self, sha256: str, what: str) -> None:
+        """Refuse to restore `what` (made with weights `sha256`) with other weights; name the
+        anondata version to install when they are an earlier embedded prior."""
+        if sha256 != self.backend.info["sha256"]:
+            earlier = EARLIER_EMBEDDED.get(sha256)
             hint = (f"; that is the embedded prior of anondata {earlier}: restore with pip install "
                     f"'anondata=={earlier}', or --model a copy of its models/embedded folder") if earlier else ""
             raise InputError(
-                f"{what} was anonymized with model sha256 {rec.model_sha256[:12]}…, this is "
+                f"{what} was anonymized with model sha256 {sha256[:12]}…, this is "
                 f"{self.backend.info['sha256'][:12]}… ({self.backend.info['name']}): restore with the same --model{hint}"
             )
+
+    def _check_compatible(self, rec: RestoreRecord, what: str) -> None:
+        self.check_model(rec.model_sha256, what)
         latent_shape = getattr(self.backend, "latent_shape", None)
         theirs = None if rec.carry is None else tuple(rec.carry.shape)
         if theirs != latent_shape:

@@ -151,6 +151,22 @@ def test_restore_refuses_the_weights_with_another_noise_schedule(release, identi
     assert not (tmp_path / "r").exists()
 
 
+def test_restore_and_eval_refuse_other_weights_up_front(release, identities, tiny_model, tmp_path):
+    """Restore and eval load the release's model in one place; other weights are refused there,
+    in one line, before anything is written (eval's check had no test)."""
+    from anondata.eval.run import evaluate_release
+    from anondata.identity import load_recipient
+    from anondata.job.restore import run_restore
+
+    with pytest.raises(InputError, match="was anonymized with model sha256 .*restore with the same --model"):
+        run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"],
+                    model="embedded", signer_path=identities["runner"][1], progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(InputError, match="was anonymized with model sha256"):
+        evaluate_release(str(release["dir"]), str(release["source"]), signer=load_recipient(identities["runner"][1]),
+                         identity_path=identities["owner"][0], model="embedded")
+
+
 def test_restore_through_a_grant_and_through_a_copy_of_keys(release, identities, tiny_model, tmp_path):
     import shutil
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import textwrap
 
+from ..detect import parse_haar_settings
 from ..errors import InputError, shown
 from ._args import count, positive
 
@@ -107,15 +108,16 @@ def register(sub) -> None:
     g.add_argument("--faces", choices=["aligned", "detect"], default="aligned",
                    help="aligned: each image is one aligned face (or --face-box); detect: find faces in photos")
     g.add_argument("--face-box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="face box for aligned images")
+    haar = "OpenCV's {} cascade, minNeighbors {}".format(*parse_haar_settings(None))
     g.add_argument("--detector", choices=["hog", "haar"], default="hog",
-                   help="face detector for --faces detect: hog (dlib HOG, default) or haar (OpenCV's "
-                        "frontalface_alt2 cascade, minNeighbors 2: finds smaller faces, and more non-faces)")
+                   help=f"face detector for --faces detect: hog (dlib HOG, default) or haar ({haar}: finds smaller "
+                        "faces, and more non-faces)")
     g.add_argument("--on-no-face", choices=["quarantine", "keep"], default="quarantine",
                    help="a photo with no detected face: quarantine it (default) or publish it unchanged")
     g.add_argument("--cross-check", choices=["auto", "none", "hog", "haar", "mmod"], default="auto",
                    help="with --faces detect: a second detector; a photo where it finds a face the first missed is "
                         "quarantined, never published (fail closed). auto (default): haar for --detector hog, hog "
-                        "for haar (OpenCV's frontalface_alt2 cascade, minNeighbors 2). Haar also flags non-faces "
+                        f"for haar ({haar}). Haar also flags non-faces "
                         "(26%% of wild CelebA photos quarantined, mostly false alarms): review the quarantine. none "
                         "publishes photos with a missed face: unsafe")
     g.add_argument("--lossy-restore", action="store_true",

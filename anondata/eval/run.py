@@ -296,28 +296,6 @@ def _verified_note(summary: dict) -> str:
     return f"signature and file hashes checked (signer not pinned: signed by {who}, not checked against a known key)"
 
 
-def _load_anonymizer(m: dict, model: str | None):
-    from ..anonymizer import Anonymizer
-
-    s = m["settings"]
-    name = model or m["model"]["name"]
-    batch = 1  # the anonymize job's model batch; each core record also carries its own
-    try:
-        anon = Anonymizer.from_pretrained(name, device="cpu", steps=s.get("steps"),
-                                          inversion_iters=s.get("inversion_iters"), dtype=s.get("dtype", "float32"),
-                                          batch_size=batch)
-    except InputError as e:
-        raise InputError(f"cannot load the release's model {name!r} ({e}); pass --model with the folder it was "
-                         f"anonymized with (sha256 {m['model']['sha256'][:12]}…)") from None
-    if anon.model_info.get("sha256") != m["model"]["sha256"]:
-        raise InputError(f"--model {name}: its weights (sha256 {anon.model_info.get('sha256', '')[:12]}…) are not the "
-                         f"release's ({m['model']['sha256'][:12]}…); pass the model folder the release was made with")
-    from ..job.restore import check_schedule
-
-    check_schedule(anon, s, name)  # eval restores records too: the same weights with edited betas restore wrong
-    return anon
-
-
 def evaluate_release(release: str, source: str, *, signer, identity_path: str | None = None, keys: str | None = None,
                      identity_column: str | None = None, model: str | None = None, limit: int | None = None,
                      gallery_limit: int | None = None, opts: EvalOptions | None = None) -> EvalResult:
@@ -406,12 +384,13 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
     if identity_path is not None:
         from ..envelope import open_records
         from ..identity import load_identity
+        from ..job.restore import load_release_model
         from ..manifest import release_envelopes
 
         opened = open_records(release_envelopes(rel, keys), load_identity(identity_path), m["dataset_id"], wanted)
         rec_keys = [opened[r][0] for r in wanted]
         rec_records = [opened[r][1] for r in wanted]
-        anon = _load_anonymizer(m, model)
+        anon = load_release_model(m, model)
     inp = EvalInput(
         ids=wanted,
         originals=[originals[r] for r in wanted],

@@ -129,7 +129,7 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
 
     # Each crop is recomputed at the batch shape recorded in its restore record, and lossless
     # records snap the ±1 drift of another thread count or device: no need to copy the actors' setup.
-    anon = _load_model(model, m, _device(device, extra.get("device", "cpu")))
+    anon = load_release_model(m, model, _device(device, extra.get("device", "cpu")))
     # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
     # that does not restore, a kill) leaves no half-restored --out folder of original faces.
     with new_folder(out_dir) as work:
@@ -218,11 +218,16 @@ def _device(asked: str | None, used: str) -> str:
     return device
 
 
-def _load_model(model: str | None, m: dict, device: str = "cpu"):
+def load_release_model(m: dict, model: str | None, device: str = "cpu"):
+    """The model that made release manifest `m` (its name, or the --model folder), with its sampler
+    settings; every path that restores records (restore, eval) loads it here. The batch size does not
+    matter: each record carries the batch shape it was made at. The weights and the noise schedule
+    are checked up front, so a wrong --model fails in one line before any record is restored."""
     from ..anonymizer import Anonymizer
 
     s = m["settings"]
     name = model or m["model"]["name"]
+    want = m["model"]["sha256"]
     try:
         anon = Anonymizer.from_pretrained(
             name, device=device, steps=s.get("steps"), inversion_iters=s.get("inversion_iters"),
@@ -233,8 +238,9 @@ def _load_model(model: str | None, m: dict, device: str = "cpu"):
             raise
         raise InputError(
             f"cannot load the release's model {name!r} ({e}); pass --model with the folder it was anonymized with "
-            f"(sha256 {m['model']['sha256'][:12]}…)"
+            f"(sha256 {want[:12]}…)"
         ) from None
+    anon.check_model(want, "this release")
     check_schedule(anon, s, name)
     return anon
 
