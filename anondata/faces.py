@@ -621,7 +621,9 @@ def _paste(img, places, x, a, core, r, mask, lossless):
         wts = _Weights(places, roi, idx)
         gx0, gy0, gx1, gy1 = roi
         ups = {i: _up(a[i], places[i]) for i in idx}
-        anon_img[gy0:gy1, gx0:gx1] = wts.apply(img[gy0:gy1, gx0:gx1], ups, replace=True)
+        # only the group's crops: its rectangle can hold a face of another group, already pasted
+        u = wts.union()
+        anon_img[gy0:gy1, gx0:gx1][u] = wts.apply(img[gy0:gy1, gx0:gx1], ups, replace=True)[u]
         weights.append(wts)
     fixes = [a[i].astype(np.int16) - _crop_to_r(anon_img, p, r).astype(np.int16) for i, p in enumerate(places)]
     ll = None
@@ -692,8 +694,9 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
             wts = _Weights(places, roi, idx)
             est = _estimate(img, roi, idx, wts, places, x, a)
             gx0, gy0, gx1, gy1 = roi
-            result[gy0:gy1, gx0:gx1] = est
-            parts.append((roi, wts.union()))
+            u = wts.union()
+            result[gy0:gy1, gx0:gx1][u] = est[u]  # as in _paste: not another group's face in the rectangle
+            parts.append((roi, u))
         ll = d["lossless"]
         if ll is not None:
             n = sum(int(u.sum()) for _, u in parts) * 3

@@ -176,12 +176,18 @@ class Blackout:
         return np.where(masks[..., None], 0, images).astype(np.uint8), [_Rec(b"") for _ in masks]
 
 
+# Faces 1 and 2 overlap diagonally, so they are pasted as one group over their bounding rectangle;
+# face 0 (first from the top) overlaps neither but sits in that rectangle's corner.
+_CORNER_FACES = [(240, 95, 270, 125), (100, 120, 180, 200), (200, 200, 280, 280)]
+
+
 @pytest.mark.parametrize("boxes", [
     None,  # the group photo's own faces (HOG, turned ellipses from landmarks)
     [(60, 80, 160, 180)],  # one face: the ring at its ellipse's edge
     [(60, 80, 160, 180), (140, 80, 240, 180)],  # overlapping faces
     [(60, 80, 160, 180), (90, 110, 130, 150)],  # a face detected again inside another
     [(50, 50, 60, 60), (58, 52, 70, 64)],  # tiny faces: crops smaller than the model's resolution
+    _CORNER_FACES,  # a face inside the rectangle of two others that overlap: pasted first, then kept
 ])
 def test_no_original_pixel_left_inside_any_face_ellipse(group_photo, boxes):
     """Fail closed on paste-back: outside its mask the core returns the original crop, and resizing
@@ -210,6 +216,29 @@ def test_no_original_pixel_left_inside_any_face_ellipse(group_photo, boxes):
         cs = (slice(b0 - p.crop[1], b1 - p.crop[1]), slice(a0 - p.crop[0], a1 - p.crop[0]))
         inside[b0:b1, a0:a1] |= _ellipse_dist(p, *p.size, cs) <= 1.0
     assert inside.sum() > 150 and res.image[inside].max() == 0
+
+
+def test_face_in_the_corner_of_another_group_restores_exactly(group_photo):
+    """Pasting a group (and restoring one) writes only the pixels of its own crops: writing its whole
+    bounding rectangle put back the original, or the anonymized, pixels of a face pasted before it."""
+    class Fixed:
+        name = "fixed"
+
+        def detect(self, rgb):
+            return [detect.Face(b, 1.0) for b in _CORNER_FACES]
+
+    detect.register("corner-faces", lambda arg: Fixed())
+    keys, fake = [new_key()], InvertAnon()
+    spec = FaceSpec(mode="detect", detector="corner-faces")
+    res = anonymize_photos(fake, [group_photo], keys, spec, lossless=True)[0]
+    assert res.faces == 3
+    assert np.array_equal(restore_photos(fake, [res.image], keys, [res.record])[0], group_photo)
+    key_only = anonymize_photos(fake, [group_photo], keys, spec)[0]
+    restored = restore_photos(fake, [key_only.image], keys, [key_only.record])[0]
+    x0, y0, x1, y1 = _crops(key_only.record)[0]
+    face = (slice(y0 + 10, y1 - 10), slice(x0 + 10, x1 - 10))  # inside face 0's ellipse
+    err = np.abs(restored[face].astype(int) - group_photo[face].astype(int)).mean()
+    assert err < np.abs(key_only.image[face].astype(int) - group_photo[face].astype(int)).mean() / 4
 
 
 # -- no face, detector failure -------------------------------------------------------------------
