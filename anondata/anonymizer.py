@@ -96,6 +96,9 @@ class Anonymizer:
         if backend.dtype not in _DTYPES.values():  # records name it; half precision is not among them
             raise InputError(f"the backend runs in {backend.dtype}; anondata runs {' or '.join(_DTYPES)} "
                              "(load it with dtype=torch.float32)")
+        if sampler.steps >= backend.num_train_timesteps:  # scheme.timesteps: t_k up to (N-1) T / N + 1
+            raise InputError(f"steps must be below the model's {backend.num_train_timesteps} training timesteps, "
+                             f"got {sampler.steps}")
         self.backend = backend
         self.batch_size = batch_size
         grid = self._latent_shape()[-1]

@@ -288,6 +288,16 @@ def test_sign_cell_is_checked(model_dir):
             Anonymizer.from_pretrained(model_dir, steps=2, inversion_iters=0, sign_cell=bad)
 
 
+def test_steps_the_schedule_cannot_hold_are_refused_when_built(model_dir):
+    """The model's 1,000 training timesteps hold at most 999 steps; more was accepted and failed
+    later, as a ValueError on the first record (in the job: every record, until the breaker)."""
+    with pytest.raises(InputError, match="1000 training timesteps"):
+        Anonymizer.from_pretrained(model_dir, steps=1000, inversion_iters=0)
+    with pytest.raises(InputError, match="1000 training timesteps"):
+        Anonymizer.from_pretrained(model_dir, steps=1000, inversion_iters=0, weights=False)
+    assert Anonymizer.from_pretrained(model_dir, steps=999, inversion_iters=0, weights=False).sampler.steps == 999
+
+
 RECORD_VECTORS = json.loads((Path(__file__).parent / "vectors" / "restore_records.json").read_text())
 
 
