@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import AnondataError, InputError
 
 EMBEDDED_DIR = Path(__file__).parent / "models" / "embedded"
 # Weights sha256 of embedded priors this package no longer ships -> the anondata version that
@@ -292,7 +292,8 @@ class LatentBackend(_Schedule):
         m = self.latent_mask(mask).expand_as(z)
         c = torch.where(m, z - self.encode(x_stored), torch.zeros_like(z)).to(torch.float16)
         if not torch.isfinite(c).all():
-            raise ValueError("the generated latent is out of float16 range; the model is not usable")
+            raise AnondataError("the generated latent is out of float16 range, in which its restore record "
+                                "carries it; none were stored: the model is not usable")
         return c
 
     def invert_decoder(self, x, mask, m, z_init, bg, iters: int | None = None, lr: float = DECODER_INVERSION_LR):

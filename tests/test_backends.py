@@ -188,6 +188,23 @@ def test_latent_record_is_checked(anons, faces, masks):
         anon.restore(out, fixed_keys(1), [wrong_shape])
 
 
+def test_latent_out_of_float16_range_is_an_error_not_a_traceback(anons, faces, masks, monkeypatch):
+    """The carry is stored in float16: a generated latent beyond its range cannot be restored. That is
+    the model's output failing, as NaN is (anonymizer._non_finite), not a ValueError from inside."""
+    from anondata import scheme
+    from anondata.errors import AnondataError
+
+    transform = scheme.transform
+
+    def huge(*a, **kw):
+        y, z = transform(*a, **kw)
+        return y, z + 1e6  # the image stays in range; only the latent restore must carry leaves float16
+
+    monkeypatch.setattr(scheme, "transform", huge)
+    with pytest.raises(AnondataError, match="float16"):
+        anons["kl"].anonymize(faces[:1], fixed_keys(1), masks=masks[:1])
+
+
 def test_batches_match_singles(anons, faces, masks):
     """Lossless restore compares hashes, so a face must not depend on its batch-mates."""
     anon = anons["controlnet"]
