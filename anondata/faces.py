@@ -390,9 +390,9 @@ def _unpack(text: str, n: int, what: str) -> np.ndarray:
         d = zlib.decompressobj()
         data = d.decompress(raw, 2 * n + 1)
     except zlib.error:
-        raise FormatError(f"photo record: {what} is not valid zlib data") from None
+        raise FormatError(f"{what} is not valid zlib data") from None
     if not d.eof or d.unused_data or len(data) != 2 * n:
-        raise FormatError(f"photo record: {what} does not decompress to exactly {2 * n} bytes")
+        raise FormatError(f"{what} does not decompress to exactly {2 * n} bytes")
     return np.frombuffer(data, "<i2").astype(np.int16)
 
 
@@ -449,7 +449,7 @@ def _parse_record(data: bytes, what: str):
         places.append(place)
         cores.append(canonical.b64d(f["core"], f"{fw}.core"))
         r = d["resolution"]
-        fix = _unpack(f["fix"], r * r * 3, f"faces[{k}].fix").reshape(r, r, 3)
+        fix = _unpack(f["fix"], r * r * 3, f"{fw}.fix").reshape(r, r, 3)
         fixes.append(fix)
     ll = d["lossless"]
     if ll is not None and (not isinstance(ll, dict) or set(ll) != {"sha256", "residual"}
@@ -700,7 +700,7 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
         ll = d["lossless"]
         if ll is not None:
             n = sum(int(u.sum()) for _, u in parts) * 3
-            res = _unpack(ll["residual"], n, "lossless.residual")
+            res = _unpack(ll["residual"], n, f"photo record of {names[i]!r}: lossless.residual")
             o = 0
             for (gx0, gy0, gx1, gy1), u in parts:
                 m = int(u.sum()) * 3

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 import zlib
 from pathlib import Path
 
@@ -566,6 +567,20 @@ def test_restore_errors_name_the_photo_not_a_crop_index(anon, one):
 
     with pytest.raises(FormatError, match=r"photo 'bob', face 0: restore record"):
         restore_photos(anon, [res.image, res.image], keys * 2, [res.record, _edit(res.record, bad_core)],
+                       ids=["alice", "bob"])
+
+
+@pytest.mark.parametrize("field, edit", [
+    ("faces[0].fix", lambda d: d["faces"][0].update(fix=canonical.b64e(zlib.compress(b"\0" * 10)))),
+    ("faces[0].fix", lambda d: d["faces"][0].update(fix="!")),
+    ("lossless.residual", lambda d: d["lossless"].update(residual=canonical.b64e(b"not zlib"))),
+])
+def test_bad_payload_errors_name_the_photo(anon, one, field, edit):
+    """A restore job restores many photos per call; an error that names only the field leaves the
+    user to guess which record's photo record is broken."""
+    img, keys, res = one
+    with pytest.raises(FormatError, match=rf"photo record of 'bob'.*{re.escape(field)}"):
+        restore_photos(anon, [res.image, res.image], keys * 2, [res.record, _edit(res.record, edit)],
                        ids=["alice", "bob"])
 
 
