@@ -136,6 +136,25 @@ def test_limit_split_name_and_missing_columns(tmp_path):
         open_source(str(tmp_path / "f.parquet"), limit=0)
 
 
+def test_split_names_the_manifest_refuses_are_refused_before_the_job(tmp_path):
+    """The manifest allows ASCII split names of at most 64 characters; the source accepted any
+    Unicode word (`\\w`), of any length, and a `$` that let a trailing newline through. Such a job
+    anonymized every record, then could not sign (finalize's manifest check), nor ever finish on
+    --resume, which keeps the plan's split name."""
+    from anondata.manifest import SPLIT_RE
+
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    for bad in ("t\u00e9st", "\u0663", "train\n", "a" * 65):
+        with pytest.raises(InputError, match="not valid"):
+            open_source(str(tmp_path / "f.parquet"), splits=[bad])
+    d = tmp_path / "hub"  # a named split from the files: not fixable with --split, so said at once
+    write_face_parquet(d / "data" / "t\u00e9st-00000-of-00001.parquet", 2)
+    with pytest.raises(InputError, match="not valid"):
+        open_source(str(d))
+    for good in ("a" * 64, "train.v2", "x_1"):
+        assert SPLIT_RE.match(open_source(str(tmp_path / "f.parquet"), splits=[good]).splits[0].name)
+
+
 def test_derived_ids_without_id_column(tmp_path):
     write_face_parquet(tmp_path / "f.parquet", 3, id_column=None)
     s = open_source(str(tmp_path / "f.parquet"))

@@ -34,7 +34,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", "
                     ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ppm", ".pgm", ".pnm", ".tga", ".qoi", ".ico")
 DEFAULT_SPLIT = "train"
 _ID_BLOCK = 65_536  # rows of the id column held as Arrow at a time (Source.ids)
-_SPLIT_RE = re.compile(r"^\w+(\.\w+)*$")
+# What the manifest allows (manifest.SPLIT_RE: ASCII, at most 64 characters), less `-`, which
+# separates the split from the shard number in file names; `\Z`: `$` let a trailing newline through
+_SPLIT_RE = re.compile(r"^(?=.{1,64}\Z)\w+(\.\w+)*\Z", re.ASCII)
+_SPLIT_RULE = "ASCII letters, digits and _ (. between words), at most 64 characters"
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Hub layout: data/train-00000-of-00003.parquet, train-*.parquet, or train/xxx.parquet
 _SHARD_NAME_RE = re.compile(r"^(?P<split>\w+(?:\.\w+)*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$", re.IGNORECASE)
@@ -234,7 +237,7 @@ def open_source(
         raise InputError(f"--limit must be at least 1, not {limit}")
     for s in splits or []:
         if not _SPLIT_RE.match(s):
-            raise InputError(f"split name {s!r} is not valid: use letters, digits and _ (e.g. train)")
+            raise InputError(f"split name {s!r} is not valid: use {_SPLIT_RULE} (e.g. train)")
     path = Path(location).expanduser()
     if location.startswith("hf://") or (not path.exists() and _HUB_ID_RE.match(location)):
         source = _open_hub(location.removeprefix("hf://").removeprefix("datasets/"))
@@ -412,7 +415,8 @@ def _finish(source: Source, image_column: str, id_column: str | None, splits: li
         source.splits = [s for s in source.splits if s.name in splits]
     for s in source.splits:
         if not _SPLIT_RE.match(s.name):
-            raise InputError(f"split name {s.name!r} in {source.location} is not valid for the Hub layout; pass --split")
+            raise InputError(f"split name {s.name!r} in {source.location} is not valid for the Hub layout "
+                             f"({_SPLIT_RULE}): rename it, or pass --split to leave it out")
         s.limit = limit
     source.splits.sort(key=lambda s: (_SPLIT_ORDER.get(s.name, 9), s.name))
 
