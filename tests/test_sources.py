@@ -155,6 +155,18 @@ def test_split_names_the_manifest_refuses_are_refused_before_the_job(tmp_path):
         assert SPLIT_RE.match(open_source(str(tmp_path / "f.parquet"), splits=[good]).splits[0].name)
 
 
+def test_split_names_that_differ_only_in_case_are_refused(tmp_path):
+    """Shard files are named by split: on a case-insensitive file system (macOS's and Windows'
+    defaults) `Train`'s and `train`'s shards were one file, the second written over the first, and
+    the signed manifest placed the first split's records in a file that holds the other's."""
+    d = tmp_path / "d"
+    write_face_parquet(d / "data" / "train-00000-of-00001.parquet", 2)
+    write_face_parquet(d / "data" / "Train-00000-of-00001.parquet", 2, seed=1)
+    with pytest.raises(InputError, match="'Train' and 'train' differ only in case"):
+        open_source(str(d))
+    assert [x.name for x in open_source(str(d), splits=["train"]).splits] == ["train"]
+
+
 def test_derived_ids_without_id_column(tmp_path):
     write_face_parquet(tmp_path / "f.parquet", 3, id_column=None)
     s = open_source(str(tmp_path / "f.parquet"))

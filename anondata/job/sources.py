@@ -418,6 +418,13 @@ def _finish(source: Source, image_column: str, id_column: str | None, splits: li
             raise InputError(f"split name {s.name!r} in {source.location} is not valid for the Hub layout "
                              f"({_SPLIT_RULE}): rename it, or pass --split to leave it out")
         s.limit = limit
+    folded: dict[str, str] = {}
+    for s in source.splits:  # shard files are named by split
+        other = folded.setdefault(s.name.lower(), s.name)
+        if other != s.name:
+            raise InputError(f"splits {min(other, s.name)!r} and {max(other, s.name)!r} differ only in case: their "
+                             "shard files would be one file on a case-insensitive file system (macOS, Windows); "
+                             "rename one, or pass --split to leave one out")
     source.splits.sort(key=lambda s: (_SPLIT_ORDER.get(s.name, 9), s.name))
 
     names = source.schema.names
