@@ -273,3 +273,36 @@ def test_one_bad_gpu_among_good_ones_stops_the_job(tiny_model, identities, monke
                                  recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
                                  model=tiny_model, shard_size=1, batch_size=1, max_failures_in_a_row=3,
                                  progress=False, **FAST))
+
+
+def test_a_row_delivered_again_after_its_shard_was_committed_is_ignored(tiny_model, identities, monkeypatch, tmp_path):
+    """Ray may deliver a retried task's rows twice, the second copy with another key and image.
+    One that came after its shard had been committed opened a new entry for that shard: never
+    complete (the job ended, every shard written, with "unfinished shards ...; run again with
+    --resume"), or, for a shard of one row, complete again, and the shard was written a second
+    time over its marker (a kill between its data and keys files left images whose envelopes are
+    gone)."""
+    from anondata.job import pipeline
+    from anondata.job.pipeline import JobOptions, run_anonymize
+    from anondata.manifest import read_manifest
+
+    write_face_parquet(tmp_path / "f.parquet", 3)
+    _driver_without_ray(monkeypatch, set())
+    dataset, commit, commits = pipeline._dataset, pipeline.commit_shard, []
+
+    def again(*a, **kw):
+        batches = list(dataset(*a, **kw))
+        yield from batches + [batches[0], batches[-1]]  # rows 0 and 2 again, after their shards' commits
+
+    def counted(name, *a, **kw):
+        commits.append(name)
+        return commit(name, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_dataset", again)
+    monkeypatch.setattr(pipeline, "commit_shard", counted)
+    res = run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                   recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                   model=tiny_model, shard_size=2, batch_size=1, progress=False, **FAST))
+    assert (res.anonymized, res.quarantined, res.shards) == (3, 0, 2)
+    assert commits == ["train-00000-of-00002", "train-00001-of-00002"]  # each once
+    assert [r["status"] for r in read_manifest(tmp_path / "out")["records"]] == ["anonymized"] * 3

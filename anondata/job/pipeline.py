@@ -452,6 +452,8 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
             if not models:
                 models.append(r["model"])
             name = by_index[(r["split"], r["shard"])]
+            if name in finished:  # a retried task's second copy of a row, after its shard was committed
+                continue
             got = pending.setdefault(name, {})
             if r["row"] not in got:  # a retried task may deliver a row twice: keep one
                 got[r["row"]] = r
