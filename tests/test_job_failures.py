@@ -306,3 +306,36 @@ def test_a_row_delivered_again_after_its_shard_was_committed_is_ignored(tiny_mod
     assert (res.anonymized, res.quarantined, res.shards) == (3, 0, 2)
     assert commits == ["train-00000-of-00002", "train-00001-of-00002"]  # each once
     assert [r["status"] for r in read_manifest(tmp_path / "out")["records"]] == ["anonymized"] * 3
+
+
+def test_the_actor_pool_is_no_larger_than_its_tasks(identities, tiny_model, monkeypatch):
+    """Each actor loads the model. The pass that redoes the rows of a crashed batch one by one
+    (often one row), a short --resume or a small source on a many-GPU cluster started an actor
+    for every GPU or CPU anyway: model loads for nothing, and Ray Data's warning that the pool's
+    minimum size 'won't fully utilize' its inputs on the runner's terminal."""
+    import types
+
+    import ray.data
+
+    from anondata.identity import load_recipient
+    from anondata.job import pipeline
+    from anondata.job.pipeline import JobOptions
+
+    sizes = []
+
+    class Dataset:
+        context = types.SimpleNamespace()
+
+        def map_batches(self, fn, **kw):
+            return self
+
+    real = ray.data.ActorPoolStrategy
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: Dataset())
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", lambda **kw: sizes.append(kw["size"]) or real(**kw))
+    monkeypatch.setattr(pipeline, "_pool", lambda opts: (4, 1, "cuda"))
+    opts = JobOptions(source="-", out="-", recipients=[], signing_key="-", model=tiny_model)
+    plan, recipients = {"dataset_id": "ab" * 16}, [load_recipient(identities["owner"][1])]
+    task = {"split": "train", "shard": 0, "start": 0, "stop": 1}
+    for n in (1, 3, 4, 9):
+        pipeline._dataset([task] * n, None, opts, plan, recipients)
+    assert sizes == [1, 3, 4, 4]

@@ -244,6 +244,7 @@ def _dataset(tasks: list[dict], source: Source, opts: JobOptions, plan: dict, re
         if hasattr(ctx, attr):
             setattr(ctx, attr, False)
     actors, gpus, device = _pool(opts)
+    actors = min(actors, len(tasks))  # each actor loads the model: none for an actor that gets no task
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(
         read_shard_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": source},
