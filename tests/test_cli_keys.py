@@ -452,3 +452,33 @@ def test_errors_escape_control_and_bidi_characters_from_names(tmp_path, capsys):
     assert shown("a\x1b]0;t\x07b \u202eexe.png é 中") == "a\\x1b]0;t\\x07b \\u202eexe.png é 中"
     code, _, err = cli(capsys, "verify", tmp_path / "rel\x1b[2J\u202e")
     assert code == 2 and "rel\\x1b[2J\\u202e" in err and "\x1b" not in err and "\u202e" not in err
+
+
+def test_rewrap_renames_are_durable_before_the_stage_is_removed(tmp_path, capsys, monkeypatch):
+    """roll_forward renamed the staged envelopes, manifest and signature into place, deleted the
+    stage and reported success without an fsync of the folders renamed into: a power cut soon
+    after could bring back the old envelopes (sealed to OLD.key only, which a rotation away
+    from a compromised key then destroys) with no stage left to finish from."""
+    import shutil
+
+    import anondata.files as files_mod
+    from anondata.commands.rewrap import roll_forward
+
+    tmp, root, did, secrets_by_id = _release(tmp_path, capsys, ["r0", "r1"], shard="data/train/a.parquet",
+                                             keys="keys/train/a.keys.parquet")
+    assert _rewrap_killed(tmp, root, "rewrap-staged:0").returncode == -9
+    events = []
+    real_replace, real_fsync, real_rmtree = os.replace, files_mod.fsync_dir, shutil.rmtree
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(b).parent)) or real_replace(a, b))
+    monkeypatch.setattr(files_mod, "fsync_dir", lambda p: events.append(("fsync", Path(p))) or real_fsync(p))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **kw: events.append(("rmtree", Path(p))) or real_rmtree(p, *a, **kw))
+    assert roll_forward(root) is True
+    monkeypatch.undo()
+    gone = events.index(("rmtree", root / ".rewrap"))
+    into = {d for kind, d in events if kind == "replace"}
+    assert into == {root / "keys" / "train", root}
+    for d in into:
+        last = max(i for i, e in enumerate(events) if e == ("replace", d))
+        assert ("fsync", d) in events[last:gone], (d, events)
+    verify_release(root)
+    assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id

@@ -120,7 +120,7 @@ def roll_forward(root) -> bool:
     from pathlib import Path
 
     from ..errors import FormatError, KeyError_
-    from ..files import read_bounded
+    from ..files import fsync_dir, read_bounded
     from ..manifest import MANIFEST, MAX_MANIFEST, REWRAP_STAGE, SIGNATURE, parse_manifest
 
     stage = Path(root) / REWRAP_STAGE
@@ -141,8 +141,13 @@ def roll_forward(root) -> bool:
         if rel not in listed:
             raise KeyError_(f"{stage / rel}: a staged file the staged manifest does not list; remove {stage} and run again")
         os.replace(stage / rel, Path(root) / rel)
+    # Each rename durable before the next step, and all before the stage goes: a power cut must not
+    # bring back an old envelope file (sealed to OLD.key only) with nothing left to finish from.
+    for folder in sorted({(Path(root) / rel).parent for rel in staged}):
+        fsync_dir(folder)
     if (stage / MANIFEST).is_file():
         os.replace(stage / MANIFEST, Path(root) / MANIFEST)
     os.replace(stage / SIGNATURE, Path(root) / SIGNATURE)
+    fsync_dir(root)
     shutil.rmtree(stage)
     return True
