@@ -407,7 +407,8 @@ def _reseal(selected, to, dataset_id) -> pa.Table:
 def grant_records(tables, identity: Identity, to: list[Recipient], dataset_id: str, ids) -> pa.Table:
     """A new table holding only `ids`, sealed to `to` (payload bytes copied unchanged)."""
     to = _check_recipients(to)
-    if ids is None or (not isinstance(ids, str) and len(list(ids)) == 0):
+    ids = [ids] if isinstance(ids, str) else list(ids) if ids is not None else []  # read once: an iterator
+    if not ids:
         raise KeyError_("grant needs the record ids to share (--ids ID,...)")
     index = _index(tables, dataset_id)
     return _reseal(_select(index, identity, dataset_id, ids), to, dataset_id)

@@ -282,6 +282,17 @@ def test_grant_only_chosen_records(people):
         grant_records([t], a, [c.recipient], DID, ["zzz"])
 
 
+def test_grant_of_ids_given_as_an_iterator_holds_them(people):
+    """The emptiness check read the ids with list(ids), so an iterator (a generator over a file of
+    ids) was used up before the records were chosen: the grant held none of them, without a word."""
+    a, c = people["a"], people["c"]
+    t = seal_records([a.recipient], DID, items(5))
+    g = grant_records([t], a, [c.recipient], DID, (f"rec-{i}" for i in (1, 3)))
+    assert g["record_id"].to_pylist() == ["rec-1", "rec-3"]
+    with pytest.raises(KeyError_, match="grant needs the record ids"):
+        grant_records([t], a, [c.recipient], DID, iter([]))
+
+
 def test_rewrap_replaces_recipients(people):
     a, b, c = people["a"], people["b"], people["c"]
     t = seal_records([a.recipient, c.recipient], DID, items(3, big=True))
