@@ -25,7 +25,8 @@ def register(sub) -> None:
                    help="record ids, one per line, exactly as written (for ids with commas or spaces at either "
                         "end; blank lines and lines starting with # are skipped)")
     p.add_argument("--keys", default=None, metavar="DIR",
-                   help="envelopes from a grant folder or another release's keys (default: DIR/keys)")
+                   help="envelopes from a grant folder, or a folder holding a copy of this release's keys/, each file "
+                        "checked against its manifest (default: DIR/keys)")
     p.add_argument("--out", required=True, metavar="OUT", help="new folder for the restored records")
     p.add_argument("--png", action="store_true",
                    help="also write loose PNG files OUT/png/{split}/{id}.png (a short hash is added to ids with "
