@@ -202,10 +202,12 @@ class Anonymizer:
         return [keystream.check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
 
     def _check_masks(self, masks, n: int) -> np.ndarray:
+        """-> a copy: the records keep each mask, and a caller may reuse its buffer before it
+        serializes them."""
         r = self.resolution
         if masks is None:
             return np.ones((n, r, r), dtype=bool)
-        masks = np.asarray(masks)
+        masks = np.array(masks)
         if masks.dtype != np.bool_ or masks.shape != (n, r, r):
             raise InputError(f"masks: expected bool array of shape ({n}, {r}, {r}), got {masks.dtype} {masks.shape}")
         return masks

@@ -111,6 +111,18 @@ def test_pixels_outside_mask_are_bit_identical(anon, faces, ellipse):
     assert 10 * np.log10(255**2 / mse) >= RESTORE_IN_MASK_DB, 10 * np.log10(255**2 / mse)
 
 
+def test_records_own_their_masks(anon, faces, ellipse):
+    """A caller that reuses its mask buffer after anonymize (the next batch's masks) must not change
+    the records it has not serialized yet: they held views of it, and the record then described a
+    mask the stored image was not made with."""
+    masks = np.stack([ellipse] * 2)
+    _, recs = anon.anonymize(faces[:2], fixed_keys(2, b"own"), masks=masks)
+    before = [r.to_bytes() for r in recs]
+    masks[:] = True
+    assert [r.to_bytes() for r in recs] == before
+    assert all(np.array_equal(r.mask, ellipse) for r in recs)
+
+
 def test_lossless_is_bit_exact_even_restored_one_at_a_time(anon, faces):
     keys = fixed_keys(len(faces), b"lossless")
     out, recs = anon.anonymize(faces, keys, lossless=True)
