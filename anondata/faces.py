@@ -88,7 +88,8 @@ class FaceSpec:
             b = self.box
             if self.mode != "aligned":
                 raise InputError("--face-box only applies to --faces aligned")
-            if len(b) != 4 or not all(isinstance(v, int) and v >= 0 for v in b) or b[2] - b[0] < 8 or b[3] - b[1] < 8:
+            # type() is int: True is an int to isinstance, and went into the record as JSON true, which restore refuses
+            if len(b) != 4 or not all(type(v) is int and v >= 0 for v in b) or b[2] - b[0] < 8 or b[3] - b[1] < 8:
                 raise InputError(f"--face-box must be x0,y0,x1,y1 integers with x1-x0 >= 8 and y1-y0 >= 8, got {b}")
         if self.cross_check is not None:
             if self.mode != "detect":
@@ -97,6 +98,8 @@ class FaceSpec:
                 raise InputError(f"--cross-check must be another detector than --detector ({self.detector!r})")
         if not 1.0 <= self.expand <= 2.0:
             raise InputError(f"expand must be between 1.0 and 2.0, got {self.expand}")
+        if type(self.min_face) is not int or self.min_face < 0:  # else a TypeError later, in every photo
+            raise InputError(f"min_face must be a whole number of pixels >= 0, got {self.min_face!r}")
 
 
 def parse_face_box(text: str) -> tuple[int, int, int, int]:

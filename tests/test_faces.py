@@ -481,6 +481,18 @@ def test_bad_spec(kw):
         FaceSpec(**kw)
 
 
+@pytest.mark.parametrize("kw, needle", [
+    # True is an int to isinstance: the crop went into the record as JSON true, which restore refuses
+    (dict(mode="aligned", box=(True, 0, 100, 100)), "face-box"),
+    (dict(min_face="32"), "min_face"),  # failed later, per photo, with a TypeError
+    (dict(min_face=True), "min_face"),
+    (dict(min_face=-1), "min_face"),
+])
+def test_bools_and_non_integers_are_refused_in_the_spec(kw, needle):
+    with pytest.raises(InputError, match=needle):
+        FaceSpec(**kw)
+
+
 def test_parse_face_box():
     assert parse_face_box("25,57,153,185") == (25, 57, 153, 185)
     with pytest.raises(InputError, match="four integers"):
