@@ -488,10 +488,10 @@ def key_only_record(record: bytes) -> bytes:
 
 
 # -- the two operations ----------------------------------------------------------------------------
-def _check_photo(img, i: int) -> np.ndarray:
+def _check_photo(img, what: str) -> np.ndarray:
     a = np.asarray(img)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
-        raise InputError(f"images[{i}]: expected RGB uint8 (H, W, 3) from decode_image, got {a.dtype} {a.shape}")
+        raise InputError(f"{what}: expected RGB uint8 (H, W, 3) from decode_image, got {a.dtype} {a.shape}")
     return a
 
 
@@ -588,7 +588,7 @@ def anonymize_photos(anon, images, keys, spec: FaceSpec, lossless: bool = False,
 
     if len(images) != len(keys):
         raise InputError(f"expected one key per photo: {len(images)} photos, {len(keys)} keys")
-    images = [_check_photo(im, i) for i, im in enumerate(images)]
+    images = [_check_photo(im, f"images[{i}]") for i, im in enumerate(images)]
     keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
     r = anon.resolution
     results: list[PhotoResult] = []
@@ -663,7 +663,7 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
     parsed, inputs, fkeys, cores, crop_names = [], [], [], [], []
     for i, (img, key, rec) in enumerate(zip(images, keys, records)):
         what = f"photo record of {names[i]!r}"
-        img = _check_photo(img, i)
+        img = _check_photo(img, f"photo {names[i]!r}")
         key = check_key(key, f"key of {names[i]!r}")
         d, places, core, fixes = _parse_record(rec, what)
         if d["resolution"] != r:

@@ -582,6 +582,15 @@ def test_restore_errors_name_the_photo_not_a_crop_index(anon, one):
                        ids=["alice", "bob"])
 
 
+def test_restore_names_a_photo_that_is_not_rgb_by_its_id(anon, one):
+    """Restore jobs pass ids; an error naming "images[1]" left the user to count."""
+    img, keys, res = one
+    with pytest.raises(InputError, match=r"photo 'bob': expected RGB uint8"):
+        restore_photos(anon, [res.image, res.image[..., 0]], keys * 2, [res.record] * 2, ids=["alice", "bob"])
+    with pytest.raises(InputError, match=r"photo '#1': expected RGB uint8"):
+        restore_photos(anon, [res.image, res.image[..., 0]], keys * 2, [res.record] * 2)
+
+
 @pytest.mark.parametrize("field, edit", [
     ("faces[0].fix", lambda d: d["faces"][0].update(fix=canonical.b64e(zlib.compress(b"\0" * 10)))),
     ("faces[0].fix", lambda d: d["faces"][0].update(fix="!")),
