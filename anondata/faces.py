@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import zlib
 from dataclasses import dataclass, field
 
@@ -412,6 +413,16 @@ def _hex64(v) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
+def _crop_fits(c, W: int, H: int) -> bool:
+    """A crop a photo record may hold: integers, overlapping the W x H photo, sides at most
+    5 x its longer side (bounds restore's memory; a detector box inside the photo gives at most
+    ~2.4 x expand x that side). Anonymizing checks the crops it writes with this too."""
+    lim = 5 * max(W, H)
+    return (len(c) == 4 and all(_is_int(v, -lim, lim) for v in c)
+            and 1 <= c[2] - c[0] <= lim and 1 <= c[3] - c[1] <= lim
+            and c[0] < W and c[1] < H and c[2] > 0 and c[3] > 0)
+
+
 def _parse_record(data: bytes, what: str):
     d = canonical.loads(data, what)
     if not isinstance(d, dict) or set(d) != _TOP:
@@ -424,16 +435,13 @@ def _parse_record(data: bytes, what: str):
     if d["mask"] not in ("ellipse", "full") or not _hex64(d["anon_sha256"]) or not isinstance(d["faces"], list):
         raise FormatError(f"{what}: bad mask, anon_sha256 or faces")
     W, H, full = d["width"], d["height"], d["mask"] == "full"
-    lim = 5 * max(W, H)  # bounds memory; placement gives at most ~2.4 x expand x the photo's side
     places, cores, fixes = [], [], []
     for k, f in enumerate(d["faces"]):
         fw = f"{what}: faces[{k}]"
         if not isinstance(f, dict) or set(f) != _FACE:
             raise FormatError(f"{fw}: expected fields {sorted(_FACE)}")
         c = f["crop"]
-        if not (isinstance(c, list) and len(c) == 4 and all(_is_int(v, -lim, lim) for v in c)
-                and 1 <= c[2] - c[0] <= lim and 1 <= c[3] - c[1] <= lim
-                and c[0] < W and c[1] < H and c[2] > 0 and c[3] > 0):
+        if not (isinstance(c, list) and _crop_fits(c, W, H)):
             raise FormatError(f"{fw}: crop must be 4 integers x0<x1, y0<y1 overlapping the {W}x{H} image")
         if full:
             if f["ellipse"] is not None or f["feather"] is not None:
@@ -495,6 +503,40 @@ def _check_photo(img, what: str) -> np.ndarray:
     return a
 
 
+class _UnusableBox(Exception):
+    """A detector's box that cannot be anonymized (str: the box and why)."""
+
+
+def _detect(detector, name: str, img: np.ndarray, expand: float) -> list:
+    """detector.detect(img), every box checked: built-in detectors clip theirs to the photo
+    (detect._clip_box), a registered one may return anything. Placed as given, a box outside the
+    photo crashed the whole batch, an empty one anonymized an 8 px crop for a face, and a huge one
+    gave a crop restore refuses (_crop_fits), so the record could never be restored. Raises
+    _UnusableBox, which quarantines the photo: dropping the box could publish a face."""
+    H, W = img.shape[:2]
+    found = detector.detect(img)
+    for f in found:
+        try:
+            box = tuple(f.box)
+        except TypeError:
+            box = ()
+        shown = list(box) if box else repr(f.box)
+        if len(box) != 4 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box):
+            raise _UnusableBox(f"{shown}: not 4 numbers x0, y0, x1, y1")
+        if not all(math.isfinite(v) for v in box):
+            raise _UnusableBox(f"{shown}: not finite")
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            raise _UnusableBox(f"{shown}: empty (x1 <= x0 or y1 <= y0)")
+        if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
+            raise _UnusableBox(f"{shown}: outside the {W}x{H} photo")
+        crop = _place_detected(f, name, expand, True).crop
+        if not _crop_fits(crop, W, H):
+            raise _UnusableBox(f"{shown}: its crop {list(crop)} is over 5x the {W}x{H} photo's side, "
+                               "more than a photo record holds")
+    return found
+
+
 def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, str | None, list[str]]:
     """-> (places, quarantine reason, notes)."""
     H, W = img.shape[:2]
@@ -508,7 +550,8 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
 
     name = spec.detector
     try:
-        found = sorted(get_detector(name).detect(img), key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
+        found = sorted(_detect(get_detector(name), name, img, spec.expand),
+                       key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
         places = [_place_detected(f, spec.detector, spec.expand, full) for f in found]
         missed = []
         if spec.cross_check and (found or spec.on_no_face == "keep"):
@@ -516,6 +559,8 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
             missed = _missed_faces(img, places, get_detector(name), name, spec.expand)
     except InputError:
         raise  # unusable detector setup: the user must fix it, not every record
+    except _UnusableBox as e:
+        return None, f"detector {name!r} returned an unusable face box {e}: quarantined (check the detector)", []
     except Exception as e:  # noqa: BLE001 - a per-photo detector crash must quarantine, not leak
         return None, f"face detector {name!r} failed: {type(e).__name__}: {e}", []
     if missed:
@@ -557,7 +602,7 @@ def _missed_faces(img: np.ndarray, places: list[_Place], detector, name: str,
     inside a crop is not enough: the weight falls to 0 in a crop's corners, so a small face there
     would be published untouched."""
     H, W = img.shape[:2]
-    found = detector.detect(img)
+    found = _detect(detector, name, img, expand)
     covered = np.zeros((H, W), bool)
     if found:
         for roi, idx in _groups(places, W, H):

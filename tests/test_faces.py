@@ -271,6 +271,62 @@ def test_detector_crash_quarantines_only_that_photo(anon, group_photo):
     assert res[1].quarantine_reason is None and res[1].faces == 1
 
 
+_GOOD = (60, 40, 120, 100)
+
+
+@pytest.mark.parametrize("box, why", [
+    ((300, 200, 360, 260), "outside"),  # past the 200x150 photo
+    ((-90, -90, -30, -30), "outside"),
+    ((80, 50, 80, 90), "empty"),  # no width
+    ((120, 50, 80, 90), "empty"),  # x1 < x0
+    ((float("nan"), 50, 90, 90), "finite"),
+    ((10, 10, float("inf"), 90), "finite"),
+    ((True, 10, 60, 60), "numbers"),
+    ((-400, -400, 600, 600), "5x"),  # a crop restore refuses (more than 5x the photo's side)
+])
+@pytest.mark.parametrize("role", ["detector", "cross_check"])
+def test_unusable_boxes_from_a_registered_detector_quarantine_the_photo(box, why, role):
+    """Built-in detectors clip their boxes to the photo; a registered one may return anything. A
+    box that gives no usable crop quarantines the photo, naming the box (never dropped: a broken
+    box may be a face that would be published as is), and a record is written only when restore
+    will accept it: a huge box gave a crop over 5x the photo's side, which restore refuses, so the
+    record's faces could never be restored."""
+    class Fixed:
+        def __init__(self, boxes):
+            self.boxes, self.name = boxes, "fixed"
+
+        def detect(self, rgb):
+            return [detect.Face(b, 1.0) for b in self.boxes]
+
+    detect.register("good-box", lambda arg: Fixed([_GOOD]))
+    detect.register("bad-box", lambda arg: Fixed([_GOOD, box]))
+    img = np.random.default_rng(5).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    spec = (FaceSpec(mode="detect", detector="bad-box") if role == "detector"
+            else FaceSpec(mode="detect", detector="good-box", cross_check="bad-box"))
+    res = anonymize_photos(InvertAnon(), [img], [new_key()], spec)[0]
+    assert res.image is None and res.record is None
+    assert f"detector 'bad-box' returned an unusable face box {list(box)}" in res.quarantine_reason
+    assert why in res.quarantine_reason
+
+
+@pytest.mark.parametrize("box", [(-20, 10, 40, 70), (0, 0, 200, 150), (150, 100, 230, 180), (5.4, 9.6, 60.2, 70)])
+def test_boxes_past_the_edge_or_as_large_as_the_photo_restore(box):
+    """What the check lets through is written so that restore accepts it: faces at the border,
+    a face that fills the photo, float coordinates."""
+    class Fixed:
+        name = "fixed"
+
+        def detect(self, rgb):
+            return [detect.Face(box, 1.0)]
+
+    detect.register("edge-box", lambda arg: Fixed())
+    img = np.random.default_rng(6).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    keys, fake = [new_key()], InvertAnon()
+    res = anonymize_photos(fake, [img], keys, FaceSpec(mode="detect", detector="edge-box"), lossless=True)[0]
+    assert res.quarantine_reason is None and res.faces == 1
+    assert np.array_equal(restore_photos(fake, [res.image], keys, [res.record])[0], img)
+
+
 def test_cross_check_quarantines_a_photo_with_a_face_the_first_detector_missed():
     """Fail closed: the second detector's face at (130..170) lies in no anonymized crop, so the
     photo is not published; faces both detectors find, or a crashing second detector, behave."""
