@@ -35,8 +35,8 @@ def atomic_write(path, data: bytes, *, private: bool = False, tmp_dir=None) -> N
     fsync the folder. `private` files (envelopes) get mode 0600, others 0644."""
     path = Path(path)
     tmp_dir = Path(tmp_dir) if tmp_dir else path.parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(tmp_dir)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
     try:
         if not private and hasattr(os, "fchmod"):
@@ -66,6 +66,18 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def make_dirs(path) -> Path:
+    """mkdir -p that lasts: fsync the parent of every folder it makes, outermost first. A folder's
+    entry lives in its parent, so until that is fsynced a power cut can lose the new folder with
+    everything fsynced inside it (a whole release, after the job reported success)."""
+    path = Path(path)
+    made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in reversed(made):
+        fsync_dir(p.parent)
+    return path
+
+
 def within(path, folder) -> bool:
     """Whether `path` is `folder` or lies below it, after `..` and links."""
     inner, outer = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
@@ -93,7 +105,7 @@ def new_folder(final):
     """Yield a hidden sibling folder to fill; on success rename it to `final` (missing or empty),
     on any failure delete it: an interrupted command leaves no half-written output folder."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield work
@@ -101,3 +113,4 @@ def new_folder(final):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    fsync_dir(final.parent)

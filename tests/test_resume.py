@@ -183,6 +183,49 @@ def test_resume_of_a_job_killed_while_planning_says_to_run_without_it(identities
     assert not Journal(opts.out).exists()
 
 
+def test_new_folders_of_a_job_are_fsynced_in_their_parents(tmp_path, monkeypatch):
+    """A folder's entry lives in its parent: --out (and the parents the job made), data/, keys/ and
+    .anondata-work/ were made and never fsynced there, so a power cut soon after "success" could
+    lose the whole release, and one mid-job a shard whose marker survived. Each is fsynced in its
+    parent once it exists (the job itself stubbed: this is about the folders)."""
+    import pyarrow as pa
+
+    from anondata import files
+    from anondata.job import pipeline
+    from anondata.job.journal import Journal
+    from anondata.job.pipeline import JobOptions
+    from anondata.job.shards import write_parquet_atomic
+
+    synced = []  # (folder, its entries when it was fsynced)
+    monkeypatch.setattr(files, "fsync_dir", lambda p: synced.append((Path(p).absolute(), {c.name for c in Path(p).iterdir()})))
+    out = tmp_path / "a" / "b" / "out"
+
+    def job(opts):
+        journal = Journal(opts.out)
+        journal.create({"plan": 1})
+        write_parquet_atomic(pa.table({"x": [1]}), out / "data" / "s.parquet", journal.tmp("s.parquet"))
+        files.atomic_write(out / "keys" / "s.keys.parquet", b"k", private=True)  # as envelope.write_envelope_table
+        return "done"
+
+    monkeypatch.setattr(pipeline, "_run_anonymize", job)
+    assert pipeline._locked(JobOptions(source="src", out=str(out), recipients=[], signing_key="k")) == "done"
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", out, out / "data", out / "keys", out / ".anondata-work",
+                   out / ".anondata-work" / "done", out / ".anondata-work" / "tmp"):
+        assert any(p == folder.parent and folder.name in names for p, names in synced), (folder, synced)
+
+
+def test_a_folder_renamed_into_place_is_fsynced_in_its_parent(tmp_path, monkeypatch):
+    """files.new_folder (grants, restore output, eval reports) renamed its work folder into place
+    and returned: until the parent is fsynced, a power cut can undo the rename."""
+    from anondata import files
+
+    synced = []
+    monkeypatch.setattr(files, "fsync_dir", lambda p: synced.append((Path(p), {c.name for c in Path(p).iterdir()})))
+    with files.new_folder(tmp_path / "grant") as work:
+        (work / "f").write_bytes(b"x")
+    assert (tmp_path, {"grant"}) in synced
+
+
 def test_an_unfinished_job_is_not_verified_as_a_release(identities, tiny_model, tmp_path):
     """verify, restore, grant and eval on an interrupted job's folder point at --resume, not at a
     missing manifest signature (or at a manifest the job will rewrite), as publish already did."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .. import canonical
 from ..errors import FormatError, InputError
-from ..files import atomic_write, fsync_dir
+from ..files import atomic_write, fsync_dir, make_dirs
 
 WORK = ".anondata-work"
 PLAN_VERSION = 1
@@ -45,8 +45,8 @@ class Journal:
 
     def create(self, plan: dict) -> None:
         plan = {**plan, "version": PLAN_VERSION}
-        self.done_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.done_dir)
+        make_dirs(self.tmp_dir)
         atomic_write(self.plan_path, canonical.dumps(plan), tmp_dir=self.tmp_dir)
 
     def load(self) -> dict:
@@ -56,8 +56,8 @@ class Journal:
             raise InputError(f"{self.plan_path}: cannot read the job plan ({e.strerror})") from None
         if plan.get("version") != PLAN_VERSION:
             raise FormatError(f"{self.plan_path}: plan version {plan.get('version')!r}, this anondata writes {PLAN_VERSION}")
-        self.done_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.done_dir)
+        make_dirs(self.tmp_dir)
         return plan
 
     def committed(self) -> dict[str, dict]:
@@ -76,7 +76,7 @@ class Journal:
         atomic_write(self.done_dir / f"{shard}.json", canonical.dumps(marker), tmp_dir=self.tmp_dir)
 
     def tmp(self, name: str) -> Path:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.tmp_dir)
         return self.tmp_dir / name
 
     def remove(self) -> None:

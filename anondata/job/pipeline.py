@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .. import canonical
 from ..errors import AnondataError, FormatError, InputError, SetupError
-from ..files import within
+from ..files import make_dirs, within
 from .columns import choose_columns
 from .commit import commit_shard, finalize
 from .journal import CRASH_ENV, Journal, WORK, crash_hook, exclusive
@@ -312,7 +312,7 @@ def _locked(opts: JobOptions) -> JobResult:
     made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # innermost first
     if made and opts.resume:
         return _run_anonymize(opts)  # nothing to resume: says so
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)  # fsynced in its parent: else a power cut could lose the finished release
     held = False
     try:
         with exclusive(out):

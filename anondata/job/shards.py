@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..files import fsync_dir
+from ..files import fsync_dir, make_dirs
 
 ROW_GROUP_SIZE = 100  # what `datasets` uses for image data: small groups keep the viewer fast
 DERIVED_ID_COLUMN = "record_id"
@@ -97,8 +97,8 @@ def build_public_table(base: pa.Table, schema: pa.Schema, image_column: str, ima
 
 def write_parquet_atomic(table: pa.Table, final: Path, tmp: Path) -> None:
     """Temp name, fsync, rename: a reader (or a resumed job) never sees half a shard."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
+    make_dirs(tmp.parent)
     pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
