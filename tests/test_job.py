@@ -332,6 +332,15 @@ def test_image_folder_derived_ids_and_quarantine_reasons(ray_address, identities
     assert np.array_equal(decode_image(got["image"]["bytes"], "x")[0], decode_image(encode(imgs[1], "JPEG"), "x")[0])
 
 
+def test_job_options_take_no_extra():
+    """JobOptions.extra was read by nothing: what a caller put there reached neither the plan nor
+    the manifest's `extra` (which the job fills with what restore reads), without a word."""
+    from anondata.job.options import JobOptions
+
+    with pytest.raises(TypeError, match="extra"):
+        JobOptions(source="s", out="o", recipients=[], signing_key="k", extra={"note": 1})
+
+
 def test_refusals_before_any_work(identities, tiny_model, tmp_path):
     from anondata.job.pipeline import JobOptions, run_anonymize
 

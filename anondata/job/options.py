@@ -48,7 +48,6 @@ class JobOptions:
     license: str = "other"
     progress: bool = True
     num_cpus: int | None = None  # for a local Ray instance started here
-    extra: dict = field(default_factory=dict)
     # the fields set on the command line: --resume refuses those that differ from the plan
     given: frozenset = frozenset()
 
