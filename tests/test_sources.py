@@ -315,6 +315,31 @@ def test_hub_id_uses_hffilesystem(tmp_path, monkeypatch):
     assert s.read("train", 0, 3, ["record_id"]).column(0).to_pylist() == [r["record_id"] for r in rows]
 
 
+def test_hub_parquet_files_are_closed_after_each_read(tmp_path, monkeypatch):
+    """Footers (when the source is opened), row ranges and id blocks each opened a Hub file and
+    left it to the garbage collector: HfFileSystem handles hold HTTP connections, and a plan of a
+    dataset of thousands of files opens each several times."""
+    from anondata.job import sources
+
+    monkeypatch.setattr(sources, "_ID_BLOCK", 2)
+    rows = write_face_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet", 5)
+    import huggingface_hub
+
+    opened = []
+
+    class Hub(_LocalHub):
+        def open(self, path, mode="rb"):
+            opened.append(super().open(path, mode))
+            return opened[-1]
+
+    Hub.root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", Hub)
+    s = open_source("user/faces")
+    assert s.read("train", 1, 4, ["record_id"]).column(0).to_pylist() == [r["record_id"] for r in rows[1:4]]
+    assert s.ids("train", all_rows=True) == [r["record_id"] for r in rows]
+    assert len(opened) >= 3 and all(f.closed for f in opened)
+
+
 def test_hub_parquet_conversion_partial_or_several_configs_is_refused(tmp_path, monkeypatch):
     """Without Parquet files of its own, a Hub dataset is read from the Hub's conversion, which
     holds only the first 5 GB of a big split (`partial-train`) and a folder per config: both were

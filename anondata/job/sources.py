@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,12 +163,13 @@ class Source:
                 break
             left = min(n, stop - offset)
             try:
-                for batch in _parquet_file(path, self.fs).iter_batches(batch_size=_ID_BLOCK, columns=[column]):
-                    if left <= 0:
-                        break
-                    batch = batch.slice(0, left)
-                    left -= batch.num_rows
-                    yield _cast_like(pa.Table.from_batches([batch]), self.schema, [column]).column(0)
+                with _parquet_file(path, self.fs) as pf:
+                    for batch in pf.iter_batches(batch_size=_ID_BLOCK, columns=[column]):
+                        if left <= 0:
+                            break
+                        batch = batch.slice(0, left)
+                        left -= batch.num_rows
+                        yield _cast_like(pa.Table.from_batches([batch]), self.schema, [column]).column(0)
             except (OSError, pa.ArrowException) as e:  # a damaged data page behind a valid footer
                 raise InputError(f"{path}: the column {column!r} cannot be read ({str(e).splitlines()[0][:160]}); "
                                  "repair or re-export the file") from None
@@ -329,8 +331,8 @@ def _open_parquet_files(location: str, root: str, groups: dict, fs=None, kind: s
     for name, files in groups.items():
         rows = []
         for f in files:
-            meta = _parquet_file(f, fs)
-            s = meta.schema_arrow
+            with _parquet_file(f, fs) as meta:
+                s, n = meta.schema_arrow, meta.metadata.num_rows
             if schema is None:
                 schema = s
             elif not _same_columns(schema, s):
@@ -338,7 +340,7 @@ def _open_parquet_files(location: str, root: str, groups: dict, fs=None, kind: s
                     f"{f}: its columns {s.names} ({_types(s)}) differ from the first file's "
                     f"{schema.names} ({_types(schema)}); every shard must have the same schema"
                 )
-            rows.append(meta.metadata.num_rows)
+            rows.append(n)
         splits.append(SplitInfo(name or "", files, rows))
     return Source(kind, location, root, splits, schema, "image", None, fs)
 
@@ -510,30 +512,41 @@ def _check_hub_conversion(repo_id: str, rels: list[str]) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def _parquet_file(path: str, fs) -> pq.ParquetFile:
+@contextmanager
+def _parquet_file(path: str, fs):
+    """The open ParquetFile, closed on leaving (with the file system's handle, which ParquetFile
+    does not close: a Hub handle holds a connection, and a plan opens every file more than once)."""
+    fh = None
     try:
-        if fs is None:
-            return pq.ParquetFile(path)
-        return pq.ParquetFile(fs.open(path, "rb"))
+        fh = None if fs is None else fs.open(path, "rb")
+        pf = pq.ParquetFile(path if fh is None else fh)
     except (OSError, pa.ArrowInvalid) as e:
+        if fh is not None:
+            fh.close()
         raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    try:
+        yield pf
+    finally:
+        pf.close()
+        if fh is not None:
+            fh.close()
 
 
 def _read_parquet_range(path: str, fs, start: int, stop: int, columns) -> pa.Table:
-    pf = _parquet_file(path, fs)
-    groups, first, offset = [], None, 0
-    for i in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(i).num_rows
-        if offset + n > start and offset < stop:
-            groups.append(i)
-            if first is None:
-                first = offset
-        offset += n
-    try:
-        table = pf.read_row_groups(groups, columns=columns)
-    except (OSError, pa.ArrowException) as e:  # a damaged data page behind a valid footer
-        raise InputError(f"{path}: rows {start}-{stop - 1} cannot be read ({str(e).splitlines()[0][:160]}); "
-                         "repair or re-export the file, then run again with --resume") from None
+    with _parquet_file(path, fs) as pf:
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset + n > start and offset < stop:
+                groups.append(i)
+                if first is None:
+                    first = offset
+            offset += n
+        try:
+            table = pf.read_row_groups(groups, columns=columns)
+        except (OSError, pa.ArrowException) as e:  # a damaged data page behind a valid footer
+            raise InputError(f"{path}: rows {start}-{stop - 1} cannot be read ({str(e).splitlines()[0][:160]}); "
+                             "repair or re-export the file, then run again with --resume") from None
     return table.slice(start - first, stop - start)
 
 
