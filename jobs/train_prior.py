@@ -358,17 +358,29 @@ def main(argv=None) -> int:
         snap = publish_snapshot(run, ema, ddim, step, args.shard_mb, args.keep_snapshots, meta, face_rgb)
         print(f"saved step {step} -> {snap}", flush=True)
 
-    def _stop(signum, frame):  # `kill PID` stops cleanly: the loop saves on the way out
-        raise KeyboardInterrupt
+    stop: list[int] = []
 
-    signal.signal(signal.SIGTERM, _stop)
+    def _stop(signum, frame):
+        """`kill PID` or Ctrl-C stops cleanly: the step under way is finished, then the loop saves.
+        Why not raise here: an exception midway through a step (between the optimizer's updates of
+        the weights and of its moments, or before the EMA update and `step += 1`) saved a model one
+        update ahead of its EMA and step counter, which the resume trained again with other noise.
+        A second signal stops at once, without saving (the last checkpoint stands)."""
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log = open(run / "loss.jsonl", "a")
     t_start = time.monotonic()
     last_save = t_start
     acc, acc_n, t_log = 0.0, 0, time.monotonic()
-    start_step = step
+    saved_step = step  # the step the checkpoint on disk holds
     try:
         while True:
+            if stop:
+                print(f"interrupted: stopping after step {step}", flush=True)
+                break
             if args.max_steps and step >= args.max_steps:
                 break
             if args.max_minutes and time.monotonic() - t_start >= args.max_minutes * 60:
@@ -392,13 +404,16 @@ def main(argv=None) -> int:
             due_step = args.save_every_steps and step % args.save_every_steps == 0
             if due_time or due_step:
                 save("periodic")
-                last_save = time.monotonic()
-    except KeyboardInterrupt:
-        print("interrupted; saving", flush=True)
+                saved_step, last_save = step, time.monotonic()
+        # Not again when this step is saved already (--save-every-steps hitting --max-steps, a
+        # signal during a periodic save): a second save of step N deletes snapshots/step-N, which
+        # `latest` points to, before the new copy is renamed in.
+        if step > saved_step or not (run / "latest").exists():
+            save("final")
     finally:
         log.close()
-    if step > start_step or not (run / "latest").exists():
-        save("final")
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return 0
 
 

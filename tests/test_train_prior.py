@@ -122,6 +122,52 @@ def test_architecture_mismatch_on_resume_is_a_clear_error(trained, capsys):
         job.main(["--data", str(data), "--run", str(run), "--max-steps", "6", *other])
 
 
+def test_a_stop_signal_mid_step_saves_whole_steps_and_the_resume_matches_an_unstopped_run(trained, tmp_path,
+                                                                                        monkeypatch):
+    """`kill PID` arriving inside a training step (here: after the optimizer step, before the EMA
+    update) must not save a half-done step: the model one update ahead of its EMA and step counter,
+    which a resume then trains again with other noise."""
+    import os
+    import signal
+
+    job, data, _run, _first = trained
+    real_lerp, calls = torch._foreach_lerp_, []
+
+    def lerp(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # inside step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lerp(*a, **kw)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", lerp)
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "5", *TINY]) == 0
+    monkeypatch.setattr(torch, "_foreach_lerp_", real_lerp)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4  # step 4 finished, then saved
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "5", *TINY]) == 0
+    stopped, straight = (torch.load(r / "checkpoint.pt", weights_only=False) for r in (run, _run))
+    assert stopped["step"] == straight["step"] == 5
+    for part in ("model", "ema"):
+        assert all(torch.equal(stopped[part][k], straight[part][k]) for k in straight[part]), part
+    assert torch.equal(stopped["gen"], straight["gen"])
+    assert getattr(signal.getsignal(signal.SIGTERM), "__name__", "") != "_stop"  # the caller's handler is back
+
+
+def test_a_periodic_save_at_the_last_step_is_not_written_again(tmp_path, monkeypatch):
+    """--save-every-steps hitting --max-steps saved the same step twice: the second save deletes
+    snapshots/step-N (which `latest` points to) before renaming the new copy in."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    real, saved = job.publish_snapshot, []
+    monkeypatch.setattr(job, "publish_snapshot", lambda run, ema, ddim, step, *a, **kw: saved.append(step) or
+                        real(run, ema, ddim, step, *a, **kw))
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--save-every-steps", "2",
+                     *TINY]) == 0
+    assert saved == [2]
+    assert (run / "latest").resolve().name == "step-0000002"
+
+
 def test_offset_noise_reaches_the_training_noise_and_the_snapshot_meta(tmp_path):
     job = _load_job()
     data = _tiny_parquet(tmp_path / "faces.parquet")
