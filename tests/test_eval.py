@@ -524,3 +524,23 @@ def test_eval_celeba_spread_over_key_draws(monkeypatch):
     assert s["tar_at_far_0_1pct_anonymized"]["runs"] == 2
     assert s["tar_at_far_0_1pct_anonymized"]["mean"] == pytest.approx(0.0045)
     assert s["key_only_psnr_face_mean"] == {"runs": 0, "mean": None, "min": None, "max": None, "values": []}
+
+
+def test_restore_passes_only_when_every_record_restores_bit_exact():
+    """The summary's restore check says (docs/EVAL.md, the report's footnote) pass when every
+    record restores bit-exact: with 0.999 as the bar, one failure in 1,000 or more restores passed."""
+    from anondata.eval import metrics as M
+    from anondata.eval.report import _verdicts
+
+    def fidelity(share):
+        return {"n": 2000, "identity_distance": M.distance_stats([0.0]), "psnr_face": M.summary([]),
+                "ssim_face": M.summary([]), "bit_exact_share": share}
+
+    def verdict(share):
+        m = {"identity": {"original_vs_anonymized": M.distance_stats([0.9]), "reidentification": None},
+             "restore": {"restored": fidelity(share), "key_only": fidelity(0.0), "lossless_failures": []},
+             "wrong_key": {"random": fidelity(0.0) | {"identity_distance": M.distance_stats([0.9])}, "bits": []}}
+        return {c: v for c, _, v in _verdicts(m)}["restore with the key gives back the original"]
+
+    assert verdict(1.0) == "pass"
+    assert verdict(1999 / 2000) == "CHECK" and verdict(0.999) == "CHECK" and verdict(None) == "CHECK"

@@ -181,7 +181,8 @@ def _verdicts(m: dict) -> list[tuple[str, str, str]]:
                     f"bit-exact {_fmt(k['bit_exact_share'], True)}, face PSNR {_fmt(k['psnr_face']['mean'], digits=1)} dB "
                     "(n/a = identical, or no face pixel in the photo), identity distance "
                     f"{_fmt(k['identity_distance']['mean'])}; lossless failures {len(r['lossless_failures'])}",
-                    "pass" if (k["bit_exact_share"] or 0) >= 0.999 else "CHECK"))
+                    # every record, as the footnote says: a bar under 1 passed a failure in 1,000 or more
+                    "pass" if k["bit_exact_share"] == 1.0 else "CHECK"))
         w = m["wrong_key"]["random"]["identity_distance"]
         bits = ", ".join(f"{b['bits']} bit(s): {_fmt(b['identity_distance']['share_beyond_0_6'], True)}"
                          for b in m["wrong_key"]["bits"])
