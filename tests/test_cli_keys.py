@@ -77,6 +77,16 @@ def test_keygen_files(tmp_path, capsys):
     assert code == 2 and "already exists" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", [".key", "k/.pub"])
+def test_keygen_name_that_is_only_a_suffix_is_one_error_line(tmp_path, capsys, monkeypatch, name):
+    """NAME `.key` (or `dir/.pub`) leaves no name once the suffix is dropped: it ended in a
+    ValueError traceback from Path.with_name('')."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "keygen", name)
+    assert code == 2 and "not a usable NAME" in err and err.count("\n") == 1, err
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
 def test_verify_ok_and_failures(release, capsys):
     tmp, root, did, _ = release
     code, out, _ = cli(capsys, "verify", root, "--signer", tmp / "owner.pub")

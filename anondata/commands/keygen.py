@@ -36,11 +36,11 @@ def run(args) -> int:
     label = prefix.name
     if args.name.endswith(("/", "\\")) or prefix.is_dir():
         raise InputError(f"{args.name!r} is a folder: give a name inside it, like {str(prefix / 'alice')!r}")
-    if not label or label in (".", ".."):
-        raise InputError(f"{args.name!r} is not a usable NAME: give a file name prefix like `alice`")
     if label.endswith((".key", ".pub")):
         label = label[:-4]
-        prefix = prefix.with_name(label)
+    if not label or label in (".", ".."):  # after the suffix: `.key` names nothing either
+        raise InputError(f"{args.name!r} is not a usable NAME: give a file name prefix like `alice`")
+    prefix = prefix.with_name(label)
     ident = generate_identity(pq=args.pq, name=label[:128])
     key_path, pub_path = prefix.with_name(label + ".key"), prefix.with_name(label + ".pub")
     ident.save(key_path, pub_path)
