@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from . import canonical
 from .errors import FormatError, IntegrityError, KeyError_
-from .files import read_bounded
+from .files import fsync_dir, read_bounded
 
 IDENTITY_FORMAT = "anondata-identity"
 RECIPIENT_FORMAT = "anondata-recipient"
@@ -352,7 +352,8 @@ def _parse_file(data: bytes, what: str):
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write to a temp name in the same folder, then link into place: atomic, never overwrites."""
+    """Write to a temp name in the same folder, then link into place: atomic, never overwrites,
+    durable (the folder is fsynced: the caller reports the key written once this returns)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -367,3 +368,4 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
             raise KeyError_(f"{path} already exists: refusing to overwrite a key") from None
     finally:
         os.unlink(tmp)
+    fsync_dir(path.parent)

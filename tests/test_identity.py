@@ -64,6 +64,25 @@ def test_refuses_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.pub"]  # no temp files left
 
 
+def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
+    """keygen says 'wrote NAME.key' once the files are linked into their folder: without an fsync
+    of the folder a power cut soon after could lose the key, while NAME.pub was already given out
+    and releases sealed to it."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        where = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((where, sorted(p.name for p in tmp_path.iterdir()) if where == tmp_path else None))
+        return real(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced file")
+    monkeypatch.setattr(os, "fsync", fsync)
+    generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
+    folder = [names for where, names in synced if where == tmp_path]
+    assert folder and "a.key" in folder[0] and "a.pub" in folder[-1], synced
+
+
 def test_refuses_readable_key(tmp_path):
     generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
     os.chmod(tmp_path / "a.key", 0o640)
