@@ -155,11 +155,6 @@ def colour_shift(orig: np.ndarray, anon: np.ndarray) -> dict:
     return {"r": float(d[0]), "g": float(d[1]), "b": float(d[2]), "luma": float(d @ _LUMA)}
 
 
-def mean_or_none(values) -> float | None:
-    v = [x for x in values if x is not None]
-    return _f(np.mean(v)) if v else None
-
-
 def summary(values) -> dict:
     v = np.array([x for x in values if x is not None], dtype=np.float64)
     if v.size == 0:
