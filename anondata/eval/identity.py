@@ -7,8 +7,8 @@ and come with a published same-person threshold (0.6, 99.38% on LFW), so "distan
 Why a box is passed in rather than detected on every image: the question is whether the face that
 is *there* still carries the identity, not whether a detector finds it. Every version of a photo
 (original, anonymized, restored, wrong key) is embedded inside the same box, the one found on the
-original (or the face box of the release when nothing is found), as an attacker who knows where the
-face is would do. Detection on anonymized images is measured separately, as utility.
+original (or the face box of the release when nothing is found, else a centred square), as an
+attacker who knows where the face is would do. Detection on anonymized images is measured separately, as utility.
 """
 
 from __future__ import annotations
