@@ -544,3 +544,26 @@ def test_restore_passes_only_when_every_record_restores_bit_exact():
 
     assert verdict(1.0) == "pass"
     assert verdict(1999 / 2000) == "CHECK" and verdict(0.999) == "CHECK" and verdict(None) == "CHECK"
+
+
+def test_wrong_key_verdict_covers_keys_a_few_bits_off():
+    """A key derivation that ignored some key bits gives the person back from a key 1 bit off while
+    random keys still look fine: the wrong-key check must fail on either."""
+    from anondata.eval import metrics as M
+    from anondata.eval.report import _verdicts
+
+    def verdict(random, *bits):
+        far = {"identity_distance": M.distance_stats([0.9])}
+        near = {"identity_distance": M.distance_stats([0.1])}
+        m = {"identity": {"original_vs_anonymized": M.distance_stats([0.9]), "reidentification": None},
+             "restore": {"restored": {"n": 1, "identity_distance": M.distance_stats([0.0]), "psnr_face": M.summary([]),
+                                      "ssim_face": M.summary([]), "bit_exact_share": 1.0},
+                         "lossless_failures": []},
+             "wrong_key": {"random": far if random else near,
+                           "bits": [{"bits": k, **(far if ok else near)} for k, ok in zip((1, 8, 64), bits)]}}
+        return {c: v for c, _, v in _verdicts(m)}["a wrong key does not restore the person"]
+
+    assert verdict(True, True, True, True) == "pass"
+    assert verdict(True, False, True, True) == "FAIL"
+    assert verdict(True, True, True, False) == "FAIL"
+    assert verdict(False, True, True, True) == "FAIL"
