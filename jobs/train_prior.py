@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # anondata.faces (the face ellipse), also without an install
     sys.path.insert(0, str(ROOT))
 
+from anondata.files import fsync_dir, make_dirs  # noqa: E402 (needs the path above)
+
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",
@@ -171,9 +173,25 @@ def build_schedulers(kw: dict):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    """Temp name, fsync, rename, fsync the folder: a rename alone is not durable, and after a power
+    cut the folder could hold checkpoint.pt as an empty file (the old checkpoint gone)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then every folder, innermost first: what save_pretrained
+    wrote is on disk before the rename that publishes it."""
+    for dirpath, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
 
 
 def save_diffusers_folder(ema_model, ddim, out_dir: Path, shard_mb: int) -> None:
@@ -209,9 +227,8 @@ def face_mean(data: torch.Tensor) -> list[float]:
 
 def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep: int, meta: dict,
                      face_rgb: list[float] | None = None) -> Path:
-    """Write snapshots/step-N completely, then swap the `latest` symlink in one rename."""
-    snaps = run / "snapshots"
-    snaps.mkdir(parents=True, exist_ok=True)
+    """Write snapshots/step-N completely and durably, then swap the `latest` symlink in one rename."""
+    snaps = make_dirs(run / "snapshots")
     final = snaps / f"step-{step:07d}"
     tmp = snaps / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -224,13 +241,16 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
             {"about": "mean RGB in [-1, 1] of the training crops inside the aligned face ellipse (jobs/train_prior.py)",
              "face_mean": face_rgb}, indent=2) + "\n")
     (tmp / "train_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(snaps)
     link_tmp = run / ".latest.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     os.symlink(os.path.relpath(final, run), link_tmp)
     os.replace(link_tmp, run / "latest")
+    fsync_dir(run)
     if keep > 0:
         old = sorted(p for p in snaps.iterdir() if p.name.startswith("step-"))[:-keep]
         for p in old:
@@ -258,8 +278,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    run = Path(args.run)
-    run.mkdir(parents=True, exist_ok=True)
+    run = make_dirs(args.run)
     ckpt_path = run / "checkpoint.pt"
 
     torch.manual_seed(args.seed)

@@ -318,3 +318,40 @@ def test_pick_snapshot_rule(tmp_path, capsys, rows, picked, says):
     assert rc == (1 if picked is None else 0) and says in out
     if picked is not None:
         assert f"picked step-{picked:07d}: {says}" in out
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
+def test_every_rename_that_publishes_a_save_is_fsynced_before_and_after(tmp_path, monkeypatch):
+    """A rename alone is not durable: after a power cut the folder may not have it, or may hold the
+    final name with an empty file (delayed allocation). So what is renamed in (the checkpoint, every
+    file and folder of the snapshot) is fsynced first, and the folder holding the new name after."""
+    import os
+
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = Path(os.path.realpath(tmp_path)) / "run"
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "1", *TINY]) == 0
+    monkeypatch.undo()
+    snap = run / "snapshots" / "step-0000001"
+    renames = {e[2]: i for i, e in enumerate(events) if e[0] == "replace"}
+    for dst, parent in ((run / "checkpoint.pt", run), (snap, snap.parent), (run / "latest", run)):
+        i = renames[str(dst)]
+        assert ("fsync", str(parent)) in events[i + 1:], f"{parent} not fsynced after {dst.name} was renamed in"
+    i = renames[str(run / "checkpoint.pt")]
+    assert ("fsync", events[i][1]) in events[:i], "checkpoint not fsynced before its rename"
+    i, tmp = renames[str(snap)], Path(events[renames[str(snap)]][1])
+    inside = [tmp / p.relative_to(snap) for p in [snap, *snap.rglob("*")]]
+    assert len(inside) > 5 and all(("fsync", str(p)) in events[:i] for p in inside), "snapshot not fsynced"
