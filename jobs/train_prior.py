@@ -231,7 +231,10 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     snaps = make_dirs(run / "snapshots")
     final = snaps / f"step-{step:07d}"
     tmp = snaps / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A kill during an earlier save left .tmp-step-M, and the resumed run may never save step M again.
+    for stale in snaps.glob(".tmp-step-*"):
+        if stale.name[len(".tmp-step-"):].isdigit() and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_diffusers_folder(ema_model, ddim, tmp, shard_mb)
     if face_rgb is not None:

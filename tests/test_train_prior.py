@@ -355,3 +355,20 @@ def test_every_rename_that_publishes_a_save_is_fsynced_before_and_after(tmp_path
     i, tmp = renames[str(snap)], Path(events[renames[str(snap)]][1])
     inside = [tmp / p.relative_to(snap) for p in [snap, *snap.rglob("*")]]
     assert len(inside) > 5 and all(("fsync", str(p)) in events[:i] for p in inside), "snapshot not fsynced"
+
+
+
+def test_a_temp_folder_left_by_a_kill_during_a_save_is_removed_and_nothing_else(tmp_path):
+    """A kill during the snapshot of step N leaves snapshots/.tmp-step-N, and the resumed run
+    never saves step N again: nothing removed it (a full model copy per kill, on a small disk)."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "1", *TINY]) == 0
+    snaps = run / "snapshots"
+    (snaps / ".tmp-step-0000007" / "unet").mkdir(parents=True)
+    (snaps / ".tmp-step-0000007" / "unet" / "part.safetensors").write_bytes(b"half")
+    (snaps / ".tmp-notes").mkdir()
+    (snaps / "notes.txt").write_text("mine")
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", *TINY]) == 0
+    assert sorted(p.name for p in snaps.iterdir()) == [".tmp-notes", "notes.txt", "step-0000001", "step-0000002"]
