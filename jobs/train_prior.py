@@ -95,7 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every-steps", type=int, default=0, help="also save every N steps (0 = off)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--shard-mb", type=int, default=16, help="max size of one weights file")
-    p.add_argument("--keep-snapshots", type=int, default=0, help="keep only the newest N snapshots (0 = all)")
+    p.add_argument("--keep-snapshots", type=int, default=0,
+                   help="keep only the newest N snapshots up to the current step (0 = all); later steps, "
+                        "left by another run in the folder, are kept")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
@@ -255,8 +257,11 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     os.replace(link_tmp, run / "latest")
     fsync_dir(run)
     if keep > 0:
-        old = sorted(p for p in snaps.iterdir() if p.name.startswith("step-"))[:-keep]
-        for p in old:
+        # Only steps up to this one: after --no-resume in an old run folder, that run's later
+        # snapshots sort after the one just published (which `latest` names) and would push it out.
+        ours = sorted(p for p in snaps.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
+                      and int(p.name[5:]) <= step)
+        for p in ours[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -372,3 +372,20 @@ def test_a_temp_folder_left_by_a_kill_during_a_save_is_removed_and_nothing_else(
     (snaps / "notes.txt").write_text("mine")
     assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", *TINY]) == 0
     assert sorted(p.name for p in snaps.iterdir()) == [".tmp-notes", "notes.txt", "step-0000001", "step-0000002"]
+
+
+
+def test_keep_snapshots_after_no_resume_in_an_old_run_keeps_the_one_latest_points_to(tmp_path):
+    """--no-resume in a folder holding a longer run: the new step-0000002 sorted before the old
+    run's step-0000003 and step-0000004, so keeping the newest N by name deleted it, `latest` dangling."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "4", "--save-every-steps", "1",
+                     *TINY]) == 0
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--save-every-steps", "1",
+                     "--no-resume", "--keep-snapshots", "1", *TINY]) == 0
+    assert (run / "latest").resolve().name == "step-0000002"
+    assert (run / "latest" / "unet" / "config.json").is_file()
+    # the older steps of this run go; the other run's later snapshots are not this run's to prune
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-0000002", "step-0000003", "step-0000004"]
