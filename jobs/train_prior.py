@@ -10,7 +10,8 @@ inside the package. The run is built to survive being stopped at any moment:
   (``unet/`` fp16 safetensors in shards of at most ``--shard-mb`` MB, ``scheduler/``
   DDIM-compatible config with the training betas) under ``snapshots/step-NNNNNNN`` and
   swaps the ``latest`` symlink to it atomically, so ``RUN/latest`` is always loadable;
-- the loss is appended to ``RUN/loss.jsonl``.
+- the loss is appended to ``RUN/loss.jsonl``; lines past the step a run starts from (steps a
+  crash makes it train again) are dropped first, so each step is logged once.
 
 Example (the start of the CPU run behind the shipped model, one thread; the model card has
 every invocation)::
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # anondata.faces (the face ellipse), also without an install
     sys.path.insert(0, str(ROOT))
 
-from anondata.files import fsync_dir, make_dirs  # noqa: E402 (needs the path above)
+from anondata.files import atomic_write, fsync_dir, make_dirs  # noqa: E402 (needs the path above)
 
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
@@ -101,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
-    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start at step 0 in this run folder: its loss.jsonl is emptied, its checkpoint "
+                        "replaced at the first save")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA runs)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA runs)")
@@ -266,6 +269,25 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     return final
 
 
+def trim_loss_log(path: Path, step: int) -> int:
+    """Drop the lines of steps past `step`, where this run starts: after a crash the steps since the
+    checkpoint are trained (and logged) again, and a reader would see them twice. A line the
+    crash tore is dropped too. Atomic: the old log or the trimmed one. Returns the lines dropped."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    lines, kept = data.splitlines(), []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + b"\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if b"".join(kept) != data:
+        atomic_write(path, b"".join(kept))
+    return len(lines) - len(kept)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -398,6 +420,9 @@ def main(argv=None) -> int:
         stop.append(signum)
 
     handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    dropped = trim_loss_log(run / "loss.jsonl", step)
+    if dropped:
+        print(f"loss.jsonl: dropped {dropped} lines past step {step}, which this run trains again", flush=True)
     log = open(run / "loss.jsonl", "a")
     t_start = time.monotonic()
     last_save = t_start

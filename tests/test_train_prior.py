@@ -389,3 +389,31 @@ def test_keep_snapshots_after_no_resume_in_an_old_run_keeps_the_one_latest_point
     assert (run / "latest" / "unet" / "config.json").is_file()
     # the older steps of this run go; the other run's later snapshots are not this run's to prune
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-0000002", "step-0000003", "step-0000004"]
+
+
+
+def test_steps_redone_after_a_crash_are_logged_once(tmp_path, monkeypatch):
+    """A crash after step 4 with the checkpoint at step 2: the resume trains steps 3 and 4 again, and
+    their first loss lines (and a line torn by the crash) must not stay in loss.jsonl beside the new."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    real = job._atomic_torch_save
+
+    def crash_at_step_4(obj, path):
+        if obj["step"] == 4:
+            raise RuntimeError("power cut")
+        real(obj, path)
+
+    monkeypatch.setattr(job, "_atomic_torch_save", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        job.main(["--data", str(data), "--run", str(run), "--max-steps", "4", "--save-every-steps", "2", *TINY])
+    monkeypatch.setattr(job, "_atomic_torch_save", real)
+    with open(run / "loss.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    first = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()[:4]]
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "4", *TINY]) == 0
+    lines = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert lines[:2] == first[:2]  # the lines before the checkpoint are kept as they were
