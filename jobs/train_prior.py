@@ -60,8 +60,17 @@ def scheduler_kw(args) -> dict:
     return kw
 
 
+RESUME_HELP = (
+    "On a resume the checkpoint fixes the architecture flags (--resolution, --channels, "
+    "--layers-per-block, --attn-levels, --norm-groups, --head-dim: a difference is an error) and carries "
+    "the weights, EMA, optimizer moments, step and random state (so --seed only seeds a new run). Every "
+    "other option is taken from this command line from the resumed step on: --lr and its schedule, "
+    "--weight-decay, --ema-decay, --batch-size, --prediction-type and the rest, so a resumed run may "
+    "lower --lr or add --decay-start.")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=RESUME_HELP)
     p.add_argument("--data", required=True, help="Parquet file with an `image` column")
     p.add_argument("--run", required=True, help="run folder: checkpoint, loss log, snapshots")
     p.add_argument("--resolution", type=int, default=64)
@@ -341,6 +350,8 @@ def main(argv=None) -> int:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
+        for g in opt.param_groups:  # the command line's (RESUME_HELP), not the checkpoint's; lr is set every step
+            g["weight_decay"] = args.weight_decay
         step = ck["step"]
         gen.set_state(ck["gen"])
         print(f"resumed from {ckpt_path} at step {step}", flush=True)

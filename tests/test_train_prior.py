@@ -320,7 +320,6 @@ def test_pick_snapshot_rule(tmp_path, capsys, rows, picked, says):
         assert f"picked step-{picked:07d}: {says}" in out
 
 
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
 def test_every_rename_that_publishes_a_save_is_fsynced_before_and_after(tmp_path, monkeypatch):
     """A rename alone is not durable: after a power cut the folder may not have it, or may hold the
@@ -357,7 +356,6 @@ def test_every_rename_that_publishes_a_save_is_fsynced_before_and_after(tmp_path
     assert len(inside) > 5 and all(("fsync", str(p)) in events[:i] for p in inside), "snapshot not fsynced"
 
 
-
 def test_a_temp_folder_left_by_a_kill_during_a_save_is_removed_and_nothing_else(tmp_path):
     """A kill during the snapshot of step N leaves snapshots/.tmp-step-N, and the resumed run
     never saves step N again: nothing removed it (a full model copy per kill, on a small disk)."""
@@ -374,7 +372,6 @@ def test_a_temp_folder_left_by_a_kill_during_a_save_is_removed_and_nothing_else(
     assert sorted(p.name for p in snaps.iterdir()) == [".tmp-notes", "notes.txt", "step-0000001", "step-0000002"]
 
 
-
 def test_keep_snapshots_after_no_resume_in_an_old_run_keeps_the_one_latest_points_to(tmp_path):
     """--no-resume in a folder holding a longer run: the new step-0000002 sorted before the old
     run's step-0000003 and step-0000004, so keeping the newest N by name deleted it, `latest` dangling."""
@@ -389,7 +386,6 @@ def test_keep_snapshots_after_no_resume_in_an_old_run_keeps_the_one_latest_point
     assert (run / "latest" / "unet" / "config.json").is_file()
     # the older steps of this run go; the other run's later snapshots are not this run's to prune
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-0000002", "step-0000003", "step-0000004"]
-
 
 
 def test_steps_redone_after_a_crash_are_logged_once(tmp_path, monkeypatch):
@@ -417,3 +413,20 @@ def test_steps_redone_after_a_crash_are_logged_once(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert lines[:2] == first[:2]  # the lines before the checkpoint are kept as they were
+
+
+def test_a_resume_takes_the_optimizer_options_from_the_command_line(tmp_path):
+    """--lr and its schedule always came from the command line (set every step); --weight-decay came
+    from the checkpoint's optimizer state, silently ignoring the flag on every resume."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", *TINY]) == 0
+    again = ["--data", str(data), "--run", str(run), "--max-steps", "3", "--weight-decay", "0.1", "--lr", "1e-3",
+             "--decay-start", "2", "--decay-steps", "4", *TINY]
+    assert job.main(again) == 0
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3 and ck["opt"]["state"]
+    group = ck["opt"]["param_groups"][0]
+    assert group["weight_decay"] == 0.1
+    assert group["lr"] == pytest.approx(job.lr_at(2, job.parse_args(again)))
