@@ -29,6 +29,12 @@ the original fitted by decoder inversion (Adam on ||decode(z) - x||^2 over the f
 encode(x)), which sets the fidelity ceiling of key-only restore; restore starts from encode(stored) +
 carry and decodes with the continuous decoder the inversion fitted. The background latent encodes
 the image with the face zeroed, so it depends only on pixels that anonymize leaves bit-identical.
+
+Every model call (UNet, ControlNet, autoencoder, and decoder inversion's backward pass) runs under
+`exact_float32`: the manifest's `dtype float32` then means IEEE float32 with deterministic cuDNN
+algorithms, whatever the process set (PyTorch runs float32 convolutions on NVIDIA GPUs as TF32 by
+default, and `torch.set_float32_matmul_precision` lowers float32 matmuls to TF32, or to bfloat16
+through oneDNN on CPUs with bf16 units).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +64,43 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Decoder inversion defaults (see LatentBackend.prepare); benchmarks/backend_cost.py measures them.
 DECODER_INVERSION_ITERS = 100
 DECODER_INVERSION_LR = 0.05
+
+
+def _flag(obj, name: str, value) -> tuple:
+    return (lambda: getattr(obj, name), lambda v: setattr(obj, name, v), value)
+
+
+def _exact_float32_flags() -> list[tuple]:
+    """(get, set, value inside model calls) for each process-global setting that changes what a
+    float32 model call computes: TF32 or bfloat16 inner products, and cuDNN's choice of algorithm
+    (autotuned or nondeterministic ones differ from run to run)."""
+    bk = torch.backends
+    if hasattr(bk.cudnn, "conv") and hasattr(bk.mkldnn, "matmul"):
+        # torch >= 2.9: per-operator fp32_precision. The allow_tf32 flags are its legacy API, and
+        # torch raises on reading them after a mix of the two, so only the new one is touched.
+        flags = [_flag(obj, "fp32_precision", "ieee") for obj in (bk.cuda.matmul, bk.cudnn.conv, bk.mkldnn.matmul, bk.mkldnn.conv)]
+    else:
+        flags = [(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"),
+                 _flag(bk.cudnn, "allow_tf32", False)]
+    return flags + [_flag(bk.cudnn, "deterministic", True), _flag(bk.cudnn, "benchmark", False)]
+
+
+@contextmanager
+def exact_float32():
+    """Run the enclosed model calls in IEEE float32 with deterministic cuDNN algorithms, and give
+    the caller's settings back after. Restore reruns anonymize's arithmetic, and key-only fidelity
+    and the lossless residual's size depend on it matching, so it must not depend on what a training
+    script or notebook in the same process set. The settings are per process, not per thread: other
+    threads' model calls meanwhile run under them too. As a decorator: a fresh context per call."""
+    saved = []
+    try:
+        for get, put, value in _exact_float32_flags():
+            saved.append((put, get()))
+            put(value)
+        yield
+    finally:
+        for put, old in reversed(saved):
+            put(old)
 
 
 class _Schedule:
@@ -155,6 +199,7 @@ class PixelBackend(_Schedule):
         """(N, H, W) bool -> (N, 1, H, W) bool at latent resolution."""
         return mask[:, None]
 
+    @exact_float32()
     @torch.no_grad()
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted noise at integer timestep `t` (v-prediction converted to epsilon)."""
@@ -245,6 +290,7 @@ class LatentBackend(_Schedule):
         return self
 
     # -- autoencoder ----------------------------------------------------------------------------
+    @exact_float32()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent (VQ: before quantization; KL: the posterior mean)."""
         with torch.no_grad():
@@ -258,6 +304,7 @@ class LatentBackend(_Schedule):
             return self.vae.decode(h, force_not_quantize=not quantize).sample
         return self.vae.decode(h).sample
 
+    @exact_float32()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Anonymized faces decode as the model's pipeline does (VQ: through the quantizer); restored
         ones through the continuous decoder, which anonymize's decoder inversion fitted."""
@@ -296,6 +343,7 @@ class LatentBackend(_Schedule):
                                 "carries it; none were stored: the model is not usable")
         return c
 
+    @exact_float32()  # the backward passes too, which run outside _decode
     def invert_decoder(self, x, mask, m, z_init, bg, iters: int | None = None, lr: float = DECODER_INVERSION_LR):
         """argmin_z ||decode(where(m, z, bg)) - x||^2 over the pixel mask, by Adam from z_init.
         Each image's loss is separate, so a batch gives what its images give one by one."""
@@ -326,6 +374,7 @@ class LatentBackend(_Schedule):
             bound._hint = hint.expand(-1, self.hint_channels, -1, -1)
         return bound
 
+    @exact_float32()
     @torch.no_grad()
     def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
         # Batched: the anonymizer calls the model at one fixed batch shape (see Anonymizer._run),

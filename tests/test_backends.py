@@ -351,3 +351,92 @@ def test_schedule_id_is_what_format_md_says():
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == "9a8c88e50d46dfc5"
     assert load_backend("embedded", weights=False).schedule == "9a8c88e50d46dfc5"
     assert text in (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+
+
+def _fp32_flags() -> list[tuple]:
+    """(object, attribute) of each setting backends.exact_float32 fixes inside model calls."""
+    bk = torch.backends
+    return [(bk.cuda.matmul, "fp32_precision"), (bk.cudnn.conv, "fp32_precision"), (bk.mkldnn.matmul, "fp32_precision"),
+            (bk.mkldnn.conv, "fp32_precision"), (bk.cudnn, "deterministic"), (bk.cudnn, "benchmark")]
+
+
+def _read_flags() -> tuple:
+    return tuple(getattr(obj, name) for obj, name in _fp32_flags())
+
+
+def _write_flags(values) -> None:
+    for (obj, name), v in zip(_fp32_flags(), values):
+        setattr(obj, name, v)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "controlnet"])
+def test_model_calls_run_in_exact_float32_and_give_the_callers_flags_back(anons, tiny_model, faces, masks, kind):
+    """dtype float32 in the manifest must mean IEEE float32 whatever the process set: a caller that
+    turned on TF32 (GPU), bfloat16 oneDNN inner products (CPUs with bf16 units, as
+    torch.set_float32_matmul_precision("medium") does) and cuDNN autotuning gets, inside every model
+    call (UNet, ControlNet, autoencoder, decoder inversion's backward), IEEE float32 and deterministic
+    cuDNN, the same bytes as under torch's defaults, and its own settings back afterwards."""
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9 has no per-operator fp32_precision")
+    if kind == "pixel":
+        anon = Anonymizer.from_pretrained(tiny_model, steps=STEPS, inversion_iters=ITERS)
+        components = {"unet": anon.backend.unet}
+    else:
+        anon = anons[kind]
+        components = {m: getattr(anon.backend, m) for m in ("unet", "controlnet", "vae")}
+    keys, x, m = fixed_keys(2), faces[:2], masks[:2]
+    ref_out, ref_recs = anon.anonymize(x, keys, masks=m)
+    ref_back = anon.restore(ref_out, keys, ref_recs)
+
+    seen: dict[tuple, set] = {}
+
+    def record(where):
+        seen.setdefault(where, set()).add(_read_flags())
+
+    def hook(name):
+        def fwd(module, args, out):
+            record((name, "forward"))
+            if out.requires_grad:  # decoder inversion: its backward runs after the forward returned
+                out.register_hook(lambda g: record((name, "backward")))
+        return fwd
+
+    handles = [mod.register_forward_hook(hook(name)) for name, c in components.items()
+               for mod in c.modules() if isinstance(mod, torch.nn.Conv2d)]
+    callers = _read_flags()
+    hostile = ("tf32", "tf32", "bf16", "bf16", False, True)
+    assert all(h != c for h, c in zip(hostile, ("ieee", "ieee", "ieee", "ieee", True, False)))
+    try:
+        _write_flags(hostile)
+        out, recs = anon.anonymize(x, keys, masks=m)
+        back = anon.restore(out, keys, recs)
+        after = _read_flags()
+    finally:
+        for h in handles:
+            h.remove()
+        _write_flags(callers)
+    assert after == hostile
+    expected = {(name, "forward") for name in components} | ({("vae", "backward")} if kind != "pixel" else set())
+    assert set(seen) == expected
+    assert all(v == {("ieee", "ieee", "ieee", "ieee", True, False)} for v in seen.values()), seen
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(back, ref_back)
+    assert [r.to_bytes() for r in recs] == [r.to_bytes() for r in ref_recs]
+
+
+def test_exact_float32_gives_a_legacy_api_caller_its_flags_back():
+    """torch >= 2.9 raises when code reads its legacy allow_tf32 flags after a mix of the legacy and
+    the per-operator API; exact_float32 uses the per-operator one, and a caller that set the legacy
+    flags (as most training scripts do) must still read its own values after a model call."""
+    from anondata.backends import exact_float32
+
+    bk = torch.backends
+    callers = (bk.cuda.matmul.allow_tf32, bk.cudnn.allow_tf32, bk.cudnn.benchmark)
+    try:
+        for on in (True, False):
+            bk.cuda.matmul.allow_tf32 = bk.cudnn.allow_tf32 = bk.cudnn.benchmark = on
+            with exact_float32():
+                assert not bk.cudnn.benchmark and bk.cudnn.deterministic
+            assert (bk.cuda.matmul.allow_tf32, bk.cudnn.allow_tf32, bk.cudnn.benchmark) == (on, on, on)
+            assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+    finally:
+        bk.cuda.matmul.allow_tf32, bk.cudnn.allow_tf32, bk.cudnn.benchmark = callers
