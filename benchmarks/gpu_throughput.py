@@ -16,10 +16,13 @@ random weights) and each variant of the denoiser call, in one run on one card:
   key-only restore through uint8 against the original, and the share of pixels that differ from
   the eager fp32 restore, so that no speed-up silently costs fidelity.
 
-Variants (`--variants`): eager (fp32, as shipped), tf32 (TF32 matmuls and convolutions; on in
-every variant below too, for what autocast leaves in fp32), bf16 (autocast), cl-bf16 (channels_last + bf16), compile-bf16 (torch.compile + channels_last + bf16),
+Variants (`--variants`): eager (as shipped: IEEE fp32 and deterministic cuDNN, the backends'
+`exact_float32`), tf32 (TF32 matmuls and convolutions inside the UNet call, so eager against tf32
+is what `exact_float32` costs; on in every variant below too, for what autocast leaves in fp32),
+bf16 (autocast), cl-bf16 (channels_last + bf16), compile-bf16 (torch.compile + channels_last + bf16),
 graphs-bf16 (torch.compile mode "reduce-overhead": CUDA graphs for the fixed-shape calls). The
 variant wraps the UNet only; the scheme, its float64 coefficients and the uint8 plumbing stay.
+The bare loop runs under `exact_float32` too, as the backend's calls do.
 Faces: public-domain sample images (anondata.testing.sample_images), so nothing private travels.
 """
 
@@ -30,6 +33,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anondata import Anonymizer  # noqa: E402
-from anondata.backends import load_backend  # noqa: E402
+from anondata.backends import exact_float32, load_backend  # noqa: E402
 from anondata.scheme import Sampler  # noqa: E402
 from anondata.testing import sample_images  # noqa: E402
 from backend_cost import CELEBAHQ_256  # noqa: E402  (google/ddpm-celebahq-256's unet config)
@@ -57,6 +61,7 @@ class FastUNet(torch.nn.Module):
         self.unet, self.variant = unet, variant
         self.config = unet.config
         self.bf16 = variant.endswith("bf16") and device.type == "cuda"
+        self.tf32 = variant != "eager" and device.type == "cuda"
         self.channels_last = variant in ("cl-bf16", "compile-bf16", "graphs-bf16")
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -74,13 +79,31 @@ class FastUNet(torch.nn.Module):
         return out.float()
 
     def forward(self, z, t):
-        out = self.fn(z, t)
+        with tf32(self.tf32):  # here, not in _call: torch.compile must not trace flag changes
+            out = self.fn(z, t)
         return SimpleNamespace(sample=out.clone() if self.variant == "graphs-bf16" else out)
 
 
-def set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
+@contextmanager
+def tf32(on: bool):
+    """TF32 matmuls and convolutions for one UNet call. Set where the variant runs the UNet, inside
+    the backend's exact_float32, which turns TF32 off around every model call."""
+    bk = torch.backends
+    if not on:
+        yield
+        return
+    if hasattr(bk.cudnn, "conv"):  # torch >= 2.9: the per-operator API (exact_float32 uses it too)
+        flags = [(bk.cuda.matmul, "fp32_precision", "tf32"), (bk.cudnn.conv, "fp32_precision", "tf32")]
+    else:
+        flags = [(bk.cuda.matmul, "allow_tf32", True), (bk.cudnn, "allow_tf32", True)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    try:
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def sync(device) -> None:
@@ -113,7 +136,6 @@ def flops_per_call(unet, res: int, device) -> int:
 
 def measure(folder: str, name: str, variant: str, a, device, ref_restore=None) -> dict:
     backend = load_backend(folder, device=device)
-    set_tf32(variant != "eager" and device.type == "cuda")  # TF32 for whatever stays fp32 in every fast variant
     plain = backend.unet
     flops = flops_per_call(plain, backend.resolution, device)
     backend.unet = FastUNet(plain, variant, device)
@@ -123,7 +145,7 @@ def measure(folder: str, name: str, variant: str, a, device, ref_restore=None) -
     z = torch.randn(a.batch, 3, anon.resolution, anon.resolution, device=device)
     t = torch.full((a.batch,), 500, device=device, dtype=torch.long)
     row = {"model": name, "variant": variant, "batch": a.batch, "steps": a.steps, "iters": a.iters}
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():
         t0 = time.perf_counter()
         for _ in range(3):  # warm-up: compilation and graph capture happen here
             backend.unet(z, t)
