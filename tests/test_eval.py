@@ -567,3 +567,20 @@ def test_wrong_key_verdict_covers_keys_a_few_bits_off():
     assert verdict(True, False, True, True) == "FAIL"
     assert verdict(True, True, True, False) == "FAIL"
     assert verdict(False, True, True, True) == "FAIL"
+
+
+def test_keys_without_identity_is_one_usage_error(tmp_path, capsys):
+    """--keys names where the envelopes are, which only --identity opens: without it the folder was
+    silently ignored, so a report made without any restore looked like the one asked for."""
+    from anondata.cli import main
+    from anondata.errors import InputError
+    from anondata.eval.run import evaluate_release
+
+    code = main(["eval", str(tmp_path / "rel"), "--source", str(tmp_path / "src.parquet"), "--report",
+                 str(tmp_path / "out"), "--any-signer", "--keys", str(tmp_path / "grant")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == "anondata eval: error: --keys goes with --identity (the identity that opens those " \
+                                    "envelopes): add --identity NAME.key, or leave out --keys"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="--keys goes with --identity"):
+        evaluate_release(str(tmp_path / "rel"), str(tmp_path / "src.parquet"), signer=None, keys=str(tmp_path / "grant"))

@@ -49,7 +49,8 @@ def register(sub) -> None:
     add_signer(p)
     p.add_argument("--identity", default=None, metavar="NAME.key",
                    help="a recipient's identity: enables restore, wrong-key and leakage measurements")
-    p.add_argument("--keys", default=None, metavar="DIR", help="envelopes from a grant folder, or a folder holding a copy of this release's keys/ (default: DIR/keys)")
+    p.add_argument("--keys", default=None, metavar="DIR", help="with --identity: envelopes from a grant folder, or a folder holding a copy of this release's keys/ "
+                        "(default: DIR/keys)")
     p.add_argument("--identity-column", default=None, metavar="COLUMN",
                    help="source column naming the person: enables re-identification (rank-1, TAR@FAR)")
     p.add_argument("--model", default=None, help="model folder if the manifest's model name is not loadable here")

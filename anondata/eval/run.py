@@ -307,6 +307,10 @@ def evaluate_release(release: str, source: str, *, signer, identity_path: str | 
     from ..job.sources import image_bytes, open_source
     from ..manifest import open_release
 
+    if keys is not None and identity_path is None:
+        # only the identity opens the envelopes: ignored, --keys gave a report without any restore
+        raise InputError("--keys goes with --identity (the identity that opens those envelopes): add --identity "
+                         "NAME.key, or leave out --keys")
     root = Path(release)
     rel = open_release(root, signer, keep_envelopes=identity_path is not None and keys is None)
     m = rel.manifest
