@@ -384,7 +384,8 @@ def test_failed_report_leaves_no_half_written_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "_histogram", figure)
     monkeypatch.setattr(report, "_leakage", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        report.write_report(SimpleNamespace(metrics={"leakage": {"p": []}}), str(tmp_path / "out"))
+        report.write_report(SimpleNamespace(metrics={"leakage": [{"p": 0.5, "identity_distance": {"mean": 0.7}}]}),
+                            str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []  # no OUT, no hidden work folder
 
 
@@ -665,3 +666,77 @@ def test_blocked_reidentification_equals_all_at_once(block, far):
         assert want["tar_at_far"] is not None
     d = np.linalg.norm(probes[:, None] - gal[None], axis=-1)
     assert (np.sort(d, 1)[:, :-1] == np.sort(d, 1)[:, 1:]).any(1).mean() > 0.5  # ties in most rows
+
+
+def _eval_without_restores(boxes, far=1e-3):
+    """A keyed evaluation with restore_sample=0 (Python API only): no restore runs, so no model.
+    Noise photos: HOG finds no face, so `boxes` are where the faces are measured."""
+    from anondata.eval.run import EvalInput, EvalOptions, evaluate
+
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in boxes]
+    inp = EvalInput(ids=[f"r{i}" for i in range(len(boxes))], originals=photos, anonymized=[p // 2 for p in photos],
+                    fallback_boxes=list(boxes), identities=list(range(len(boxes))), keys=[bytes(32)] * len(boxes),
+                    records=[b""] * len(boxes))
+    return evaluate(object(), inp, EvalOptions(restore_sample=0, far=far, progress=False)), photos
+
+
+def test_report_with_no_restores_has_nothing_to_judge_on_wrong_keys(tmp_path):
+    """restore_sample=0 (or attack_sample=0): the leakage figure took max() of no distances and the
+    report failed; the wrong-key check said FAIL where no wrong-key restore was measured."""
+    from anondata.eval.report import _verdicts, validate, write_report
+
+    result, _ = _eval_without_restores([(5, 5, 35, 35), (2, 3, 30, 33)])
+    files = write_report(result, str(tmp_path / "out"))
+    validate(json.loads((tmp_path / "out" / "metrics.json").read_text()))
+    assert files["images"] == ["distances.png", "grid.png"]
+    verdicts = {c: v for c, _, v in _verdicts(result.metrics)}
+    assert verdicts["a wrong key does not restore the person"] == "CHECK"
+    assert verdicts["restore with the key gives back the original"] == "CHECK"
+
+
+def test_wrong_key_verdict_without_bit_flip_runs():
+    """attack_sample=0: random keys measured, keys a few bits off not. Not a pass (the bits are not
+    covered) and not a failure unless a measured share fails."""
+    from anondata.eval import metrics as M
+    from anondata.eval.report import _verdicts
+
+    def verdict(random):
+        none = {"identity_distance": M.distance_stats([])}
+        m = {"identity": {"original_vs_anonymized": M.distance_stats([0.9]), "reidentification": None},
+             "restore": {"restored": {"n": 1, "identity_distance": M.distance_stats([0.0]), "psnr_face": M.summary([]),
+                                      "ssim_face": M.summary([]), "bit_exact_share": 1.0}, "lossless_failures": []},
+             "wrong_key": {"random": {"identity_distance": M.distance_stats(random)},
+                           "bits": [{"bits": k, **none} for k in (1, 8, 64)]}}
+        return {c: v for c, _, v in _verdicts(m)}["a wrong key does not restore the person"]
+
+    assert verdict([0.9]) == "CHECK"
+    assert verdict([0.1]) == "FAIL"
+
+
+def test_tar_at_far_label_says_the_far_measured(tmp_path):
+    """EvalOptions.far can be set; the report said TAR@FAR=0.1% whatever it was."""
+    from anondata.eval.report import _html, _verdicts
+
+    result, _ = _eval_without_restores([(5, 5, 35, 35), (2, 3, 30, 33)], far=0.01)
+    page = _html(result.metrics, ["distances.png"]) + "".join(e for _, e, _ in _verdicts(result.metrics))
+    assert "TAR@FAR=1%" in page and "0.1%" not in page
+
+
+def test_face_box_outside_the_photo_has_no_colour_shift(tmp_path):
+    """A face box entirely outside its photo (Python API fallback boxes) crops no pixel: its colour
+    shift was NaN, the mean over faces NaN, and metrics.json could not be written. Such a face is
+    left out of the colour means; with no face pixel in any photo there is nothing to measure."""
+    from anondata.errors import InputError
+    from anondata.eval import metrics as M
+    from anondata.eval.report import validate, write_report
+
+    inside = (5, 5, 35, 35)
+    result, photos = _eval_without_restores([inside, (50, 50, 80, 80)])
+    write_report(result, str(tmp_path / "out"))
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    validate(m)
+    assert m["utility"]["colour_shift_mean"] == M.colour_shift(M.crop(photos[0], inside), M.crop(photos[0] // 2, inside))
+    assert result.per_face[1]["colour_shift"] is None
+    with pytest.raises(InputError, match="no face box has a pixel inside its photo"):
+        _eval_without_restores([(50, 50, 80, 80), (-30, 0, -1, 30)])

@@ -216,8 +216,11 @@ def landmark_displacement(ref: np.ndarray, other: np.ndarray) -> float | None:
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def colour_shift(orig: np.ndarray, anon: np.ndarray) -> dict:
-    """Mean RGB and luma (Rec. 601) of `anon` minus `orig`, in 8-bit levels, over the given pixels."""
+def colour_shift(orig: np.ndarray, anon: np.ndarray) -> dict | None:
+    """Mean RGB and luma (Rec. 601) of `anon` minus `orig`, in 8-bit levels, over the given pixels;
+    None for an empty crop (a face box entirely outside the photo), whose mean was NaN."""
+    if orig.size == 0 or anon.size == 0:
+        return None
     o = orig.reshape(-1, 3).astype(np.float64).mean(0)
     a = anon.reshape(-1, 3).astype(np.float64).mean(0)
     d = a - o

@@ -119,6 +119,11 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             E.setdefault("original", []).append(ident.embed(o, box))
             E.setdefault("anonymized", []).append(ident.embed(a, box))
             bar.update(1)
+        shifts = [f["colour_shift"] for f in faces if f["colour_shift"] is not None]
+        if not shifts:  # the colour means are numbers in metrics.json: say why there are none
+            h, w = inp.originals[0].shape[:2]
+            raise InputError(f"eval: no face box has a pixel inside its photo (record {inp.ids[0]!r}: box "
+                             f"{list(boxes[0])}, photo {w}x{h}): give fallback boxes that lie in the photos")
         d_anon = M.distances(E["original"], E["anonymized"])
         for f, d in zip(faces, d_anon):
             f["distance_anonymized"] = float(d)
@@ -251,9 +256,9 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
             "detection_rate_anonymized": float(np.mean([f["detected_anonymized"] for f in faces])),
             "landmark_predictor": "dlib 68-point (iBUG 300-W), normalised by the original's outer-eye-corner distance",
             "landmark_displacement": M.summary([f["landmark_displacement"] for f in faces]),
-            "colour_shift_mean": {c: float(np.mean([f["colour_shift"][c] for f in faces])) for c in ("r", "g", "b", "luma")},
-            "colour_shift_mean_abs": {c: float(np.mean([abs(f["colour_shift"][c]) for f in faces]))
-                                      for c in ("r", "g", "b", "luma")},
+            # over the faces with a pixel in the photo (an empty crop has no colour shift)
+            "colour_shift_mean": {c: float(np.mean([x[c] for x in shifts])) for c in ("r", "g", "b", "luma")},
+            "colour_shift_mean_abs": {c: float(np.mean([abs(x[c]) for x in shifts])) for c in ("r", "g", "b", "luma")},
             "changed_pixel_share": M.summary([f["changed_pixels"] for f in faces]),
         },
         "timing": {"seconds": round(time.time() - t0, 1), "restore_transforms": transforms},
