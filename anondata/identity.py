@@ -292,7 +292,8 @@ def generate_identity(pq: bool = False, name: str = "") -> Identity:
 
 
 def load_identity(path) -> Identity:
-    """Read NAME.key. Refuses a file group/others can read (like ssh): a leaked key opens everything."""
+    """Read NAME.key. Refuses a file whose mode grants group/others any permission (like ssh): a
+    leaked key opens everything."""
     path = Path(path)
     data = read_bounded(path, "identity", MAX_KEY_FILE, KeyError_)
     try:

@@ -492,3 +492,18 @@ def test_rewrap_renames_are_durable_before_the_stage_is_removed(tmp_path, capsys
         assert ("fsync", d) in events[last:gone], (d, events)
     verify_release(root)
     assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_keygen_help_says_which_key_file_modes_are_refused(tmp_path, capsys):
+    """The help said a key file is refused if group/others "can read it"; the code (and
+    docs/FORMAT.md) refuses any group/others permission bit, e.g. a group-writable 0620 file."""
+    with pytest.raises(SystemExit):
+        main(["keygen", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "can read" not in text and "any permission for group or others" in text
+    assert cli(capsys, "keygen", tmp_path / "alice")[0] == 0
+    for mode in (0o620, 0o601, 0o610):
+        os.chmod(tmp_path / "alice.key", mode)
+        with pytest.raises(KeyError_, match="chmod 600"):
+            load_identity(tmp_path / "alice.key")

@@ -13,8 +13,8 @@ def register(sub) -> None:
         description=(
             "Create an identity. NAME.key holds an HPKE private key (opens the envelopes sealed "
             "to you) and an Ed25519 signing key (signs releases and grants); it is written with "
-            "mode 0600 and is refused later if group/others can read it. NAME.pub is the public "
-            "half: give it to anyone who should seal records to you or check your signatures. "
+            "mode 0600 and is refused later if its mode grants any permission for group or others "
+            "(chmod 600 fixes it). NAME.pub is the public half: give it to anyone who should seal records to you or check your signatures. "
             "Existing files are never overwritten."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
