@@ -97,8 +97,9 @@ class FaceSpec:
                 raise InputError("--cross-check only applies to --faces detect")
             if self.cross_check == self.detector:
                 raise InputError(f"--cross-check must be another detector than --detector ({self.detector!r})")
-        if not 1.0 <= self.expand <= 2.0:
-            raise InputError(f"expand must be between 1.0 and 2.0, got {self.expand}")
+        # a bool is a number to isinstance (True counted as 1.0); anything else failed the range check with a TypeError
+        if isinstance(self.expand, bool) or not isinstance(self.expand, numbers.Real) or not 1.0 <= self.expand <= 2.0:
+            raise InputError(f"expand must be a number between 1.0 and 2.0, got {self.expand!r}")
         if type(self.min_face) is not int or self.min_face < 0:  # else a TypeError later, in every photo
             raise InputError(f"min_face must be a whole number of pixels >= 0, got {self.min_face!r}")
 
@@ -618,7 +619,10 @@ def _missed_faces(img: np.ndarray, places: list[_Place], detector, name: str,
             inner = _ellipse_dist(p, *p.size, (slice(b0 - y0, b1 - y0), slice(a0 - x0, a1 - x0))) <= _FEATURES
             seen = covered[b0:b1, a0:a1][inner]
         if seen.size == 0:  # no inner face inside the photo: judge by the box itself
-            bx0, by0, bx1, by1 = _clip(f.box, W, H)
+            # rounded outward: a registered detector's float box sliced the mask with floats, and
+            # the TypeError quarantined the photo as a detector failure
+            x0, y0, x1, y1 = f.box
+            bx0, by0, bx1, by1 = _clip((math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)), W, H)
             seen = covered[by0:max(by0, by1), bx0:max(bx0, bx1)].reshape(-1)
         if seen.size and seen.mean() < _COVERED_SHARE:
             out.append(f.box)

@@ -363,6 +363,35 @@ def test_cross_check_quarantines_a_photo_with_a_face_the_first_detector_missed()
             FaceSpec(**bad)
 
 
+@pytest.mark.parametrize("box", [(-45.5, 40.2, 6.5, 100.7), (-50.5, 40.2, 2.5, 100.7)])
+def test_cross_check_float_box_past_the_edge_is_judged_not_a_detector_failure(box):
+    """A registered cross-check detector's float box whose inner face lies outside the photo is
+    judged by the box itself: sliced with its floats, it raised a TypeError that quarantined the
+    photo as "face detector failed" (closed, with the wrong reason). Rounded outward now, it is a
+    missed face when nothing covers it, and covered when an anonymized face covers what is in the photo."""
+
+    class Fixed:
+        name = "fixed"
+
+        def __init__(self, boxes):
+            self.boxes = boxes
+
+        def detect(self, rgb):
+            return [detect.Face(b, 1.0) for b in self.boxes]
+
+    detect.register("float-edge", lambda arg: Fixed([box]))
+    detect.register("over-the-edge", lambda arg: Fixed([(-30, 20, 40, 120)]))  # its ellipse covers the sliver
+    detect.register("nothing", lambda arg: Fixed([]))
+    img = np.random.default_rng(5).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    run = lambda first: anonymize_photos(InvertAnon(), [img], [new_key()], FaceSpec(  # noqa: E731
+        mode="detect", detector=first, cross_check="float-edge", on_no_face="keep"))[0]
+    missed = run("nothing")
+    assert missed.image is None and "'float-edge' (--cross-check) found 1 face(s) that 'nothing' did not, first at " \
+        f"box {list(box)}" in missed.quarantine_reason
+    covered = run("over-the-edge")
+    assert covered.quarantine_reason is None and covered.faces == 1
+
+
 def test_cross_check_face_in_a_crop_corner_is_not_counted_as_anonymized():
     """A small face only the second detector finds, centred inside the first face's crop but in
     its corner, where the paste-back weight is 0: it used to count as covered and was published
@@ -543,6 +572,9 @@ def test_bad_spec(kw):
     (dict(min_face="32"), "min_face"),  # failed later, per photo, with a TypeError
     (dict(min_face=True), "min_face"),
     (dict(min_face=-1), "min_face"),
+    (dict(expand=True), "expand"),  # counted as 1.0
+    (dict(expand="1.2"), "expand"),  # a TypeError from the range check
+    (dict(expand=None), "expand"),
 ])
 def test_bools_and_non_integers_are_refused_in_the_spec(kw, needle):
     with pytest.raises(InputError, match=needle):
