@@ -363,6 +363,18 @@ def test_cross_check_quarantines_a_photo_with_a_face_the_first_detector_missed()
             FaceSpec(**bad)
 
 
+class FixedBoxes:
+    """A registered detector that finds the given boxes in every photo."""
+
+    name = "fixed"
+
+    def __init__(self, boxes):
+        self.boxes = boxes
+
+    def detect(self, rgb):
+        return [detect.Face(b, 1.0) for b in self.boxes]
+
+
 @pytest.mark.parametrize("box", [(-45.5, 40.2, 6.5, 100.7), (-50.5, 40.2, 2.5, 100.7)])
 def test_cross_check_float_box_past_the_edge_is_judged_not_a_detector_failure(box):
     """A registered cross-check detector's float box whose inner face lies outside the photo is
@@ -370,18 +382,9 @@ def test_cross_check_float_box_past_the_edge_is_judged_not_a_detector_failure(bo
     photo as "face detector failed" (closed, with the wrong reason). Rounded outward now, it is a
     missed face when nothing covers it, and covered when an anonymized face covers what is in the photo."""
 
-    class Fixed:
-        name = "fixed"
-
-        def __init__(self, boxes):
-            self.boxes = boxes
-
-        def detect(self, rgb):
-            return [detect.Face(b, 1.0) for b in self.boxes]
-
-    detect.register("float-edge", lambda arg: Fixed([box]))
-    detect.register("over-the-edge", lambda arg: Fixed([(-30, 20, 40, 120)]))  # its ellipse covers the sliver
-    detect.register("nothing", lambda arg: Fixed([]))
+    detect.register("float-edge", lambda arg: FixedBoxes([box]))
+    detect.register("over-the-edge", lambda arg: FixedBoxes([(-30, 20, 40, 120)]))  # its ellipse covers the sliver
+    detect.register("nothing", lambda arg: FixedBoxes([]))
     img = np.random.default_rng(5).integers(0, 256, (150, 200, 3), dtype=np.uint8)
     run = lambda first: anonymize_photos(InvertAnon(), [img], [new_key()], FaceSpec(  # noqa: E731
         mode="detect", detector=first, cross_check="float-edge", on_no_face="keep"))[0]
@@ -398,19 +401,10 @@ def test_cross_check_face_in_a_crop_corner_is_not_counted_as_anonymized():
     untouched. Now the photo is quarantined; the same face seen a little shifted and larger by the
     second detector still counts as covered."""
 
-    class Fixed:
-        name = "fixed"
-
-        def __init__(self, boxes):
-            self.boxes = boxes
-
-        def detect(self, rgb):
-            return [detect.Face(b, 1.0) for b in self.boxes]
-
     big, small = (100, 100, 200, 200), (205, 200, 225, 220)
-    detect.register("big-face", lambda arg: Fixed([big]))
-    detect.register("big-and-corner", lambda arg: Fixed([big, small]))
-    detect.register("big-jittered", lambda arg: Fixed([(104, 92, 210, 203)]))
+    detect.register("big-face", lambda arg: FixedBoxes([big]))
+    detect.register("big-and-corner", lambda arg: FixedBoxes([big, small]))
+    detect.register("big-jittered", lambda arg: FixedBoxes([(104, 92, 210, 203)]))
     img = np.random.default_rng(7).integers(0, 256, (320, 320, 3), dtype=np.uint8)
     run = lambda cc: anonymize_photos(InvertAnon(), [img], [new_key()],  # noqa: E731
                                       FaceSpec(mode="detect", detector="big-face", cross_check=cc))[0]
