@@ -100,6 +100,20 @@ def check_new_folder(path, what: str, error: type[Exception] = FormatError, rele
     return p
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, deepest first: the final rename must not become
+    durable before what it shows (restore writes its Parquet shards without an fsync of their own,
+    so a power cut could leave a complete-looking folder of empty files)."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(here)
+
+
 @contextmanager
 def new_folder(final):
     """Yield a hidden sibling folder to fill; on success rename it to `final` (missing or empty),
@@ -109,6 +123,7 @@ def new_folder(final):
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield work
+        _fsync_tree(work)
         os.replace(work, final)  # onto a missing or empty folder: one rename
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -226,6 +226,29 @@ def test_a_folder_renamed_into_place_is_fsynced_in_its_parent(tmp_path, monkeypa
     assert (tmp_path, {"grant"}) in synced
 
 
+def test_what_a_new_folder_holds_is_durable_before_its_rename(tmp_path, monkeypatch):
+    """Restore writes its Parquet shards without an fsync of their own: new_folder fsyncs every
+    file and folder it holds before the rename that shows them, or a power cut could leave a
+    complete-looking restore folder of empty files."""
+    import os
+
+    from anondata import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("rename", str(a))), real_replace(a, b))[1])
+    with files.new_folder(tmp_path / "restored") as work:
+        (work / "data").mkdir()
+        (work / "data" / "train.parquet").write_bytes(b"rows")
+        (work / "README.md").write_bytes(b"card")
+        work_name = str(work)
+    rename = events.index(("rename", work_name))
+    synced = {p for kind, p in events[:rename] if kind == "fsync"}
+    assert {f"{work_name}/data/train.parquet", f"{work_name}/README.md", f"{work_name}/data", work_name} <= synced
+
+
 def test_an_unfinished_job_is_not_verified_as_a_release(identities, tiny_model, tmp_path):
     """verify, restore, grant and eval on an interrupted job's folder point at --resume, not at a
     missing manifest signature (or at a manifest the job will rewrite), as publish already did."""
