@@ -55,11 +55,19 @@ _ALIGNED_ELLIPSE = (0.5, 0.54, 0.36, 0.42)
 _ALIGNED_FEATHER = 1.10
 # Training-framing side per detector box width, and framing centre offset (in sides) from the
 # box centre; measured on 300 CelebA aligned images (40 for mmod) by benchmarks/wild_detection.py --calibrate.
-# Looked up by the full detector spec, then by its name: "haar" is detect.HAAR_SETTINGS (alt2, whose
-# boxes are 3% smaller), "haar:frontalface_default,5" the setting before it, which older job plans resume with.
-_BOX_FRAMING = {"hog": (1.357, -0.079), "haar": (1.269, -0.017), "haar:frontalface_default,5": (1.235, -0.019),
+# Looked up by detector and Haar cascade (the framing is the cascade's; minNeighbors only drops
+# boxes), then by detector: "haar" is detect.HAAR_SETTINGS's frontalface_alt2 (boxes 3% smaller), and
+# the other cascades, never calibrated, take it too; frontalface_default is the setting before
+# ("haar:frontalface_default,5"), which older job plans resume with.
+_BOX_FRAMING = {"hog": (1.357, -0.079), "haar": (1.269, -0.017), "haar:frontalface_default": (1.235, -0.019),
                 "mmod": (1.476, -0.031)}
 _DEFAULT_FRAMING = (1.30, -0.05)
+
+
+def _framing(detector: str) -> tuple[float, float]:
+    name, _, settings = detector.partition(":")
+    return (_BOX_FRAMING.get(f"{name}:{settings.partition(',')[0]}") or _BOX_FRAMING.get(name)
+            or _DEFAULT_FRAMING)
 # From the 5 landmarks: side = eye distance / 0.296 (or nose-to-eye-line / 0.234 for turned
 # heads); framing centre = eye midpoint + 0.0627 side downwards (in the face's own frame).
 _EYE_DIST, _NOSE_DIST, _EYE_TO_CENTRE = 0.296, 0.234, 0.0627
@@ -234,7 +242,7 @@ def _place_aligned(box, full: bool) -> _Place:
 
 def _place_detected(face, detector: str, expand: float, full: bool) -> _Place:
     x0, y0, x1, y1 = face.box
-    k, dy = _BOX_FRAMING.get(detector) or _BOX_FRAMING.get(detector.partition(":")[0], _DEFAULT_FRAMING)
+    k, dy = _framing(detector)
     s_box = (x1 - x0) * k
     c_box = np.array([(x0 + x1) / 2, (y0 + y1) / 2 + dy * s_box])
     side, centre, theta = s_box, c_box, 0.0

@@ -103,7 +103,7 @@ class Part:
 
     @property
     def name(self) -> str:
-        """The detector spec the job would be given: it picks the box framing (faces._BOX_FRAMING)."""
+        """The detector spec the job would be given: it picks the box framing (faces._framing)."""
         return f"haar:{self.cascade},{self.min_neighbors}"
 
 

@@ -728,3 +728,19 @@ def test_non_canonical_record_rejected(anon, one):
 def test_record_and_image_hold_no_key(one):
     img, keys, res = one
     assert keys[0] not in res.record and canonical.b64e(keys[0]).encode() not in res.record
+
+
+def test_haar_box_framing_follows_the_cascade_not_min_neighbors():
+    """The framing calibration belongs to the cascade (minNeighbors only drops boxes): a
+    frontalface_default cross-check at another minNeighbors took alt2's framing (benchmarks/README.md,
+    the Haar setting study), while frontalface_default's own was measured and on hand."""
+    from anondata.detect import Face
+    from anondata.faces import _place_detected
+
+    face = Face((100, 100, 180, 180), 1.0)
+
+    def place(name):
+        return _place_detected(face, name, 1.0, False)
+
+    assert place("haar:frontalface_default,3") == place("haar:frontalface_default,5") != place("haar")
+    assert place("haar:frontalface_alt2,4") == place("haar") == place("haar:profileface,3")
