@@ -170,6 +170,12 @@ def _dist_at(place: _Place, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return np.sqrt(a * a + b * b)
 
 
+def _lipschitz(place: _Place) -> float:
+    """The most `place`'s elliptic distance changes per photo pixel moved (any direction)."""
+    w, h = place.size
+    return U / (min(place.ellipse[2], place.ellipse[3]) * min(w, h))
+
+
 def _core_masks(places: list[_Place], r: int) -> list[np.ndarray]:
     """Each face's (r, r) mask for the core: every pixel of its model crop whose value the paste-back
     can carry into a face, i.e. into a pixel inside its own ellipse or inside another face's.
@@ -190,10 +196,16 @@ def _core_masks(places: list[_Place], r: int) -> list[np.ndarray]:
         need = d <= 1.0
         w, h = p.size
         xs, ys = p.crop[0] + (np.arange(r) + 0.5) * w / r, p.crop[1] + (np.arange(r) + 0.5) * h / r
+        # Tested at the r pixel centres only, w / r photo pixels apart: where this face's fall-off meets
+        # another's ellipse in a sliver narrower than that, no centre passed and that face kept ~1% of
+        # the original (a turned face beside a small one). So both distances are widened by how much
+        # they can change from a photo pixel to its nearest centre (half an r pixel each way); the
+        # dilation below then reaches every r pixel resizing back takes from. Exact at size r.
+        gap = 0.0 if (w, h) == (r, r) else math.hypot(w, h) / (2 * r)
         for i, q in enumerate(places):
             a, b = p.crop, q.crop
             if i != j and q.ellipse is not None and a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                need |= (d < p.feather / U) & (_dist_at(q, xs, ys) <= 1.0)
+                need |= (d < p.feather / U + gap * _lipschitz(p)) & (_dist_at(q, xs, ys) <= 1.0 + gap * _lipschitz(q))
         # how far resizing back reaches, in r pixels: bicubic's 2 taps a side, or the area of a shrink;
         # nothing for a crop of size r (cv2.resize to the same size copies: an aligned 64 px face)
         if (w, h) == (r, r):

@@ -180,6 +180,11 @@ class Blackout:
 # Faces 1 and 2 overlap diagonally, so they are pasted as one group over their bounding rectangle;
 # face 0 (first from the top) overlaps neither but sits in that rectangle's corner.
 _CORNER_FACES = [(240, 95, 270, 125), (100, 120, 180, 200), (200, 200, 280, 280)]
+# A face turned by its landmarks (eyes at -27 degrees) and a small face whose ellipse's top meets the
+# turned one's fall-off in a sliver narrower than one of its crop's pixels at the model's resolution
+# (found by fuzzing layouts).
+_TURNED_AND_SMALL = [detect.Face((150, 100, 243, 193), 1.0, np.array(
+    [[169, 150], [182, 143], [202, 133], [215, 126], [203, 159]], np.float32)), (194, 211, 236, 253)]
 
 
 @pytest.mark.parametrize("boxes", [
@@ -189,6 +194,7 @@ _CORNER_FACES = [(240, 95, 270, 125), (100, 120, 180, 200), (200, 200, 280, 280)
     [(60, 80, 160, 180), (90, 110, 130, 150)],  # a face detected again inside another
     [(50, 50, 60, 60), (58, 52, 70, 64)],  # tiny faces: crops smaller than the model's resolution
     _CORNER_FACES,  # a face inside the rectangle of two others that overlap: pasted first, then kept
+    _TURNED_AND_SMALL,  # the neighbour's mask, tested at its r pixel centres only, missed the sliver
 ])
 def test_no_original_pixel_left_inside_any_face_ellipse(group_photo, boxes):
     """Fail closed on paste-back: outside its mask the core returns the original crop, and resizing
@@ -201,7 +207,7 @@ def test_no_original_pixel_left_inside_any_face_ellipse(group_photo, boxes):
         name = "fixed"
 
         def detect(self, rgb):
-            return [detect.Face(b, 1.0) for b in boxes]
+            return [b if isinstance(b, detect.Face) else detect.Face(b, 1.0) for b in boxes]
 
     img = np.maximum(group_photo, 1)  # no original pixel is 0
     if boxes is not None:
