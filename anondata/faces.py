@@ -444,7 +444,10 @@ def _crop_fits(c, W: int, H: int) -> bool:
             and c[0] < W and c[1] < H and c[2] > 0 and c[3] > 0)
 
 
-def _parse_record(data: bytes, what: str):
+def _parse_record(data: bytes, what: str, resolution: int | None = None):
+    """-> (record, places, core records, fixes). resolution: the restoring model's, checked before
+    any fix is decompressed (each is resolution^2 x 6 bytes: at the 4096 a record may name, 100 MB
+    from 130 kB of zlib, so a 4 MB record took 3 GB and half a minute before it was refused)."""
     d = canonical.loads(data, what)
     if not isinstance(d, dict) or set(d) != _TOP:
         got = sorted(d) if isinstance(d, dict) else type(d).__name__
@@ -453,6 +456,9 @@ def _parse_record(data: bytes, what: str):
         raise FormatError(f"{what}: unsupported version {d['v']!r} / kind {d['kind']!r}")
     if not _is_int(d["width"], 1, 10**6) or not _is_int(d["height"], 1, 10**6) or not _is_int(d["resolution"], 1, 4096):
         raise FormatError(f"{what}: width, height and resolution must be positive integers")
+    if resolution is not None and d["resolution"] != resolution:
+        raise InputError(f"{what}: made at model resolution {d['resolution']}, this model has {resolution}: "
+                         "use the same --model")
     if d["mask"] not in ("ellipse", "full") or not _hex64(d["anon_sha256"]) or not isinstance(d["faces"], list):
         raise FormatError(f"{what}: bad mask, anon_sha256 or faces")
     W, H, full = d["width"], d["height"], d["mask"] == "full"
@@ -734,9 +740,7 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
         what = f"photo record of {names[i]!r}"
         img = _check_photo(img, f"photo {names[i]!r}")
         key = check_key(key, f"key of {names[i]!r}")
-        d, places, core, fixes = _parse_record(rec, what)
-        if d["resolution"] != r:
-            raise InputError(f"{what}: made at model resolution {d['resolution']}, this model has {r}: use the same --model")
+        d, places, core, fixes = _parse_record(rec, what, r)
         if img.shape[:2] != (d["height"], d["width"]):
             raise InputError(f"{what}: photo is {img.shape[1]}x{img.shape[0]}, the record is for {d['width']}x{d['height']}")
         if _sha(img) != d["anon_sha256"]:
