@@ -341,9 +341,9 @@ class Anonymizer:
         parsed = []
         for i, r in enumerate(records):
             try:
-                parsed.append(r if isinstance(r, RestoreRecord) else RestoreRecord.from_bytes(r))
-            except FormatError as e:
-                raise FormatError(f"{label(i)}: {e}") from None
+                parsed.append(r if isinstance(r, RestoreRecord) else RestoreRecord.from_bytes(r, self.resolution))
+            except (FormatError, InputError) as e:
+                raise type(e)(f"{label(i)}: {e}") from None
             self._check_compatible(parsed[-1], label(i))
         records = parsed
         out = self._restore_levels(anonymized, keys, records)

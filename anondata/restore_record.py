@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import canonical
-from .errors import FormatError
+from .errors import FormatError, InputError
 
 SCHEME_V1 = "anondata-signflip/1"
 SCHEME_V2 = "anondata-signflip/2"
@@ -137,7 +137,9 @@ class RestoreRecord:
         })
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RestoreRecord":
+    def from_bytes(cls, data: bytes, resolution: int | None = None) -> "RestoreRecord":
+        """`resolution`: the restoring model's; a record of another is refused before its arrays are
+        unpacked (at 4096 the residual alone inflates to 100 MB from a small zlib stream)."""
         d = canonical.loads(data, "restore record")
         if not isinstance(d, dict):
             raise FormatError("restore record: not a JSON object")
@@ -154,6 +156,9 @@ class RestoreRecord:
         if not (1 <= r <= MAX_RESOLUTION and 1 <= d["steps"] <= 1000 and 0 <= d["inversion_iters"] <= 100
                 and 1 <= d["batch"] <= MAX_BATCH):
             raise FormatError("restore record: resolution, steps, inversion_iters or batch out of range")
+        if resolution is not None and r != resolution:
+            raise InputError(f"restore record: made at model resolution {r}, this model has {resolution}: "
+                             "restore with the same --model")
         lo = 1 if v == 2 else 0  # v2 exists for cells; a v3 record may have a sign per value
         if v > 1 and not lo <= d["sign_cell"] <= r:
             raise FormatError(f"restore record: sign_cell must be in {lo}..{r} in a v{v} record")

@@ -617,3 +617,27 @@ def test_non_finite_model_output_is_an_error_never_an_image(anon, faces, run, mo
         with pytest.raises(AnondataError, match="non-finite values"):
             anon.restore(out[:2], keys[:2], recs[:2])
         monkeypatch.setattr(scheme, "transform", real)
+
+
+def test_record_of_another_resolution_is_refused_before_its_arrays_are_unpacked(anon, run):
+    """A restore record may name a resolution up to 4096, where its residual and overflow inflate to
+    100 MB each from small zlib streams: restore parsed them all before comparing the resolution
+    with the model's. The model's resolution is compared first now, as photo restore does."""
+    import tracemalloc
+    import zlib
+
+    from anondata import canonical
+
+    keys, out, recs = run
+    r = 2048
+    d = canonical.loads(recs[0].to_bytes(), "record")
+    big = canonical.b64e(zlib.compress(bytes(r * r * 3 * 2), 9))
+    d |= {"resolution": r, "overflow": big, "mask": canonical.b64e(zlib.compress(bytes(r * r // 8), 9))}
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="record 0: restore record: made at model resolution 2048, this model has 32"):
+            anon.restore(out[:1], keys[:1], [canonical.dumps(d)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < r * r  # no array of the record (6 r^2 bytes for the overflow) unpacked
