@@ -252,8 +252,34 @@ def _place_aligned(box, full: bool) -> _Place:
     return _quantize(box, (x0 + cx * w, y0 + cy * h), (rx * w, ry * h), 0.0, _ALIGNED_FEATHER)
 
 
-def _place_detected(face, detector: str, expand: float, full: bool) -> _Place:
-    x0, y0, x1, y1 = face.box
+def _square_box(box, shape=None) -> tuple[float, float, float, float]:
+    """The detector's box made square again. Detectors' boxes are square, but the built-in ones are
+    clipped to the photo: a face cut by the border came as a narrow box, framed from its width as a
+    face of that size, and up to 58% of its visible ellipse was published in the clear (a face
+    40% past the left edge). A side at the photo's edge (`shape` (H, W)) grows outwards; a box
+    that is merely tall or wide (a registered detector's) grows around its centre."""
+    x0, y0, x1, y1 = box
+    H, W = shape[:2] if shape is not None else (None, None)
+    side = max(x1 - x0, y1 - y0)
+
+    def grow(lo, hi, limit):
+        if lo <= 0 and (limit is None or hi < limit):
+            return hi - side, hi
+        if limit is not None and hi >= limit and lo > 0:
+            return lo, lo + side
+        mid = (lo + hi) / 2
+        return mid - side / 2, mid + side / 2
+
+    if x1 - x0 < side:
+        x0, x1 = grow(x0, x1, W)
+    if y1 - y0 < side:
+        y0, y1 = grow(y0, y1, H)
+    return x0, y0, x1, y1
+
+
+def _place_detected(face, detector: str, expand: float, full: bool, shape=None) -> _Place:
+    """`shape`: the photo's (H, W), which tells a box clipped at its border from a tall one."""
+    x0, y0, x1, y1 = _square_box(face.box, shape)
     k, dy = _framing(detector)
     s_box = (x1 - x0) * k
     c_box = np.array([(x0 + x1) / 2, (y0 + y1) / 2 + dy * s_box])
@@ -557,7 +583,7 @@ def _detect(detector, name: str, img: np.ndarray, expand: float) -> list:
             raise _UnusableBox(f"{shown}: empty (x1 <= x0 or y1 <= y0)")
         if x1 <= 0 or y1 <= 0 or x0 >= W or y0 >= H:
             raise _UnusableBox(f"{shown}: outside the {W}x{H} photo")
-        crop = _place_detected(f, name, expand, True).crop
+        crop = _place_detected(f, name, expand, True, img.shape).crop
         if not _crop_fits(crop, W, H):
             raise _UnusableBox(f"{shown}: its crop {list(crop)} is over 5x the {W}x{H} photo's side, "
                                "more than a photo record holds")
@@ -579,7 +605,7 @@ def _find_places(img: np.ndarray, spec: FaceSpec) -> tuple[list[_Place] | None, 
     try:
         found = sorted(_detect(get_detector(name), name, img, spec.expand),
                        key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
-        places = [_place_detected(f, spec.detector, spec.expand, full) for f in found]
+        places = [_place_detected(f, spec.detector, spec.expand, full, img.shape) for f in found]
         missed = []
         if spec.cross_check and (found or spec.on_no_face == "keep"):
             name = spec.cross_check
@@ -637,7 +663,7 @@ def _missed_faces(img: np.ndarray, places: list[_Place], detector, name: str,
             covered[gy0:gy1, gx0:gx1] |= _Weights(places, roi, idx).total() >= _COVERED_WEIGHT
     out = []
     for f in found:
-        p = _place_detected(f, name, expand, False)
+        p = _place_detected(f, name, expand, False, img.shape)
         a0, b0, a1, b1 = _clip(p.crop, W, H)
         seen = np.zeros(0, bool)
         if a1 > a0 and b1 > b0:

@@ -155,10 +155,10 @@ class Scene:
     def __init__(self, img, full_hog, real, prod=None, s=1.0):
         self.img, self.s = img, s
         self.gt = [_scaled(f, s) for f in full_hog]
-        self.places = [_place_detected(f, "hog", EXPAND, False) for f in self.gt]
+        self.places = [_place_detected(f, "hog", EXPAND, False, img.shape) for f in self.gt]
         self.real = real
         self.prod = self.gt if prod is None else prod
-        self.prod_places = self.places if prod is None else [_place_detected(f, "hog", EXPAND, False) for f in prod]
+        self.prod_places = self.places if prod is None else [_place_detected(f, "hog", EXPAND, False, img.shape) for f in prod]
         self.missed_by_prod = {j for j in real
                                if _missed_faces(img, self.prod_places, _Given([self.gt[j]]), "hog", EXPAND)}
 
@@ -251,7 +251,7 @@ def _composites():
     def case(rx, dx, dy):
         img = _composite(rx, dx, dy)
         found = _order(hog.detect(img))
-        return img, found, [_place_detected(f, "hog", EXPAND, False) for f in found]
+        return img, found, [_place_detected(f, "hog", EXPAND, False, img.shape) for f in found]
 
     grid = []
     for rx in (46, 50, 54, 58):

@@ -169,7 +169,7 @@ def _classify(img, second: str) -> list[dict]:
     from anondata.faces import _dist_at, _missed_faces, _place_detected
 
     found = sorted(get_detector("hog").detect(img), key=lambda f: (f.box[1], f.box[0], f.box[2], f.box[3]))
-    places = [_place_detected(f, "hog", 1.15, False) for f in found]
+    places = [_place_detected(f, "hog", 1.15, False, img.shape) for f in found]
     out = []
     for b in _missed_faces(img, places, get_detector(second), second, 1.15):
         cx, cy = np.array([(b[0] + b[2]) / 2]), np.array([(b[1] + b[3]) / 2])

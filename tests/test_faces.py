@@ -858,3 +858,47 @@ def test_haar_box_framing_follows_the_cascade_not_min_neighbors():
 
     assert place("haar:frontalface_default,3") == place("haar:frontalface_default,5") != place("haar")
     assert place("haar:frontalface_alt2,4") == place("haar") == place("haar:profileface,3")
+
+
+@pytest.mark.parametrize("true_box, clipped", [
+    ((-40, 60, 60, 160), (0, 60, 60, 160)),  # 40% past the left edge
+    ((150, 60, 250, 160), (150, 60, 200, 160)),  # half past the right edge
+    ((60, -30, 160, 70), (60, 0, 160, 70)),  # past the top
+    ((60, 170, 160, 270), (60, 170, 160, 200)),  # past the bottom
+])
+def test_face_cut_by_the_border_is_anonymized_at_its_full_size(true_box, clipped):
+    """Built-in detectors clip their (square) boxes to the photo. A face cut by the border came as a
+    narrow box and was framed from its width as a smaller face: 40% past the left edge, 58% of the
+    astronaut's visible face ellipse was published in the clear. The box is made square again,
+    growing away from the border, so the face is placed as if it were whole."""
+    from skimage.data import astronaut
+
+    from anondata.faces import _clip, _ellipse_dist, _place_detected
+
+    class Fixed:
+        name = "fixed"
+
+        def detect(self, rgb):
+            return [detect.Face(clipped, 1.0)]
+
+    img = np.maximum(np.asarray(Image.fromarray(astronaut()).resize((200, 200))), 1)
+    assert _place_detected(detect.Face(clipped, 1.0), "hog", 1.15, False, img.shape) == \
+        _place_detected(detect.Face(true_box, 1.0), "hog", 1.15, False, img.shape)
+    detect.register("clipped-box", lambda arg: Fixed())
+    res = anonymize_photos(Blackout(), [img], [new_key()], FaceSpec(mode="detect", detector="clipped-box"))[0]
+    true = _place_detected(detect.Face(true_box, 1.0), "clipped-box", 1.15, False, img.shape)
+    a0, b0, a1, b1 = _clip(true.crop, 200, 200)
+    cs = (slice(b0 - true.crop[1], b1 - true.crop[1]), slice(a0 - true.crop[0], a1 - true.crop[0]))
+    inside = np.zeros((200, 200), bool)
+    inside[b0:b1, a0:a1] = _ellipse_dist(true, *true.size, cs) <= 1.0
+    assert inside.sum() > 1000 and res.image[inside].max() == 0
+
+
+def test_a_tall_box_grows_around_its_centre():
+    """A registered detector's box that is merely tall (not at a border) is framed as the square
+    around it, not from its width alone."""
+    from anondata.faces import _place_detected
+
+    shape = (300, 300, 3)
+    assert _place_detected(detect.Face((80, 50, 120, 150), 1.0), "hog", 1.15, False, shape) == \
+        _place_detected(detect.Face((50, 50, 150, 150), 1.0), "hog", 1.15, False, shape)
