@@ -5,7 +5,8 @@ training data (CelebA's 128 px crop of the aligned 178x218 image). A photo can h
 of faces at any size, so per face we:
 
 1. place a crop: `aligned` mode takes the given box (or the whole image) as that framing;
-   `detect` mode derives it from the detector box and dlib's 5 landmarks (scale and offset
+   `detect` mode derives it from the detector box (made square again where the photo's border
+   clipped it: a face cut by the border is placed whole) and dlib's 5 landmarks (scale and offset
    measured on CelebA aligned images, `benchmarks/wild_detection.py --calibrate`), widened by
    `expand` so a feathered border fits inside it;
 2. resize the crop to R and anonymize it with the core under a boolean mask (the face ellipse,
