@@ -79,6 +79,10 @@ class FastUNet(torch.nn.Module):
         return out.float()
 
     def forward(self, z, t):
+        if self.channels_last:  # here too, not only in _call: anonymize passes z strided as its images
+            # (channels last), the bare loop a contiguous z, and a compiled _call guards on the strides,
+            # so without this the timed anonymize recompiled (the 256px model has no warm-up of it)
+            z = z.contiguous(memory_format=torch.channels_last)
         with tf32(self.tf32):  # here, not in _call: torch.compile must not trace flag changes
             out = self.fn(z, t)
         return SimpleNamespace(sample=out.clone() if self.variant == "graphs-bf16" else out)
@@ -230,13 +234,23 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' numbers
                     rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
                     print(json.dumps(rows[-1]), flush=True)
+                    write_json(a.json, info, rows)
                     continue
                 rows.append(r["row"])
                 if variant == "eager":
                     ref = r["restore"]
                 torch._dynamo.reset()
-    if a.json:
-        Path(a.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+                write_json(a.json, info, rows)
+    write_json(a.json, info, rows)
+
+
+def write_json(path: str | None, info: dict, rows: list) -> None:
+    """Rewritten after every row: the device call's timeout (jobs/gpu_session.sh, BENCH_S) may stop
+    the run midway, and a file written only at the end kept none of the rows measured until then."""
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        tmp.replace(path)
 
 
 if __name__ == "__main__":
