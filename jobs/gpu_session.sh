@@ -22,9 +22,14 @@
 #     columns=['image']).slice(0, 16), '.gpu/faces16.parquet')"
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers==0.42.1 cryptography==50.0.2 importlib_metadata cffi pycparser dlib-bin==20.0.1.post1
+#     -d .whl diffusers==0.42.1 cryptography==50.0.2 cffi pycparser dlib-bin==20.0.1.post1
+# (not importlib_metadata, which diffusers declares but imports only on Python < 3.8: its newest
+# release imports lazy_importer, which the image lacks.)
 # Run (carry [".whl", ".gpu"], timeout_s 600): about 20 s install, TRAIN_MIN (3) minutes + 90 s
 # at most for training and compiling, ~1 min picking, BENCH_S (180) s benchmark: under 600 s.
+# gpu_throughput.json is rewritten after each row: the compiled variants may not all fit in BENCH_S.
+# A second call on the still-warm machine finds /tmp/prior: training resumes it and picking measures
+# its earlier snapshots too; TRAIN_MIN=0 skips both, BENCH=0 the benchmark.
 #   bash jobs/gpu_session.sh
 # Then: tar -xf prior.tar; prior_quality.py and restore_fidelity.py on it here.
 set -uo pipefail
