@@ -26,7 +26,8 @@
 # (not importlib_metadata, which diffusers declares but imports only on Python < 3.8: its newest
 # release imports lazy_importer, which the image lacks.)
 # Run (carry [".whl", ".gpu"], timeout_s 600): about 20 s install, TRAIN_MIN (3) minutes + 90 s
-# at most for training and compiling, ~1 min picking, BENCH_S (180) s benchmark: under 600 s.
+# at most for training and compiling, ~1 min picking (PICK_S, 150 s, at most; cut, it leaves prior-last.tar),
+# BENCH_S (120) s benchmark: 530 s at most, under the 600 s limit.
 # gpu_throughput.json is rewritten after each row: the compiled variants may not all fit in BENCH_S.
 # A second call on the still-warm machine finds /tmp/prior: training resumes it and picking measures
 # its earlier snapshots too; TRAIN_MIN=0 skips both, BENCH=0 the benchmark.
@@ -46,7 +47,7 @@ if [ "${TRAIN_MIN:-3}" != 0 ]; then
     --ema-decay 0.9995 --channels "${CHANNELS:-32,64,64,128}" --layers-per-block "${LPB:-1}" --attn-levels 3 \
     --max-minutes "${TRAIN_MIN:-3}" --save-every-min "${SAVE_MIN:-0.5}" --log-every 100 2>&1 | tee "$OUT/train.log" | tail -5
   cp /tmp/prior/loss.jsonl "$OUT/" 2>/dev/null
-  python3 jobs/pick_snapshot.py --run /tmp/prior --faces .gpu/faces16.parquet --device "${DEVICE:-cuda}" \
+  timeout "${PICK_S:-150}" python3 jobs/pick_snapshot.py --run /tmp/prior --faces .gpu/faces16.parquet --device "${DEVICE:-cuda}" \
     --detectors hog --tar "$OUT/prior.tar" 2>&1 | grep -v Warning | tee "$OUT/pick.log"
   if [ ! -f "$OUT/prior.tar" ] && [ -d /tmp/prior/latest ]; then  # none makes faces: bring the last back to study, not to ship
     tar -C "$(readlink -f /tmp/prior/latest)/.." -cf "$OUT/prior-last.tar" "$(basename "$(readlink -f /tmp/prior/latest)")"
@@ -55,6 +56,6 @@ if [ "${TRAIN_MIN:-3}" != 0 ]; then
 fi
 
 if [ "${BENCH:-1}" != 0 ]; then
-  timeout "${BENCH_S:-180}" python3 benchmarks/gpu_throughput.py --device "${DEVICE:-cuda}" ${BENCH_EXTRA:-} --json "$OUT/gpu_throughput.json" \
+  timeout "${BENCH_S:-120}" python3 benchmarks/gpu_throughput.py --device "${DEVICE:-cuda}" ${BENCH_EXTRA:-} --json "$OUT/gpu_throughput.json" \
     2>&1 | grep -v Warning | tee "$OUT/throughput.log"
 fi

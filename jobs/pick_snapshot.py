@@ -100,9 +100,11 @@ def main(argv=None) -> int:
         pick = max(reversed(faces), key=lambda s: results[s.name]["restore_db_median"])  # ties: the later
         print(f"picked {pick.name}: makes faces; none of those restores at >= {a.min_db:g} dB median and "
               f">= {a.floor_db:g} dB worst, this one best (releases restore through the lossless residual)")
-    if a.tar:
-        with tarfile.open(a.tar, "w") as tar:
+    if a.tar:  # under a temporary name: a timeout while writing must not leave half a prior.tar
+        part = a.tar.with_name(a.tar.name + ".part")
+        with tarfile.open(part, "w") as tar:
             tar.add(pick, arcname=pick.name)
+        part.replace(a.tar)
     return 0
 
 
