@@ -566,9 +566,10 @@ def _detect(detector, name: str, img: np.ndarray, expand: float) -> list:
     (detect._clip_box), a registered one may return anything. Placed as given, a box outside the
     photo crashed the whole batch, an empty one anonymized an 8 px crop for a face, and a huge one
     gave a crop restore refuses (_crop_fits), so the record could never be restored. Raises
-    _UnusableBox, which quarantines the photo: dropping the box could publish a face."""
+    _UnusableBox, which quarantines the photo: dropping the box could publish a face. A list:
+    a registered detector may yield its faces, and a spent generator handed on finds none."""
     H, W = img.shape[:2]
-    found = detector.detect(img)
+    found = list(detector.detect(img))
     for f in found:
         try:
             box = tuple(f.box)

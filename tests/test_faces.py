@@ -902,3 +902,25 @@ def test_a_tall_box_grows_around_its_centre():
     shape = (300, 300, 3)
     assert _place_detected(detect.Face((80, 50, 120, 150), 1.0), "hog", 1.15, False, shape) == \
         _place_detected(detect.Face((50, 50, 150, 150), 1.0), "hog", 1.15, False, shape)
+
+
+@pytest.mark.parametrize("role", ["detector", "cross_check"])
+def test_a_detector_that_yields_its_faces_is_read_once(role):
+    """A registered detector may return any iterable of faces (a generator). The box check read it
+    and handed the spent generator on: as the detector no face was anonymized (published with
+    --on-no-face keep), as the cross-check a face the first detector missed went unseen."""
+    class Yields(FixedBoxes):
+        def detect(self, rgb):
+            yield from super().detect(rgb)
+
+    detect.register("yields-face", lambda arg: Yields([(20, 20, 80, 80)]))
+    detect.register("no-face-found", lambda arg: FixedBoxes([]))
+    img = np.random.default_rng(7).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    spec = (FaceSpec(mode="detect", detector="yields-face", on_no_face="keep") if role == "detector" else
+            FaceSpec(mode="detect", detector="no-face-found", cross_check="yields-face", on_no_face="keep"))
+    res = anonymize_photos(InvertAnon(), [img], [new_key()], spec)[0]
+    if role == "detector":
+        assert res.quarantine_reason is None and res.faces == 1
+        assert not np.array_equal(res.image[20:80, 20:80], img[20:80, 20:80])
+    else:
+        assert res.image is None and "'yields-face' (--cross-check) found 1 face(s)" in res.quarantine_reason
