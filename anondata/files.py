@@ -106,9 +106,14 @@ def _fsync_tree(root: Path) -> None:
     so a power cut could leave a complete-looking folder of empty files)."""
     for here, _, files in os.walk(root, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:  # best effort, as fsync_dir: some file systems refuse fsync, the data is written
+                fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            except OSError:
+                continue
             try:
                 os.fsync(fd)
+            except OSError:
+                pass
             finally:
                 os.close(fd)
         fsync_dir(here)
