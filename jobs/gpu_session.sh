@@ -27,7 +27,7 @@
 # release imports lazy_importer, which the image lacks.)
 # Run (carry [".whl", ".gpu"], timeout_s 600): about 20 s install, TRAIN_MIN (3) minutes + 90 s
 # at most for training and compiling, ~1 min picking (PICK_S, 150 s, at most; cut, it leaves prior-last.tar),
-# BENCH_S (120) s benchmark: 530 s at most, under the 600 s limit.
+# BENCH_S (120) s benchmark: about 560 s at most (20 + 270 + 150 + 120), under the 600 s limit.
 # gpu_throughput.json is rewritten after each row: the compiled variants may not all fit in BENCH_S.
 # A second call on the still-warm machine finds /tmp/prior: training resumes it and picking measures
 # its earlier snapshots too; TRAIN_MIN=0 skips both, BENCH=0 the benchmark.
