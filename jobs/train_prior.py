@@ -5,7 +5,8 @@ default model (`--model embedded`) is trained here from a Parquet of face crops 
 inside the package. The run is built to survive being stopped at any moment:
 
 - a full checkpoint (model, EMA, optimizer, RNG, step) is written atomically every
-  ``--save-every-min`` minutes and at the end; ``--resume`` (default) continues from it;
+  ``--save-every-min`` minutes and at the end; a run resumes from it by default (``--no-resume``
+  starts over; the epilog of ``--help`` says which options a resume keeps);
 - every save also writes a complete diffusers folder of the EMA weights
   (``unet/`` fp16 safetensors in shards of at most ``--shard-mb`` MB, ``scheduler/``
   DDIM-compatible config with the training betas) under ``snapshots/step-NNNNNNN`` and
