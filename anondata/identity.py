@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from . import canonical
 from .errors import FormatError, IntegrityError, KeyError_
-from .files import fsync_dir, read_bounded
+from .files import fsync_dir, make_dirs, read_bounded
 
 IDENTITY_FORMAT = "anondata-identity"
 RECIPIENT_FORMAT = "anondata-recipient"
@@ -354,8 +354,9 @@ def _parse_file(data: bytes, what: str):
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write to a temp name in the same folder, then link into place: atomic, never overwrites,
-    durable (the folder is fsynced: the caller reports the key written once this returns)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    durable (the folder is fsynced, and a folder made for it in its parent: the caller reports the
+    key written once this returns)."""
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode) if hasattr(os, "fchmod") else None

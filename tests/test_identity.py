@@ -83,6 +83,23 @@ def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
     assert folder and "a.key" in folder[0] and "a.pub" in folder[-1], synced
 
 
+def test_save_into_a_new_folder_makes_the_folder_durable(tmp_path, monkeypatch):
+    """keygen keys/alice makes keys/: its entry lives in tmp_path, which must be fsynced after it
+    was made, else a power cut could lose the folder with the key fsynced inside it."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        where = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((where, sorted(p.name for p in tmp_path.iterdir()) if where == tmp_path else None))
+        return real(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced file")
+    monkeypatch.setattr(os, "fsync", fsync)
+    generate_identity().save(tmp_path / "keys" / "a.key", tmp_path / "keys" / "a.pub")
+    assert any(where == tmp_path and "keys" in names for where, names in synced), synced
+
+
 def test_refuses_readable_key(tmp_path):
     generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
     os.chmod(tmp_path / "a.key", 0o640)
