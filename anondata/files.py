@@ -54,6 +54,11 @@ def atomic_write(path, data: bytes, *, private: bool = False, tmp_dir=None) -> N
 
 def fsync_dir(path) -> None:
     """Make a rename in `path` durable (best effort: not every platform can open a folder)."""
+    _fsync(path)
+
+
+def _fsync(path) -> None:
+    """fsync a file or folder, best effort: some file systems refuse it, and the data is written."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -106,16 +111,7 @@ def _fsync_tree(root: Path) -> None:
     so a power cut could leave a complete-looking folder of empty files)."""
     for here, _, files in os.walk(root, topdown=False):
         for name in files:
-            try:  # best effort, as fsync_dir: some file systems refuse fsync, the data is written
-                fd = os.open(os.path.join(here, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(here, name))
         fsync_dir(here)
 
 

@@ -64,10 +64,8 @@ def test_refuses_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "a.pub"]  # no temp files left
 
 
-def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
-    """keygen says 'wrote NAME.key' once the files are linked into their folder: without an fsync
-    of the folder a power cut soon after could lose the key, while NAME.pub was already given out
-    and releases sealed to it."""
+def _record_fsyncs(tmp_path, monkeypatch) -> list:
+    """Record (path, names in tmp_path when it is tmp_path) for every fsync from now on."""
     real, synced = os.fsync, []
 
     def fsync(fd):
@@ -78,6 +76,14 @@ def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to name the fsynced file")
     monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
+    """keygen says 'wrote NAME.key' once the files are linked into their folder: without an fsync
+    of the folder a power cut soon after could lose the key, while NAME.pub was already given out
+    and releases sealed to it."""
+    synced = _record_fsyncs(tmp_path, monkeypatch)
     generate_identity().save(tmp_path / "a.key", tmp_path / "a.pub")
     folder = [names for where, names in synced if where == tmp_path]
     assert folder and "a.key" in folder[0] and "a.pub" in folder[-1], synced
@@ -86,16 +92,7 @@ def test_save_makes_the_new_key_files_durable(tmp_path, monkeypatch):
 def test_save_into_a_new_folder_makes_the_folder_durable(tmp_path, monkeypatch):
     """keygen keys/alice makes keys/: its entry lives in tmp_path, which must be fsynced after it
     was made, else a power cut could lose the folder with the key fsynced inside it."""
-    real, synced = os.fsync, []
-
-    def fsync(fd):
-        where = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        synced.append((where, sorted(p.name for p in tmp_path.iterdir()) if where == tmp_path else None))
-        return real(fd)
-
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc to name the fsynced file")
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = _record_fsyncs(tmp_path, monkeypatch)
     generate_identity().save(tmp_path / "keys" / "a.key", tmp_path / "keys" / "a.pub")
     assert any(where == tmp_path and "keys" in names for where, names in synced), synced
 
