@@ -125,8 +125,8 @@ def register(sub) -> None:
                         "whose key-only restore would be below 30 dB keeps its residual anyway)")
     g.add_argument("--license", default="other", help="licence for the dataset card (default: other)")
     g = p.add_argument_group("execution")
-    g.add_argument("--gpus", type=count, default=None, help="GPUs to use, one actor each (default: all in the cluster)")
-    g.add_argument("--workers", type=positive, default=None, help="CPU actors when no GPU is used (default: CPUs - 1)")
+    g.add_argument("--gpus", type=count, default=None, help="GPUs to use, one actor each, never more actors than batches of work (default: all in the cluster)")
+    g.add_argument("--workers", type=positive, default=None, help="CPU actors when no GPU is used, never more than batches of work (default: CPUs - 1)")
     g.add_argument("--batch-size", type=positive, default=8, help="records per actor call (default: 8)")
     g.add_argument("--shard-size", type=positive, default=1000, help="records per output shard (default: 1000)")
     g.add_argument("--max-failures-in-a-row", type=count, default=10, metavar="N",
