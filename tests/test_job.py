@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from anondata.errors import AnondataError, InputError, KeyError_
+from anondata.errors import AnondataError, InputError, IntegrityError, KeyError_
 from anondata.images import decode_image
 from conftest import FAST, ROOT, encode, subprocess_env, synthetic_faces, write_face_parquet
 
@@ -131,6 +131,31 @@ def test_restore_selected_ids_bit_exact_and_refusals(release, identities, tiny_m
         run_restore(str(out), identities["owner"][0], str(tmp_path / "s"), ids=["nope"], model=tiny_model, signer_path=identities["runner"][1])
     with pytest.raises(InputError, match="not empty"):
         run_restore(str(out), identities["owner"][0], str(tmp_path / "r"), ids=["rec-001"], model=tiny_model, signer_path=identities["runner"][1])
+
+
+def test_restore_key_only_when_the_lossless_check_fails(release, identities, tiny_model, tmp_path, monkeypatch):
+    """Lossless restore is exact only with the arithmetic that anonymized the release: another device
+    or library version (here: resizing back one level off) fails the hash check, and restore left the
+    owner with nothing. The error points at --key-only, which restores from the keys alone: closer to
+    the original than the public image, not bit-exact, and the card says so."""
+    from anondata import faces
+    from anondata.job.restore import run_restore
+
+    rows = {r["record_id"]: r for r in release["rows"]}
+    real_up = faces._up
+    monkeypatch.setattr(faces, "_up", lambda diff, place: real_up(diff, place) + 1.0)
+    args = dict(ids=["rec-001", "rec-005"], model=tiny_model, signer_path=identities["runner"][1], progress=False)
+    with pytest.raises(IntegrityError, match="lossless restore does not reproduce.*pass --key-only"):
+        run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "r"), **args)
+    assert not (tmp_path / "r").exists()
+    run_restore(str(release["dir"]), identities["owner"][0], str(tmp_path / "k"), key_only=True, **args)
+    public = {r["record_id"]: r for r in _public_rows(release["dir"])}
+    for g in _public_rows(tmp_path / "k"):
+        want = decode_image(rows[g["record_id"]]["image"]["bytes"], "x")[0].astype(float)
+        got = decode_image(g["image"]["bytes"], "x")[0].astype(float)
+        anon = decode_image(public[g["record_id"]]["image"]["bytes"], "x")[0].astype(float)
+        assert not np.array_equal(got, want) and np.abs(got - want).mean() < np.abs(anon - want).mean() / 2
+    assert "--key-only" in (tmp_path / "k" / "README.md").read_text()
 
 
 def test_restore_refuses_the_weights_with_another_noise_schedule(release, identities, tiny_model, tmp_path):

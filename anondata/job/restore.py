@@ -95,9 +95,12 @@ def png_names(ids: list[str]) -> dict[str, str]:
 def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | None = None,
                 keys: str | None = None, png: bool = False, model: str | None = None,
                 signer_path: str | None = None, any_signer: bool = False, device: str | None = None,
-                batch_size: int = 8, progress: bool = True) -> RestoreResult:
+                batch_size: int = 8, progress: bool = True, key_only: bool = False) -> RestoreResult:
     """Restore chosen records. `signer_path` (the .pub that must have signed the release) is
-    required unless `any_signer`: see `anondata.manifest.open_release`."""
+    required unless `any_signer`: see `anondata.manifest.open_release`. `key_only`: ignore the
+    lossless residual and restore from the key alone (close, not bit-exact): the way out when the
+    lossless check fails on another device or library version, which would otherwise leave the
+    owner with nothing."""
     from ..envelope import open_records
     from ..identity import load_identity, load_recipient
     from ..manifest import open_release, release_envelopes
@@ -132,14 +135,25 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     anon = load_release_model(m, model, _device(device, extra.get("device", "cpu")))
     # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
     # that does not restore, a kill) leaves no half-restored --out folder of original faces.
+    if key_only:
+        from ..faces import key_only_record
+
+        opened = {r: (k, key_only_record(rec)) for r, (k, rec) in opened.items()}
     with new_folder(out_dir) as work:
-        n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
-                          png, batch_size, progress, dataset_id)
+        try:
+            n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
+                              png, batch_size, progress, dataset_id, key_only)
+        except IntegrityError as e:
+            if "lossless" not in str(e):
+                raise
+            raise IntegrityError(f"{e}; nothing was restored. If the key is right and only the device or a "
+                                 "library version differs, pass --key-only for the restore from the key alone "
+                                 "(close, not bit-exact)") from None
     return RestoreResult(str(out_dir), n, len(per_shard))
 
 
 def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
-                  png, batch_size, progress, dataset_id) -> int:
+                  png, batch_size, progress, dataset_id, key_only=False) -> int:
     from ..faces import restore_photos
     from ..images import decode_image, encode_image
     from tqdm import tqdm
@@ -182,7 +196,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
             splits.add(by_id[rids[0]]["split"])
     finally:
         bar.close()
-    _write_card(out_dir, sorted(splits), dataset_id, len(wanted))
+    _write_card(out_dir, sorted(splits), dataset_id, len(wanted), key_only)
     return len(wanted)
 
 
@@ -258,11 +272,13 @@ def check_schedule(anon, settings: dict, name: str) -> None:
         )
 
 
-def _write_card(out_dir: Path, splits: list[str], dataset_id: str, n: int) -> None:
+def _write_card(out_dir: Path, splits: list[str], dataset_id: str, n: int, key_only: bool = False) -> None:
     yaml = ["---", "configs:", "- config_name: default", "  data_files:"]
     for s in splits:
         yaml += [f'  - split: "{s}"', f'    path: "data/{s}-*"']
     text = "\n".join(yaml + ["---", "", "# Restored records", "",
-                             f"{n} records of anondata release `{dataset_id}`, restored with `anondata restore`. "
-                             "These are the **original faces**: keep this folder private.", ""])
+                             f"{n} records of anondata release `{dataset_id}`, restored with `anondata restore`"
+                             + (" --key-only: from the keys alone, close to the originals but not bit-exact. "
+                                if key_only else ". ")
+                             + "These are the **original faces**: keep this folder private.", ""])
     atomic_write(out_dir / "README.md", text.encode())
