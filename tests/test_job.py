@@ -157,6 +157,12 @@ def test_restore_key_only_when_the_lossless_check_fails(release, identities, tin
         assert not np.array_equal(got, want) and np.abs(got - want).mean() < np.abs(anon - want).mean() / 2
     assert "--key-only" in (tmp_path / "k" / "README.md").read_text()
 
+    from anondata.errors import FormatError
+    from anondata.job.restore import _key_only
+
+    with pytest.raises(FormatError, match="record 'rec-9': photo record"):  # a damaged record named by id
+        _key_only(b"{}", "rec-9")
+
 
 def test_restore_refuses_the_weights_with_another_noise_schedule(release, identities, tiny_model, tmp_path):
     """The records pin the weights' sha256, which does not cover the scheduler config: the same

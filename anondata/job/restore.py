@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InputError, IntegrityError
+from ..errors import FormatError, InputError, IntegrityError
 from ..files import atomic_write, check_new_folder, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
@@ -136,9 +136,7 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
     # that does not restore, a kill) leaves no half-restored --out folder of original faces.
     if key_only:
-        from ..faces import key_only_record
-
-        opened = {r: (k, key_only_record(rec)) for r, (k, rec) in opened.items()}
+        opened = {r: (k, _key_only(rec, r)) for r, (k, rec) in opened.items()}
     with new_folder(out_dir) as work:
         try:
             n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
@@ -150,6 +148,16 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
                                  "library version differs, pass --key-only for the restore from the key alone "
                                  "(close, not bit-exact)") from None
     return RestoreResult(str(out_dir), n, len(per_shard))
+
+
+def _key_only(record: bytes, rid: str) -> bytes:
+    """The record without its lossless parts (`--key-only`); a damaged one is named by its id."""
+    from ..faces import key_only_record
+
+    try:
+        return key_only_record(record)
+    except FormatError as e:
+        raise FormatError(f"record {rid!r}: {e}") from None
 
 
 def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, image_column, id_column,
