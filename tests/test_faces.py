@@ -575,6 +575,7 @@ def test_cross_check_face_half_hidden_behind_an_anonymized_one_is_quarantined():
 WILD = Path(__file__).resolve().parents[2] / "shared" / "data" / "celeba-wild-dev.parquet"
 
 
+@pytest.mark.shared_data
 def test_cross_check_haar_setting_on_wild_photos():
     """The cross-check's Haar setting (detect.HAAR_SETTINGS, frontalface_alt2 with minNeighbors 2)
     replaced frontalface_default with 5 after both were measured on 150 wild CelebA photos
