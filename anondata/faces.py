@@ -24,12 +24,13 @@ original - that estimate over the crops (zlib int16), and the original's sha256,
 checks: bit-exact on the same device/dtype, a loud error otherwise.
 
 Photo restore record (canonical JSON, sealed with the record key, never public):
-  v 1, kind "anondata/photo", width, height, resolution, mask ("ellipse"|"full"),
+  v 2 (v 1: no snap), kind "anondata/photo", width, height, resolution, mask ("ellipse"|"full"),
   anon_sha256 (the stored photo: restore refuses a changed or re-encoded one),
   faces: [{crop [x0,y0,x1,y1] (may extend past the image; padding is edge-replicated),
            ellipse [cx, cy, rx, ry, angle] in 1/10000 of the crop width/height and 1/100 degree,
            feather (outer ellipse scale, 1/10000), core (b64 core RestoreRecord), fix (b64 zlib int16 R*R*3)}],
-  lossless: null | {sha256 (original photo), residual (b64 zlib int16, union of crops, row-major per group)}
+  lossless: null | {sha256 (original photo), residual (b64 zlib int16, union of crops, row-major per group),
+             snap (v2: b64 trits, the original's values mod 3 in the residual's order)}
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 
 from . import canonical
 from .errors import FormatError, InputError, IntegrityError, SetupError
+from .restore_record import pack_trits, snap, unpack_trits
 
 KIND = "anondata/photo"
 U = 10000  # fixed-point unit for normalized geometry (canonical JSON has no floats)
@@ -479,7 +481,7 @@ def _parse_record(data: bytes, what: str, resolution: int | None = None):
     if not isinstance(d, dict) or set(d) != _TOP:
         got = sorted(d) if isinstance(d, dict) else type(d).__name__
         raise FormatError(f"{what}: expected fields {sorted(_TOP)}, got {got}")
-    if not _is_int(d["v"], 1, 1) or d["kind"] != KIND:  # JSON true == 1 in Python: not a version
+    if not _is_int(d["v"], 1, 2) or d["kind"] != KIND:  # JSON true == 1 in Python: not a version
         raise FormatError(f"{what}: unsupported version {d['v']!r} / kind {d['kind']!r}")
     if not _is_int(d["width"], 1, 10**6) or not _is_int(d["height"], 1, 10**6) or not _is_int(d["resolution"], 1, 4096):
         raise FormatError(f"{what}: width, height and resolution must be positive integers")
@@ -517,15 +519,16 @@ def _parse_record(data: bytes, what: str, resolution: int | None = None):
         fix = _unpack(f["fix"], r * r * 3, f"{fw}.fix").reshape(r, r, 3)
         fixes.append(fix)
     ll = d["lossless"]
-    if ll is not None and (not isinstance(ll, dict) or set(ll) != {"sha256", "residual"}
-                           or not _hex64(ll["sha256"]) or not isinstance(ll["residual"], str)):
-        raise FormatError(f"{what}: lossless must be null or {{sha256, residual}}")
+    want = {"sha256", "residual"} | ({"snap"} if d["v"] == 2 else set())  # v1 records have no snap
+    if ll is not None and (not isinstance(ll, dict) or set(ll) != want or not _hex64(ll["sha256"])
+                           or not all(isinstance(ll[k], str) for k in want - {"sha256"})):
+        raise FormatError(f"{what}: lossless must be null or {{{', '.join(sorted(want))}}} (v{d['v']})")
     return d, places, cores, fixes
 
 
 def _make_record(W, H, r, mask, anon, places, cores, fixes, lossless) -> bytes:
     return canonical.dumps({
-        "v": 1, "kind": KIND, "width": W, "height": H, "resolution": r, "mask": mask,
+        "v": 2, "kind": KIND, "width": W, "height": H, "resolution": r, "mask": mask,
         "anon_sha256": _sha(anon),
         "faces": [
             {"crop": list(p.crop), "ellipse": None if p.ellipse is None else list(p.ellipse),
@@ -736,14 +739,18 @@ def _paste(img, places, x, a, core, r, mask, lossless):
     if lossless:
         # The core's lossless restore returns exactly the crops it was given, so the key-only
         # estimate restore will compute is known here without running the model again.
-        parts = []
+        parts, orig = [], []
         for (roi, idx), wts in zip(groups, weights):
             est = _estimate(anon_img, roi, idx, wts, places, x, a)
             gx0, gy0, gx1, gy1 = roi
             u = wts.union()
             parts.append((img[gy0:gy1, gx0:gx1][u].astype(np.int16) - est[u].astype(np.int16)).reshape(-1))
+            orig.append(img[gy0:gy1, gx0:gx1][u].reshape(-1))
         res = np.concatenate(parts) if parts else np.zeros(0, np.int16)
-        ll = {"sha256": _sha(img), "residual": _pack(res)}
+        # The residues mod 3 of the original let restore absorb a +-1 drift of its estimate (another
+        # OpenCV or numpy rounding the resize differently), as the core's snap does inside a crop.
+        trits = (np.concatenate(orig) % 3) if orig else np.zeros(0, np.uint8)
+        ll = {"sha256": _sha(img), "residual": _pack(res), "snap": canonical.b64e(pack_trits(trits))}
     return anon_img, _make_record(W, H, r, mask, anon_img, places, core, fixes, ll)
 
 
@@ -805,11 +812,19 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
         if ll is not None:
             n = sum(int(u.sum()) for _, u in parts) * 3
             res = _unpack(ll["residual"], n, f"photo record of {names[i]!r}: lossless.residual")
+            trits = None
+            if "snap" in ll:
+                try:
+                    trits = unpack_trits(canonical.b64d(ll["snap"], f"photo record of {names[i]!r}: lossless.snap"), n)
+                except FormatError as e:
+                    raise FormatError(f"photo record of {names[i]!r}: lossless.snap: {e}") from None
             o = 0
             for (gx0, gy0, gx1, gy1), u in parts:
                 m = int(u.sum()) * 3
                 view = result[gy0:gy1, gx0:gx1]
                 v = view[u].astype(np.int16) + res[o:o + m].reshape(-1, 3)
+                if trits is not None:
+                    v = snap(v.reshape(-1), trits[o:o + m]).reshape(-1, 3)
                 o += m
                 if v.size and (v.min() < 0 or v.max() > 255):
                     v = np.clip(v, 0, 255)  # the hash check below reports it
