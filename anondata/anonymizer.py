@@ -23,7 +23,7 @@ import torch
 
 from . import keystream, scheme
 from .backends import EARLIER_EMBEDDED, load_backend
-from .errors import AnondataError, FormatError, InputError, IntegrityError
+from .errors import AnondataError, FormatError, InputError, LosslessMismatch
 from .restore_record import FACE_MEAN_UNIT, MAX_BATCH, RestoreRecord, latent_cells, scheme_name, sha256_image, snap
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -352,7 +352,7 @@ class Anonymizer:
                 exact = out[i].astype(np.int16) + rec.residual
                 exact[rec.mask] = snap(exact[rec.mask].reshape(-1), rec.snap).reshape(-1, 3)
                 if exact.min() < 0 or exact.max() > 255 or sha256_image(exact.astype(np.uint8)) != rec.original_sha256:
-                    raise IntegrityError(
+                    raise LosslessMismatch(
                         f"{label(i)}: lossless restore does not reproduce the original (hash mismatch): wrong key, "
                         "a changed image, or a different device/dtype than the one that anonymized it"
                     )

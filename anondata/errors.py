@@ -18,6 +18,11 @@ class IntegrityError(AnondataError):
     """A signature, hash or AEAD tag did not verify: the data was changed or is not ours."""
 
 
+class LosslessMismatch(IntegrityError):
+    """Lossless restore did not reproduce the original's hash (core crop or photo): another device
+    or library version than the one that anonymized it. Restore's way out is --key-only."""
+
+
 class KeyError_(AnondataError):
     """A key file that cannot be used: wrong kind, unreadable, wrong recipient."""
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import canonical
-from .errors import FormatError, InputError, IntegrityError, SetupError
+from .errors import FormatError, InputError, IntegrityError, LosslessMismatch, SetupError
 from .restore_record import pack_trits, snap, unpack_trits
 
 KIND = "anondata/photo"
@@ -830,7 +830,7 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
                     v = np.clip(v, 0, 255)  # the hash check below reports it
                 view[u] = v.astype(np.uint8)
             if _sha(result) != ll["sha256"]:
-                raise IntegrityError(f"photo {names[i]!r}: lossless restore does not reproduce the original (hash "
+                raise LosslessMismatch(f"photo {names[i]!r}: lossless restore does not reproduce the original (hash "
                                      "mismatch): wrong key, or a different device/dtype than the one that anonymized it")
         out.append(result)
     return out

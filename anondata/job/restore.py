@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import FormatError, InputError, IntegrityError
+from ..errors import FormatError, InputError, IntegrityError, LosslessMismatch
 from ..files import atomic_write, check_new_folder, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
@@ -133,18 +133,16 @@ def run_restore(release: str, identity_path: str, out: str, *, ids: list[str] | 
     # Each crop is recomputed at the batch shape recorded in its restore record, and lossless
     # records snap the ±1 drift of another thread count or device: no need to copy the actors' setup.
     anon = load_release_model(m, model, _device(device, extra.get("device", "cpu")))
-    # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
-    # that does not restore, a kill) leaves no half-restored --out folder of original faces.
     if key_only:
         opened = {r: (k, _key_only(rec, r)) for r, (k, rec) in opened.items()}
+    # Restored into a hidden sibling folder, renamed into place at the end: a failure (a record
+    # that does not restore, a kill) leaves no half-restored --out folder of original faces.
     with new_folder(out_dir) as work:
         try:
             n = _restore_rows(root, m, work, per_shard, wanted, by_id, opened, anon, image_column, id_column,
                               png, batch_size, progress, dataset_id, key_only)
-        except IntegrityError as e:
-            if "lossless" not in str(e):
-                raise
-            raise IntegrityError(f"{e}; nothing was restored. If the key is right and only the device or a "
+        except LosslessMismatch as e:
+            raise LosslessMismatch(f"{e}; nothing was restored. If the key is right and only the device or a "
                                  "library version differs, pass --key-only for the restore from the key alone "
                                  "(close, not bit-exact)") from None
     return RestoreResult(str(out_dir), n, len(per_shard))
