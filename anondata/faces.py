@@ -744,8 +744,9 @@ def _paste(img, places, x, a, core, r, mask, lossless):
             est = _estimate(anon_img, roi, idx, wts, places, x, a)
             gx0, gy0, gx1, gy1 = roi
             u = wts.union()
-            parts.append((img[gy0:gy1, gx0:gx1][u].astype(np.int16) - est[u].astype(np.int16)).reshape(-1))
-            orig.append(img[gy0:gy1, gx0:gx1][u].reshape(-1))
+            o = img[gy0:gy1, gx0:gx1][u]
+            parts.append((o.astype(np.int16) - est[u].astype(np.int16)).reshape(-1))
+            orig.append(o.reshape(-1))
         res = np.concatenate(parts) if parts else np.zeros(0, np.int16)
         # The residues mod 3 of the original let restore absorb a +-1 drift of its estimate (another
         # OpenCV or numpy rounding the resize differently), as the core's snap does inside a crop.
@@ -810,14 +811,15 @@ def restore_photos(anon, images, keys, records, ids: list[str] | None = None) ->
             parts.append((roi, u))
         ll = d["lossless"]
         if ll is not None:
+            what = f"photo record of {names[i]!r}: lossless"
             n = sum(int(u.sum()) for _, u in parts) * 3
-            res = _unpack(ll["residual"], n, f"photo record of {names[i]!r}: lossless.residual")
+            res = _unpack(ll["residual"], n, f"{what}.residual")
             trits = None
             if "snap" in ll:
                 try:
-                    trits = unpack_trits(canonical.b64d(ll["snap"], f"photo record of {names[i]!r}: lossless.snap"), n)
+                    trits = unpack_trits(canonical.b64d(ll["snap"], f"{what}.snap"), n)
                 except FormatError as e:
-                    raise FormatError(f"photo record of {names[i]!r}: lossless.snap: {e}") from None
+                    raise FormatError(f"{what}.snap: {e}") from None
             o = 0
             for (gx0, gy0, gx1, gy1), u in parts:
                 m = int(u.sum()) * 3
