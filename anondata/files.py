@@ -105,10 +105,11 @@ def check_new_folder(path, what: str, error: type[Exception] = FormatError, rele
     return p
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and folder under `root`, deepest first: the final rename must not become
-    durable before what it shows (restore writes its Parquet shards without an fsync of their own,
-    so a power cut could leave a complete-looking folder of empty files)."""
+def fsync_tree(root) -> None:
+    """fsync every file and folder under `root`, deepest first (best effort, as fsync_dir), before a
+    rename that publishes it: the rename must not become durable before what it shows (restore
+    writes its Parquet shards without an fsync of their own, so a power cut could leave a
+    complete-looking folder of empty files; train_prior's snapshots, written by save_pretrained)."""
     for here, _, files in os.walk(root, topdown=False):
         for name in files:
             _fsync(os.path.join(here, name))
@@ -124,7 +125,7 @@ def new_folder(final):
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield work
-        _fsync_tree(work)
+        fsync_tree(work)
         os.replace(work, final)  # onto a missing or empty folder: one rename
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

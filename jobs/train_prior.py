@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # anondata.faces (the face ellipse), also without an install
     sys.path.insert(0, str(ROOT))
 
-from anondata.files import atomic_write, fsync_dir, make_dirs  # noqa: E402 (needs the path above)
+from anondata.files import atomic_write, fsync_dir, fsync_tree, make_dirs  # noqa: E402 (needs the path above)
 
 SCHEDULER_KW = dict(
     num_train_timesteps=1000,
@@ -199,16 +199,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file below `folder`, then every folder, innermost first: what save_pretrained
-    wrote is on disk before the rename that publishes it."""
-    for dirpath, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(dirpath)
-
-
 def save_diffusers_folder(ema_model, ddim, out_dir: Path, shard_mb: int) -> None:
     """Write `out_dir/unet` (fp16 safetensors, shards <= shard_mb) and `out_dir/scheduler`."""
     import copy
@@ -259,7 +249,7 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
             {"about": "mean RGB in [-1, 1] of the training crops inside the aligned face ellipse (jobs/train_prior.py)",
              "face_mean": face_rgb}, indent=2) + "\n")
     (tmp / "train_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)  # what save_pretrained wrote is on disk before the rename that publishes it
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(snaps)
