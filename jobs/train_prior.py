@@ -113,8 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start at step 0 in this run folder: its loss.jsonl is emptied, its checkpoint "
-                        "replaced at the first save")
+                   help="start at step 0; refused in a folder that holds a checkpoint or snapshots (their "
+                        "steps would mix with this run's for jobs/pick_snapshot.py): pass a new --run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA runs)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA runs)")
@@ -260,8 +260,8 @@ def publish_snapshot(run: Path, ema_model, ddim, step: int, shard_mb: int, keep:
     os.replace(link_tmp, run / "latest")
     fsync_dir(run)
     if keep > 0:
-        # Only steps up to this one: after --no-resume in an old run folder, that run's later
-        # snapshots sort after the one just published (which `latest` names) and would push it out.
+        # Only steps up to this one: snapshots past it (left when checkpoint.pt was replaced by an
+        # older one) sort after the one just published, which `latest` names, and would push it out.
         ours = sorted(p for p in snaps.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
                       and int(p.name[5:]) <= step)
         for p in ours[:-keep]:
@@ -310,6 +310,12 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     run = make_dirs(args.run)
     ckpt_path = run / "checkpoint.pt"
+    if not args.resume:
+        earlier = [p.name for p in (ckpt_path, run / "latest") if p.exists() or p.is_symlink()]
+        earlier += [p.name for p in sorted((run / "snapshots").glob("step-*"))][:3]
+        if earlier:
+            raise SystemExit(f"error: {run} holds another run ({', '.join(earlier)}); --no-resume starts "
+                             "over only in a new or empty folder: pass another --run, or remove that one")
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -340,9 +346,12 @@ def main(argv=None) -> int:
                              "pass the same architecture flags or a new --run folder")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
+        # The command line's weight decay, not the checkpoint's (lr is set every step), and this
+        # device's kernels: a GPU run's checkpoint says fused=True, a CPU run's fused=None.
+        mine = {k: opt.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
         opt.load_state_dict(ck["opt"])
-        for g in opt.param_groups:  # the command line's (RESUME_HELP), not the checkpoint's; lr is set every step
-            g["weight_decay"] = args.weight_decay
+        for g in opt.param_groups:
+            g.update(mine, weight_decay=args.weight_decay)
         step = ck["step"]
         gen.set_state(ck["gen"])
         print(f"resumed from {ckpt_path} at step {step}", flush=True)

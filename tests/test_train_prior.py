@@ -372,20 +372,56 @@ def test_a_temp_folder_left_by_a_kill_during_a_save_is_removed_and_nothing_else(
     assert sorted(p.name for p in snaps.iterdir()) == [".tmp-notes", "notes.txt", "step-0000001", "step-0000002"]
 
 
-def test_keep_snapshots_after_no_resume_in_an_old_run_keeps_the_one_latest_points_to(tmp_path):
-    """--no-resume in a folder holding a longer run: the new step-0000002 sorted before the old
-    run's step-0000003 and step-0000004, so keeping the newest N by name deleted it, `latest` dangling."""
+def test_no_resume_is_refused_in_a_folder_holding_another_run(tmp_path):
+    """--no-resume in a folder holding a longer run mixed the two runs' snapshots (pick_snapshot
+    measured the old run's step-0000004 as this run's) and replaced its checkpoint unasked."""
     job = _load_job()
     data = _tiny_parquet(tmp_path / "faces.parquet")
     run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "4", "--save-every-steps", "2",
+                     *TINY]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(SystemExit, match="holds another run .*checkpoint.pt.*pass another --run"):
+        job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--no-resume", *TINY])
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    fresh = tmp_path / "fresh"
+    assert job.main(["--data", str(data), "--run", str(fresh), "--max-steps", "1", "--no-resume", *TINY]) == 0
+    assert (fresh / "latest").resolve().name == "step-0000001"
+
+
+def test_keep_snapshots_never_prunes_the_one_latest_points_to(tmp_path):
+    """A checkpoint replaced by an older one (a run continued from a copy): the new step-0000002
+    sorted before the snapshots past it, so keeping the newest N by name deleted it, `latest` dangling."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "1", *TINY]) == 0
+    older = (run / "checkpoint.pt").read_bytes()
     assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "4", "--save-every-steps", "1",
                      *TINY]) == 0
-    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--save-every-steps", "1",
-                     "--no-resume", "--keep-snapshots", "1", *TINY]) == 0
+    (run / "checkpoint.pt").write_bytes(older)
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", "--keep-snapshots", "1",
+                     *TINY]) == 0
     assert (run / "latest").resolve().name == "step-0000002"
     assert (run / "latest" / "unet" / "config.json").is_file()
-    # the older steps of this run go; the other run's later snapshots are not this run's to prune
+    # the older steps go; the snapshots past the checkpoint are not this run's to prune
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-0000002", "step-0000003", "step-0000004"]
+
+
+def test_a_resume_uses_this_devices_optimizer_kernels(tmp_path):
+    """The checkpoint's optimizer state carries the saving run's kernel flags: a GPU run's fused=True
+    came back on a CPU resume, a CPU run's fused=None on a GPU one (the slow per-tensor loop)."""
+    job = _load_job()
+    data = _tiny_parquet(tmp_path / "faces.parquet")
+    run = tmp_path / "run"
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "1", *TINY]) == 0
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    for g in ck["opt"]["param_groups"]:
+        g.update(fused=True, foreach=False)  # as a CUDA run saves it
+    torch.save(ck, run / "checkpoint.pt")
+    assert job.main(["--data", str(data), "--run", str(run), "--max-steps", "2", *TINY]) == 0
+    group = torch.load(run / "checkpoint.pt", weights_only=False)["opt"]["param_groups"][0]
+    assert group["fused"] is None and group["foreach"] is None  # what a CPU run constructs
 
 
 def test_steps_redone_after_a_crash_are_logged_once(tmp_path, monkeypatch):
