@@ -262,12 +262,12 @@ class Identity:
         _check_version(obj["version"], what)
         if not isinstance(obj["kem"], str) or not isinstance(obj["name"], str):
             raise FormatError(f"{what}: kem and name must be strings")
-        return cls(
-            obj["kem"],
-            canonical.b64d(obj["kem_secret"], f"{what}.kem_secret"),
-            canonical.b64d(obj["sign_secret"], f"{what}.sign_secret"),
-            obj["name"],
-        )
+        kem_secret = canonical.b64d(obj["kem_secret"], f"{what}.kem_secret")
+        sign_secret = canonical.b64d(obj["sign_secret"], f"{what}.sign_secret")
+        try:
+            return cls(obj["kem"], kem_secret, sign_secret, obj["name"])
+        except FormatError as e:  # name the file, not only the key's label (as Recipient.from_json)
+            raise FormatError(f"{what}: {e}") from None
 
     def save(self, key_path, pub_path) -> None:
         """Write NAME.key (0600) and NAME.pub; refuse to overwrite either."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -138,16 +139,17 @@ def test_strict_parsing(tmp_path, kind):
         path = tmp_path / f"m.{kind}"
         path.write_bytes(canonical.dumps(obj) + b"\n")
         os.chmod(path, 0o600)
-        with pytest.raises(KeyError_):
+        with pytest.raises(KeyError_) as e:
             loader(path)
             pytest.fail(what)
+        assert str(path) in str(e.value), f"{what}: the error does not name the file: {e.value}"
     good = (VECTORS / f"alice.{kind}").read_bytes()
     for bad in (good[:-1], good + b"\n", good[:-1] + b" \n", b" " + good, good[: len(good) // 2],
                 b"", b"\x00" * 64, json.dumps(src, indent=1).encode() + b"\n", os.urandom(300)):
         path = tmp_path / f"b.{kind}"
         path.write_bytes(bad)
         os.chmod(path, 0o600)
-        with pytest.raises(KeyError_):
+        with pytest.raises(KeyError_, match=re.escape(str(path))):
             loader(path)
 
 
