@@ -184,7 +184,13 @@ def write_signed_manifest(release_dir, m: dict, identity: Identity) -> None:
 
 
 def _fail(path: str, msg: str):
-    raise FormatError(f"manifest {path}: {msg}")
+    raise FormatError(f"{_doc(path)}{path}: {msg}")
+
+
+def _doc(path: str) -> str:
+    """The document a message is about: grant paths ("grant.to[0]") already say so, and
+    read_grant prefixes the grant file's name."""
+    return "" if path.startswith("grant") else "manifest "
 
 
 def _obj(v, path, keys: set, optional: set = frozenset()):
@@ -248,7 +254,7 @@ def _recipient_refs(v, path):
         _str(r["fingerprint"], f"{p}.fingerprint", FINGERPRINT_RE)
         if not isinstance(r["kem"], str) or r["kem"] not in KEM_SIZES:
             _fail(f"{p}.kem", f"unknown kem {r['kem']!r:.40}")
-        _check_name(r["name"], f"manifest {p}")  # the rule of .pub files and the JSON schema
+        _check_name(r["name"], f"{_doc(p)}{p}")  # the rule of .pub files and the JSON schema
         if r["fingerprint"] in fps:
             _fail(f"{p}.fingerprint", "listed twice")
         fps.add(r["fingerprint"])
@@ -557,8 +563,11 @@ def validate_grant(g) -> None:
     _str(e["sha256"], "grant.envelopes[0].sha256", SHA256_RE)
     if not isinstance(g["records"], list) or len(set(map(str, g["records"]))) != len(g["records"]) or len(g["records"]) != e["rows"]:
         _fail("grant.records", "must list each granted record once (one per envelope row)")
-    for rid in g["records"]:
-        check_record_id(rid)
+    for i, rid in enumerate(g["records"]):
+        try:
+            check_record_id(rid)
+        except FormatError as e:
+            _fail(f"grant.records[{i}]", str(e))
     _recipient_refs(g["to"], "grant.to")
 
 
@@ -585,7 +594,10 @@ def read_grant(grant_dir, release: VerifiedRelease) -> tuple[dict, list]:
             f"{name}: signed by {named.label}, who is not a recipient of this release "
             f"(its manifest lists {', '.join(r['fingerprint'] for r in m['recipients'])}); only a recipient can grant"
         )
-    validate_grant(g)
+    try:
+        validate_grant(g)
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
     if g["dataset_id"] != m["dataset_id"]:
         raise IntegrityError(f"{name}: made for dataset {g['dataset_id']}, not this release ({m['dataset_id']})")
     anonymized = {r["id"] for r in m["records"] if r["status"] == "anonymized"}

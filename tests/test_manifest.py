@@ -441,3 +441,33 @@ def test_grant_to_must_be_who_its_table_is_sealed_to(tmp_path, owner, monkeypatc
     with pytest.raises(IntegrityError, match=rf"grant\.keys\.parquet: record 'train/0001.png' has no envelope for recipient "
                                              rf"{third.fingerprint} \(third\), whom .*grant\.json lists"):
         read_grant(tmp_path / "bad", rel)
+
+
+def test_a_signed_grant_that_breaks_the_grant_rules_is_refused_naming_the_grant_file(tmp_path, owner):
+    """A grantee may hold several grant folders: each rejection names the grant.json it is about
+    (docs/FORMAT.md: errors name the file), and never calls it a manifest."""
+    from anondata.envelope import grant_records
+    from anondata.manifest import open_release, read_grant, write_grant
+
+    other = generate_identity(name="other")
+    m = make_release(tmp_path / "rel", owner)
+    rel = open_release(tmp_path / "rel", owner.recipient)
+    table = grant_records(rel.envelopes, owner, [other.recipient], m["dataset_id"], ["train/0001.png"])
+    good = write_grant(tmp_path / "g", table, owner, [other.recipient], m["dataset_id"], rel.summary["manifest_sha256"])
+    name = re.escape(str(tmp_path / "g" / "grant.json"))
+    for edit, field in [
+        (lambda g: g.update(version=2), r"grant\.version"),
+        (lambda g: g.update(extra=1), r"unknown field\(s\) extra"),
+        (lambda g: g.update(manifest_sha256="A" * 64), r"grant\.manifest_sha256"),
+        (lambda g: g.update(records=["a\x01b"]), r"grant\.records\[0\]: record id"),
+        (lambda g: g.update(to=[]), r"grant\.to: expected a non-empty list"),
+        (lambda g: g["to"][0].update(name="a\x1bb"), r"grant\.to\[0\]: name must be"),
+    ]:
+        g = json.loads(json.dumps(good))
+        edit(g)
+        data = canonical.dumps(g) + b"\n"
+        (tmp_path / "g" / "grant.json").write_bytes(data)
+        (tmp_path / "g" / "grant.json.sig").write_bytes(owner.sign(data))
+        with pytest.raises(FormatError, match=rf"^{name}: .*{field}") as e:
+            read_grant(tmp_path / "g", rel)
+        assert "manifest grant" not in str(e.value), e.value
