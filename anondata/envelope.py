@@ -195,7 +195,10 @@ def table_dataset_id(table: pa.Table, what: str = "envelope table") -> str:
         raise FormatError(f"{what}: format is {obj['format']!r}, expected {TABLE_FORMAT!r}")
     if type(obj["version"]) is not int or obj["version"] != VERSION:
         raise FormatError(f"{what}: unsupported version {obj['version']!r} (this anondata reads {VERSION})")
-    return check_dataset_id(obj["dataset_id"])
+    try:
+        return check_dataset_id(obj["dataset_id"])
+    except FormatError as e:
+        raise FormatError(f"{what}: metadata: {e}") from None
 
 
 def _same_field(a: pa.Field, b: pa.Field) -> bool:

@@ -200,12 +200,14 @@ def test_wrong_schema_and_metadata(people):
         "bad fingerprint": pa.Table.from_pylist([dict(r, wraps=[dict(w, recipient="X" * 32) for w in r["wraps"]]) for r in t.to_pylist()], schema=t.schema),
         "short payload": pa.Table.from_pylist([dict(r, payload=b"x") for r in t.to_pylist()], schema=t.schema),
         "control char id": pa.Table.from_pylist([dict(r, record_id="a\nb") for r in t.to_pylist()[:1]], schema=t.schema),
+        "uppercase dataset id": t.replace_schema_metadata({b"anondata": canonical.dumps({"dataset_id": DID.upper(), "format": "anondata-envelopes", "version": 1})}),
+        "dataset id not a string": t.replace_schema_metadata({b"anondata": canonical.dumps({"dataset_id": 5, "format": "anondata-envelopes", "version": 1})}),
     }
-    for what, bad in cases.items():
-        with pytest.raises(FormatError):
+    for what, bad in cases.items():  # every error names the table it is about (docs/FORMAT.md)
+        with pytest.raises(FormatError, match=r"^envelope table: "):
             read_envelope_table(_parquet(bad))
             pytest.fail(what)
-        with pytest.raises(FormatError):
+        with pytest.raises(FormatError, match=r"^envelope table #0: "):
             open_records([bad], people["a"], DID)
 
 
