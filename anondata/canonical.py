@@ -68,13 +68,13 @@ def _reject_duplicates(pairs):
     obj = {}
     for k, v in pairs:
         if k in obj:
-            raise FormatError(f"duplicate object key {k!r}")
+            raise FormatError(f"duplicate object key {k!r:.60}")
         obj[k] = v
     return obj
 
 
 def _reject_float(text: str):
-    raise FormatError(f"number {text} is not an integer: floats are not allowed")
+    raise FormatError(f"number {text:.40} is not an integer: floats are not allowed")
 
 
 def loads(data: bytes, what: str = "document") -> Any:

@@ -70,7 +70,7 @@ def envelope_schema(dataset_id: str) -> pa.Schema:
 
 def check_dataset_id(dataset_id) -> str:
     if not isinstance(dataset_id, str) or not DATASET_ID_RE.match(dataset_id):
-        raise FormatError(f"dataset id {dataset_id!r} is not 32 lowercase hex characters")
+        raise FormatError(f"dataset id {dataset_id!r:.60} is not 32 lowercase hex characters")
     return dataset_id
 
 
@@ -82,13 +82,13 @@ def check_record_id(record_id) -> str:
         or len(record_id.encode("utf-8", "surrogatepass")) > MAX_RECORD_ID
     ):
         raise FormatError(
-            f"record id {record_id!r}: must be a non-empty string of at most {MAX_RECORD_ID} UTF-8 "
+            f"record id {record_id!r:.100}: must be a non-empty string of at most {MAX_RECORD_ID} UTF-8 "
             "bytes without control characters"
         )
     try:
         record_id.encode("utf-8")
     except UnicodeEncodeError:
-        raise FormatError(f"record id {record_id!r}: not valid Unicode") from None
+        raise FormatError(f"record id {record_id!r:.100}: not valid Unicode") from None
     return record_id
 
 
@@ -192,9 +192,9 @@ def table_dataset_id(table: pa.Table, what: str = "envelope table") -> str:
     if not isinstance(obj, dict) or set(obj) != {"dataset_id", "format", "version"}:
         raise FormatError(f"{what}: metadata must be {{dataset_id, format, version}}")
     if obj["format"] != TABLE_FORMAT:
-        raise FormatError(f"{what}: format is {obj['format']!r}, expected {TABLE_FORMAT!r}")
+        raise FormatError(f"{what}: format is {obj['format']!r:.40}, expected {TABLE_FORMAT!r}")
     if type(obj["version"]) is not int or obj["version"] != VERSION:
-        raise FormatError(f"{what}: unsupported version {obj['version']!r} (this anondata reads {VERSION})")
+        raise FormatError(f"{what}: unsupported version {obj['version']!r:.20} (this anondata reads {VERSION})")
     try:
         return check_dataset_id(obj["dataset_id"])
     except FormatError as e:
@@ -254,7 +254,7 @@ def _rows(table: pa.Table, what: str) -> list[tuple[str, bytes, list[dict]]]:
             if w is None or w["recipient"] is None or w["sealed"] is None:
                 raise FormatError(f"{what}: record {rid!r}: null wrap")
             if not FINGERPRINT_RE.match(w["recipient"]):
-                raise FormatError(f"{what}: record {rid!r}: recipient {w['recipient']!r} is not a fingerprint")
+                raise FormatError(f"{what}: record {rid!r}: recipient {w['recipient']!r:.40} is not a fingerprint")
             if w["recipient"] in fps:
                 raise FormatError(f"{what}: record {rid!r}: recipient {w['recipient']} appears twice")
             fps.add(w["recipient"])

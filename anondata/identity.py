@@ -332,7 +332,7 @@ def _check_name(name, what):
 
 def _check_version(v, what):
     if type(v) is not int or v != VERSION:
-        raise FormatError(f"{what}: unsupported version {v!r} (this anondata reads version {VERSION})")
+        raise FormatError(f"{what}: unsupported version {v!r:.20} (this anondata reads version {VERSION})")
 
 
 def _require_keys(obj, keys: set, what: str) -> None:

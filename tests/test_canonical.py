@@ -109,3 +109,15 @@ def test_b64_roundtrip(raw):
 def test_b64d_strict(text):
     with pytest.raises(FormatError):
         b64d(text)
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"a":1.' + b"0" * 100_000 + b"}",  # a float: its text was echoed whole
+    b'{"' + b"k" * 100_000 + b'":1,"' + b"k" * 100_000 + b'":1}',  # a duplicate key, likewise
+])
+def test_errors_quote_a_bounded_part_of_the_input(doc):
+    """A rejection is one terminal line: it quotes enough of the offending value to find it,
+    not a megabyte of it (the CLI prints the message whole, before any signature is checked)."""
+    with pytest.raises(FormatError) as e:
+        loads(doc, "manifest.json")
+    assert str(e.value).startswith("manifest.json: ") and len(str(e.value)) < 200, str(e.value)[:300]

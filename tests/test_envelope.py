@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from anondata import canonical
 from anondata.envelope import (
+    check_dataset_id,
+    check_record_id,
     decode_payload,
     encode_payload,
     envelope_table_bytes,
@@ -552,3 +554,24 @@ def test_check_sealed_to_names_the_first_row_that_differs_in_any_chunk(people):
         check_sealed_to(good, [ref(a)], "t")
     with pytest.raises(IntegrityError, match=rf"key sealed to recipient {b.fingerprint} \(b\) has 1168 bytes, not the 80"):
         check_sealed_to(good, [ref(a), dict(ref(b), kem="X25519")], "t")
+
+
+def test_errors_quote_a_bounded_part_of_a_bad_value(people):
+    """Record ids, dataset ids and table metadata come from files anyone can write: a rejection
+    quotes enough of the value to find it, never all of it (one terminal line)."""
+    t = seal_records([people["a"].recipient], DID, items(1))
+    meta = lambda **kw: t.replace_schema_metadata({b"anondata": canonical.dumps(
+        {**{"dataset_id": DID, "format": "anondata-envelopes", "version": 1}, **kw})})
+    calls = [
+        lambda: check_record_id("x" * 100_000),
+        lambda: check_dataset_id("f" * 100_000),
+        lambda: read_envelope_table(_parquet(meta(format="x" * 100_000))),
+        lambda: read_envelope_table(_parquet(meta(version="1" * 100_000))),
+        lambda: read_envelope_table(_parquet(meta(dataset_id="f" * 100_000))),
+        lambda: read_envelope_table(_parquet(pa.Table.from_pylist(
+            [dict(r, wraps=[dict(w, recipient="x" * 100_000) for w in r["wraps"]]) for r in t.to_pylist()], schema=t.schema))),
+    ]
+    for call in calls:
+        with pytest.raises(FormatError) as e:
+            call()
+        assert len(str(e.value)) < 300, str(e.value)[:400]

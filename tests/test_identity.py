@@ -236,3 +236,15 @@ def test_every_bit_flip_of_key_file_is_rejected_or_different(bit):
         return
     # the only accepted flips are inside base64 payloads and yield a different key or name
     assert ident.to_bytes() == bytes(bad) and bytes(bad) != good
+
+
+@pytest.mark.parametrize("kind", ["key", "pub"])
+def test_a_bad_version_is_quoted_bounded(tmp_path, kind):
+    """The version of a key file is echoed in its error, but not 60 kB of it."""
+    obj = dict(json.loads((VECTORS / f"alice.{kind}").read_text()), version="1" * 60_000)
+    path = tmp_path / f"v.{kind}"
+    path.write_bytes(canonical.dumps(obj) + b"\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(KeyError_, match="unsupported version") as e:
+        (load_identity if kind == "key" else load_recipient)(path)
+    assert len(str(e.value)) < 300 + len(str(path)), str(e.value)[:400]
