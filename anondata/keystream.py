@@ -4,7 +4,8 @@ background noise of scheme v3.
 Why a keystream and not a seeded torch generator: the paper's helper seeds torch with at most
 32 bits, so the sign pattern could be brute-forced. Here every record has its own 256-bit key
 from `secrets`, and the ±1 signs are the bits of a ChaCha20 keystream under a subkey derived
-with HKDF-SHA256, so the derivation is fixed, documented (docs/FORMAT.md) and has test vectors.
+with HKDF-SHA256, so the derivation is fixed, documented (docs/SCHEME.md, "Keys and the sign
+keystream") and has test vectors.
 
 Derivation (v1):
     stream_key = HKDF-SHA256(ikm=record_key, salt=b"", info=b"anondata/signs/v1", L=32)
@@ -17,7 +18,7 @@ the latent grid, shared by all channels. Per-face keys of a photo:
     face_key(record_key, j) = HKDF-SHA256(ikm=record_key, salt=b"", info=b"anondata/face/v1" || u32be(j), L=32)
 v3 signs are v1's (cell 0) or v2's (cells); what v3 adds is `background_noise`: the same keystream
 construction under the all-zero (public) key and info b"anondata/background/v3", turned into
-standard normal values by Box-Muller (docs/FORMAT.md, "Background noise").
+standard normal values by Box-Muller (docs/SCHEME.md, "Keys and the sign keystream").
 """
 
 from __future__ import annotations
