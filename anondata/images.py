@@ -106,7 +106,10 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
     if min(w, h) < MIN_SIDE:
         raise _fail(record_id, f"image is {w}x{h} px, too small to hold a face", "remove or quarantine the record")
     fmt_name = im.format or "unknown"
-    frames = getattr(im, "n_frames", 1)
+    try:  # counting walks every frame's header: a damaged later one raises PIL's TypeError, KeyError...
+        frames = getattr(im, "n_frames", 1)
+    except Exception as e:  # noqa: BLE001 - all mean "corrupt"
+        raise _fail(record_id, f"corrupt image ({type(e).__name__}: {e})", "re-export the image") from None
     if frames > 1 and fmt_name != "MPO":
         raise _fail(
             record_id, f"{fmt_name} has {frames} frames; only single-frame images are supported",

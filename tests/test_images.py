@@ -228,3 +228,14 @@ def test_encode_rejects_non_rgb():
         encode_image(np.zeros((8, 8), np.uint8))
     with pytest.raises(InputError):
         encode_image(np.zeros((8, 8, 3), np.float32))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_every_cut_of_a_multi_frame_file_is_an_input_error_naming_the_record():
+    """Counting frames walks every page's header: a damaged later page raised PIL's TypeError,
+    KeyError or SyntaxError out of decode_image instead of the InputError its callers catch."""
+    pages = [Image.fromarray(_rgb(16, 16, s)) for s in range(2)]
+    data = _bytes(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    for cut in range(8, len(data)):
+        with pytest.raises(InputError, match="'cut'"):
+            decode_image(data[:cut], "cut")
