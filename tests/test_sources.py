@@ -52,6 +52,21 @@ def test_parquet_folder_hub_layout_splits_and_file_boundaries(tmp_path):
     assert datasets  # the layout is the one datasets itself writes
 
 
+def test_shards_that_differ_only_in_nullability_read_across_their_boundary(tmp_path):
+    """Writers declare nullability as they like (one shard `label int64 not null`, the next nullable
+    with a null): such files are one schema, but their rows read together raised pyarrow's
+    "Schema at index 1 was different" on the workers and the driver, a traceback mid-job."""
+    d = tmp_path / "ds" / "data"
+    d.mkdir(parents=True)
+    imgs = [encode(a) for a in synthetic_faces(4)]
+    strict = pa.schema([pa.field("image", pa.binary()), pa.field("label", pa.int64(), nullable=False)])
+    pq.write_table(pa.table({"image": imgs[:2], "label": [0, 1]}, schema=strict), d / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"image": imgs[2:], "label": [2, None]}), d / "train-00001-of-00002.parquet")
+    s = open_source(str(tmp_path / "ds"))
+    assert s.read("train", 0, 4, ["label"]).column(0).to_pylist() == [0, 1, 2, None]
+    assert s.read("train", 1, 3).column("image").to_pylist() == imgs[1:3]
+
+
 def test_ids_are_read_in_blocks_across_files_past_the_limit(tmp_path, monkeypatch):
     """A plan reads every id, rows past --limit too (listed as skipped), block by block rather than
     the whole column at once (memory on a Hub dataset of millions of rows): blocks smaller than a

@@ -113,11 +113,11 @@ class Source:
         offset = 0
         for path, n in zip(info.files, info.file_rows):
             lo, hi = max(start, offset), min(stop, offset + n)
-            if lo < hi:
-                pieces.append(_read_parquet_range(path, self.fs, lo - offset, hi - offset, columns))
+            if lo < hi:  # each file in the source's schema first: concat_tables wants one
+                pieces.append(_cast_like(_read_parquet_range(path, self.fs, lo - offset, hi - offset, columns),
+                                         self.schema, columns))
             offset += n
-        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-        return _cast_like(table, self.schema, columns)
+        return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
 
     def where(self, split: str, row: int) -> str | None:
         """Where a row came from, for the runner's terminal only (never a public file: a file
@@ -340,6 +340,9 @@ def _open_parquet_files(location: str, root: str, groups: dict, fs=None, kind: s
                     f"{f}: its columns {s.names} ({_types(s)}) differ from the first file's "
                     f"{schema.names} ({_types(schema)}); every shard must have the same schema"
                 )
+            else:  # a column one writer declared `not null` and another did not: nullable, or its nulls fail the cast
+                schema = pa.schema([a.with_nullable(a.nullable or b.nullable) for a, b in zip(schema, s)],
+                                   metadata=schema.metadata)
             rows.append(n)
         splits.append(SplitInfo(name or "", files, rows))
     return Source(kind, location, root, splits, schema, "image", None, fs)
