@@ -209,6 +209,28 @@ def test_image_folder_sorted_with_derived_ids(tmp_path):
         open_source(str(tmp_path / "empty"))
 
 
+def test_image_folder_follows_links_to_folders_and_refuses_a_folder_reached_twice(tmp_path):
+    """rglob does not descend into a linked folder: `imgs/more -> ../elsewhere` left its images out
+    of the job and the manifest without a word. They are records; a folder reached twice (a loop,
+    or two links to it) is refused, as its images would be published twice."""
+    imgs = synthetic_faces(2)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "imgs" / "a.png").write_bytes(encode(imgs[0]))
+    (tmp_path / "elsewhere" / "deep" / "b.png").write_bytes(encode(imgs[1]))
+    (tmp_path / "imgs" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    s = open_source(str(tmp_path / "imgs"))
+    assert s.splits[0].files == ["a.png", "more/deep/b.png"]
+    assert image_bytes(s, s.read("train", 1, 2).column(0)[0].as_py()) == (encode(imgs[1]), None)
+    (tmp_path / "imgs" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(InputError, match="reached twice"):
+        open_source(str(tmp_path / "imgs"))
+    (tmp_path / "imgs" / "again").unlink()
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    with pytest.raises(InputError, match="reached twice"):
+        open_source(str(tmp_path / "imgs"))
+
+
 def _in_thread(fn, timeout: float = 20):
     """fn() in a daemon thread: a test of something that used to hang fails instead of hanging."""
     import threading

@@ -387,14 +387,31 @@ def _size_or_none(p: Path) -> int | None:
         return None
 
 
+def _image_files(location: str, path: Path) -> list[str]:
+    """The folder's image files, relative, sorted. Links to folders are followed (rglob does not
+    descend into them: their images were left out of the job and its manifest without a word); a
+    folder reached twice (a loop, or two links to it) is refused, as its images would be published
+    twice. Hidden files and folders are not read."""
+    seen: dict[str, str] = {}
+    files = []
+    for top, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            raise InputError(f"{location}: the folder {real} is reached twice, as {seen[real]} and {top} (through "
+                             "links): its images would be records twice; remove one of the links")
+        seen[real] = top
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            p = Path(top) / name
+            # a broken link is still a record: it is quarantined as unreadable, not silently left out
+            if (not name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and (p.is_file() or (p.is_symlink() and not p.is_dir()))):
+                files.append(p.relative_to(path).as_posix())
+    return sorted(files)
+
+
 def _open_image_folder(location: str, path: Path) -> Source:
-    files = sorted(
-        p.relative_to(path).as_posix()
-        for p in path.rglob("*")
-        # a broken link is still a record: it is quarantined as unreadable, not silently left out
-        if (p.is_file() or (p.is_symlink() and not p.is_dir())) and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not _hidden(p, path)
-    )
+    files = _image_files(location, path)
     if not files:
         raise InputError(
             f"{location}: no Parquet files, no save_to_disk dataset and no image files "
