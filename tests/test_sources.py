@@ -231,6 +231,15 @@ def test_image_folder_follows_links_to_folders_and_refuses_a_folder_reached_twic
         open_source(str(tmp_path / "imgs"))
 
 
+def test_parquet_folder_reads_a_split_behind_a_link(tmp_path):
+    """The same for Parquet: a split folder that is a link (`ds/test -> /data/test`) was left out,
+    and the job published the other splits as the whole dataset."""
+    write_face_parquet(tmp_path / "ds" / "train" / "part.parquet", 2)
+    write_face_parquet(tmp_path / "elsewhere" / "part.parquet", 3, seed=1)
+    (tmp_path / "ds" / "test").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert [(x.name, x.rows) for x in open_source(str(tmp_path / "ds")).splits] == [("train", 2), ("test", 3)]
+
+
 def _in_thread(fn, timeout: float = 20):
     """fn() in a daemon thread: a test of something that used to hang fails instead of hanging."""
     import threading

@@ -257,17 +257,12 @@ def open_source(
                          f"public shards again, give its data/ folder")
     else:
         # any case: a split in TEST.PARQUET must not be left out while the others are read
-        parquet = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".parquet" and not p.is_dir()
-                         and not _hidden(p, path))
+        parquet = sorted(path / rel for rel in _files_under(location, path, (".parquet",)))
         if parquet:
             source = _open_parquet_files(location, str(path), _group_by_split(parquet, path))
         else:
             source = _open_image_folder(location, path)
     return _finish(source, image_column, id_column, splits, limit)
-
-
-def _hidden(p: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in p.relative_to(root).parts)
 
 
 def _group_by_split(files: list, root) -> dict[str | None, list[str]]:
@@ -387,11 +382,11 @@ def _size_or_none(p: Path) -> int | None:
         return None
 
 
-def _image_files(location: str, path: Path) -> list[str]:
-    """The folder's image files, relative, sorted. Links to folders are followed (rglob does not
-    descend into them: their images were left out of the job and its manifest without a word); a
-    folder reached twice (a loop, or two links to it) is refused, as its images would be published
-    twice. Hidden files and folders are not read."""
+def _files_under(location: str, path: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """The folder's files with one of `suffixes` (any case), relative, sorted. Links to folders are
+    followed (rglob does not descend into them: their images, or a whole split, were left out of
+    the job and its manifest without a word); a folder reached twice (a loop, or two links to it)
+    is refused, as its records would be published twice. Hidden files and folders are not read."""
     seen: dict[str, str] = {}
     files = []
     for top, dirs, names in os.walk(path, followlinks=True):
@@ -404,14 +399,14 @@ def _image_files(location: str, path: Path) -> list[str]:
         for name in names:
             p = Path(top) / name
             # a broken link is still a record: it is quarantined as unreadable, not silently left out
-            if (not name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+            if (not name.startswith(".") and p.suffix.lower() in suffixes
                     and (p.is_file() or (p.is_symlink() and not p.is_dir()))):
                 files.append(p.relative_to(path).as_posix())
     return sorted(files)
 
 
 def _open_image_folder(location: str, path: Path) -> Source:
-    files = _image_files(location, path)
+    files = _files_under(location, path, IMAGE_EXTENSIONS)
     if not files:
         raise InputError(
             f"{location}: no Parquet files, no save_to_disk dataset and no image files "
