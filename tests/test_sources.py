@@ -448,6 +448,25 @@ def test_public_table_keeps_columns_types_and_adds_derived_id(tmp_path):
     assert ds[0]["image"].size == (9, 9)
 
 
+def test_public_schema_of_columns_datasets_has_no_feature_for(tmp_path):
+    """A Parquet file without `datasets` metadata (Spark, pandas) and a column `datasets` cannot
+    describe (a map): the public schema's features for the added record_id (or the struct image)
+    raised datasets' ValueError in the job after its plan, a traceback that --resume repeated.
+    The shards are written without features metadata; every column keeps its Arrow type."""
+    imgs = [encode(a) for a in synthetic_faces(2)]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    tags = pa.array([[("k", "v")], None], pa.map_(pa.string(), pa.string()))
+    for image in (pa.array(imgs), pa.array([{"bytes": b, "path": None} for b in imgs], struct)):
+        pq.write_table(pa.table({"image": image, "tags": tags, "n": [1, 2]}), tmp_path / "f.parquet")
+        s = open_source(str(tmp_path / "f.parquet"))
+        for add_id in (True, False):
+            schema = output_schema(s.schema, "image", add_id=add_id)
+            assert schema.names == ["record_id"] * add_id + ["image", "tags", "n"]
+            t = build_public_table(s.read("train", 0, 2, ["tags", "n"]), schema, "image", imgs[1:], [False, True],
+                                   s.ids("train"))
+            assert t.column("tags").type == tags.type and t.column("tags").to_pylist() == [None]
+
+
 def test_card_yaml_and_shard_names():
     from anondata.job.card import dataset_card
 

@@ -47,10 +47,13 @@ def output_schema(source_schema: pa.Schema, image_column: str, add_id: bool) -> 
         feats = hf.setdefault("info", {}).get("features")
         if feats is None:
             feats = _features_for(source_schema, image_column)
-        hf["info"]["features"] = {DERIVED_ID_COLUMN: {"dtype": "string", "_type": "Value"}, **feats}
-        meta[b"huggingface"] = json.dumps(hf).encode()
+        if feats is not None:
+            hf["info"]["features"] = {DERIVED_ID_COLUMN: {"dtype": "string", "_type": "Value"}, **feats}
+            meta[b"huggingface"] = json.dumps(hf).encode()
     elif b"huggingface" not in meta and _is_struct_image(source_schema.field(image_column).type):
-        meta[b"huggingface"] = json.dumps({"info": {"features": _features_for(source_schema, image_column)}}).encode()
+        feats = _features_for(source_schema, image_column)
+        if feats is not None:
+            meta[b"huggingface"] = json.dumps({"info": {"features": feats}}).encode()
     return pa.schema(fields, metadata=meta or None)
 
 
@@ -58,10 +61,16 @@ def _is_struct_image(t: pa.DataType) -> bool:
     return pa.types.is_struct(t)
 
 
-def _features_for(schema: pa.Schema, image_column: str) -> dict:
+def _features_for(schema: pa.Schema, image_column: str) -> dict | None:
+    """The `datasets` features of a source that has none, or None where `datasets` has no feature
+    for one of its columns (a map, a union, an interval): the shards then carry no features, and
+    readers take the Arrow types, as for the source (the job failed here, after its plan)."""
     import datasets
 
-    feats = datasets.Features.from_arrow_schema(schema.remove_metadata()).to_dict()
+    try:
+        feats = datasets.Features.from_arrow_schema(schema.remove_metadata()).to_dict()
+    except (ValueError, TypeError, NotImplementedError):
+        return None
     if _is_struct_image(schema.field(image_column).type):
         feats[image_column] = {"_type": "Image"}
     return feats
