@@ -27,6 +27,7 @@ timestamps can reach the public file.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -72,6 +73,15 @@ def _fail(record_id: str, what: str, fix: str) -> InputError:
     return InputError(f"record {record_id!r}: {what}; {fix}")
 
 
+# A bytes repr in a decoder's message: PIL quotes what it choked on (a PPM header token, a PNG chunk
+# name), which may be pixel data, and the message becomes the record's public quarantine reason.
+_BYTES_REPR = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
+def _said(e: Exception) -> str:
+    return _BYTES_REPR.sub("…", str(e))
+
+
 def _open(data: bytes, record_id: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
@@ -86,7 +96,7 @@ def _open(data: bytes, record_id: str) -> Image.Image:
     except UnidentifiedImageError:
         raise _fail(record_id, "not a recognised image file", "check that the column holds image bytes") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise _fail(record_id, f"unreadable image header ({e})", "re-export the image") from None
+        raise _fail(record_id, f"unreadable image header ({_said(e)})", "re-export the image") from None
 
 
 def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, ImageFormat]:
@@ -109,7 +119,7 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
     try:  # counting walks every frame's header: a damaged later one raises PIL's TypeError, KeyError...
         frames = getattr(im, "n_frames", 1)
     except Exception as e:  # noqa: BLE001 - all mean "corrupt"
-        raise _fail(record_id, f"corrupt image ({type(e).__name__}: {e})", "re-export the image") from None
+        raise _fail(record_id, f"corrupt image ({type(e).__name__}: {_said(e)})", "re-export the image") from None
     if frames > 1 and fmt_name != "MPO":
         raise _fail(
             record_id, f"{fmt_name} has {frames} frames; only single-frame images are supported",
@@ -119,7 +129,7 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
     try:
         im.verify()
     except Exception as e:  # PIL raises many types here; all mean "corrupt"
-        raise _fail(record_id, f"corrupt image ({type(e).__name__}: {e})", "re-export the image") from None
+        raise _fail(record_id, f"corrupt image ({type(e).__name__}: {_said(e)})", "re-export the image") from None
     im = _open(data, record_id)
     # 48/64-bit RGB(A) decodes straight to 8-bit (high byte); only the raw tile mode tells.
     deep = any(";16" in str(getattr(t, "args", None) or t[3]) for t in (im.tile or []))
@@ -134,7 +144,7 @@ def decode_image(data: bytes, record_id: str, max_pixels: int = MAX_PIXELS) -> t
         im = ImageOps.exif_transpose(im)
         orientation = int(tag) if tag in _ORIENTATIONS else 1
     except Exception as e:
-        raise _fail(record_id, f"cannot decode image ({type(e).__name__}: {e})", "re-export the image") from None
+        raise _fail(record_id, f"cannot decode image ({type(e).__name__}: {_said(e)})", "re-export the image") from None
     mode = im.mode
     arr, notes = _to_rgb(im, record_id)
     if deep and mode not in _SIXTEEN:

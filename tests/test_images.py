@@ -239,3 +239,14 @@ def test_every_cut_of_a_multi_frame_file_is_an_input_error_naming_the_record():
     for cut in range(8, len(data)):
         with pytest.raises(InputError, match="'cut'"):
             decode_image(data[:cut], "cut")
+
+
+def test_decoder_messages_carry_no_bytes_of_the_image_into_the_reason():
+    """The error becomes the record's public quarantine reason, which carries no image bytes
+    (docs/ARCHITECTURE.md): PIL quotes the bytes it choked on (a PPM header token: pixel data)."""
+    bad = b"P6\n24\x1e255\n" + bytes(range(40, 240))
+    long_token = b"P6 255" + bytes([0x8E, 0xFE, 0xE3, 0x21, 0x78, 0xF2, 0xBC, 0x05]) + b"\n" + bytes(200)
+    for data in (bad, long_token):
+        with pytest.raises(InputError, match="'ppm'") as e:
+            decode_image(data, "ppm")
+        assert "b'" not in str(e.value) and 'b"' not in str(e.value), str(e.value)
