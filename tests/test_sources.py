@@ -231,6 +231,23 @@ def test_image_folder_follows_links_to_folders_and_refuses_a_folder_reached_twic
         open_source(str(tmp_path / "imgs"))
 
 
+def test_a_subfolder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """The walk skipped a folder it could not list (no permission: rglob and os.walk ignore the
+    error), and its images were left out of the job and the manifest without a word."""
+    (tmp_path / "imgs" / "locked").mkdir(parents=True)
+    (tmp_path / "imgs" / "a.png").write_bytes(encode(synthetic_faces(1)[0]))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match="locked.*cannot be listed.*Permission denied"):
+        open_source(str(tmp_path / "imgs"))
+
+
 def test_parquet_folder_reads_a_split_behind_a_link(tmp_path):
     """The same for Parquet: a split folder that is a link (`ds/test -> /data/test`) was left out,
     and the job published the other splits as the whole dataset."""

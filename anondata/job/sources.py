@@ -386,14 +386,19 @@ def _files_under(location: str, path: Path, suffixes: tuple[str, ...]) -> list[s
     """The folder's files with one of `suffixes` (any case), relative, sorted. Links to folders are
     followed (rglob does not descend into them: their images, or a whole split, were left out of
     the job and its manifest without a word); a folder reached twice (a loop, or two links to it)
-    is refused, as its records would be published twice. Hidden files and folders are not read."""
+    is refused, as its records would be published twice, and so is a folder that cannot be listed
+    (os.walk skips it silently). Hidden files and folders are not read."""
+    def unlisted(e: OSError):
+        raise InputError(f"{location}: the folder {e.filename} cannot be listed ({e.strerror or e}): its files "
+                         "would be left out; fix its permissions, or move it out of the source folder")
+
     seen: dict[str, str] = {}
     files = []
-    for top, dirs, names in os.walk(path, followlinks=True):
+    for top, dirs, names in os.walk(path, onerror=unlisted, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             raise InputError(f"{location}: the folder {real} is reached twice, as {seen[real]} and {top} (through "
-                             "links): its images would be records twice; remove one of the links")
+                             "links): its files would be read twice; remove one of the links")
         seen[real] = top
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
