@@ -99,6 +99,13 @@ class Anonymizer:
         if sampler.steps >= backend.num_train_timesteps:  # scheme.timesteps: t_k up to (N-1) T / N + 1
             raise InputError(f"steps must be below the model's {backend.num_train_timesteps} training timesteps, "
                              f"got {sampler.steps}")
+        # A zero-terminal-SNR schedule (the embedded prior's) has alpha 0 at its last timestep: DDIM
+        # cannot step from there (c1 = sqrt(a_s / a_t)), and from T / 2 steps on the first one does.
+        ac, T = backend.alphas_cumprod, backend.num_train_timesteps
+        if not float(ac[scheme.timesteps(ac, sampler.steps)[-1]]) > 0:
+            most = max((n for n in range(1, sampler.steps) if float(ac[(n - 1) * T // n + 1]) > 0), default=0)
+            raise InputError(f"at {sampler.steps} steps the first step starts where the model's noise schedule has "
+                             f"alpha 0 (zero terminal SNR), which DDIM cannot invert to: use at most {most} steps")
         self.backend = backend
         self.batch_size = batch_size
         grid = self._latent_shape()[-1]

@@ -310,6 +310,16 @@ def test_steps_the_schedule_cannot_hold_are_refused_when_built(model_dir):
     assert Anonymizer.from_pretrained(model_dir, steps=999, inversion_iters=0, weights=False).sampler.steps == 999
 
 
+def test_steps_that_start_at_a_zero_snr_top_are_refused_when_built():
+    """The embedded prior's schedule has zero terminal SNR: alpha is 0 at t = 999, and from 500 of
+    its 1,000 steps on the first DDIM step starts there, where c1 = sqrt(a_s / a_t) divides by 0
+    (and z_T holds nothing of the image to invert to): anonymize failed on every record with a
+    ZeroDivisionError traceback. Refused when built, naming the most steps that work."""
+    with pytest.raises(InputError, match=r"alpha 0 .*at most 499 steps"):
+        Anonymizer.from_pretrained("embedded", steps=500, inversion_iters=0, weights=False)
+    assert Anonymizer.from_pretrained("embedded", steps=499, inversion_iters=0, weights=False).sampler.steps == 499
+
+
 RECORD_VECTORS = json.loads((Path(__file__).parent / "vectors" / "restore_records.json").read_text())
 
 
