@@ -403,13 +403,16 @@ def _to_args(device, dtype) -> dict:
 
 # -- identity -----------------------------------------------------------------------------------
 def _loaded_weight_files(component_dir: Path) -> list[Path]:
-    """The weight files diffusers' from_pretrained reads in this folder: safetensors before
-    .bin, a sharded index's shards. Other files (flax, .ckpt, fp16 variants) are not the model
+    """The weight files diffusers' from_pretrained reads in this folder, in its order: a sharded
+    safetensors index's shards, else the safetensors file, else the .bin file (a .bin index, which
+    it does not read by default, last). Other files (flax, .ckpt, fp16 variants) are not the model
     we run, so they do not change its identity."""
-    for stem in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        single = component_dir / stem
-        if single.is_file():
-            return [single]
+    stems = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    for stem, sharded in ((stems[0], True), (stems[0], False), (stems[1], False), (stems[1], True)):
+        if not sharded:
+            if (component_dir / stem).is_file():
+                return [component_dir / stem]
+            continue
         index = component_dir / f"{stem}.index.json"
         if index.is_file():
             try:

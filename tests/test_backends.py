@@ -323,6 +323,29 @@ def test_identity_ignores_files_that_are_not_loaded(root, tmp_path):
     assert weights_sha256(d) != weights_sha256(kl)
 
 
+def test_identity_is_of_the_shards_diffusers_loads(tiny_model, tmp_path):
+    """diffusers loads a sharded checkpoint's index before a single file beside it: the sha256 hashed
+    the single file, so the same sha256 named a folder whose shards held other weights, and restore
+    could not refuse them."""
+    import shutil
+
+    from diffusers import UNet2DModel
+
+    d = _copy(Path(tiny_model), tmp_path / "both")
+    unet = UNet2DModel.from_pretrained(Path(tiny_model) / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    unet.save_pretrained(d / "unet", max_shard_size="200KB")
+    shutil.copy(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors", d / "unet")
+    assert (d / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    z = torch.randn(1, 3, RES, RES)
+    assert not torch.equal(load_backend(d).eps(z, 100), load_backend(tiny_model).eps(z, 100))
+    assert weights_sha256(d) != weights_sha256(Path(tiny_model))
+    shards_only = _copy(d, tmp_path / "shards")
+    (shards_only / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert weights_sha256(d) == weights_sha256(shards_only)
+
+
 @pytest.mark.parametrize("kind", ["pixel", "embedded", *KINDS])
 def test_the_model_info_of_an_actor_is_known_without_its_weights(root, tiny_model, kind):
     """--resume compares what this run's workers would record with the written shards' markers
