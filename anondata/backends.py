@@ -18,7 +18,8 @@ a message that says how to pre-download. Folder layouts:
 What the scheme cannot drive is refused at load with one line, not met mid-job: schedulers without
 DDPM betas (`_check_beta_schedule`), class-conditional UNets, added conditions and Fourier time
 embeddings (`_check_unconditional`), a non-square sample_size (`_square_size`), and weights that
-lack parameters their config asks for (diffusers would initialise them at random).
+lack parameters their config asks for (diffusers would initialise them at random) or hold some it
+does not use (it would drop them).
 
 Latent models (`LatentBackend`) need more than encode/decode, because decode(encode(y)) != y and
 decode is many-to-one: the stored image does not determine the latent that generated it
@@ -608,6 +609,12 @@ def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype, weights: bool
     if missing:
         raise InputError(f"--model {name}: the {what}'s weights lack {len(missing)} parameters its config asks for "
                          f"(first: {missing[0]}); config.json and the weights are not from the same model")
+    # Likewise for weights the config has no place for (a layer edited out): only logged, and the
+    # rest runs as another model under the same sha256.
+    unused = sorted(loading.get("unexpected_keys") or [])
+    if unused:
+        raise InputError(f"--model {name}: the {what}'s weights hold {len(unused)} parameters its config does not use "
+                         f"(first: {unused[0]}); config.json and the weights are not from the same model")
     return model
 
 

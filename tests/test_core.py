@@ -509,6 +509,14 @@ def test_weights_missing_parameters_of_the_config_are_refused(tmp_path):
         Anonymizer.from_pretrained(_edited_model(tmp_path, "attn", unet=attention))
 
 
+def test_weights_with_parameters_the_config_does_not_use_are_refused(tmp_path):
+    """A config edited to drop a layer (here the mid-block attention) loaded the rest of the weights
+    and only logged the unused ones: another model under the same sha256 (configs are not hashed),
+    so records it made restored wrong, and restore with the unedited folder could not refuse them."""
+    with pytest.raises(InputError, match="weights hold 10 parameters .*config.*does not use"):
+        Anonymizer.from_pretrained(_edited_model(tmp_path, "noattn", unet=lambda c: c.update(add_attention=False)))
+
+
 def test_hub_id_offline_says_how_to_predownload(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
