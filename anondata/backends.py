@@ -263,6 +263,13 @@ class LatentBackend(_Schedule):
         if controlnet is not None:
             if self.cross_attention_dim is None:
                 raise InputError("controlnet/ needs a UNet2DConditionModel in unet/ (a UNet2DModel takes no ControlNet residuals)")
+            # Its input, text width and residuals (one per down-block layer, at the blocks' widths)
+            # must fit the UNet's, or the first model call fails mid-job on a shape mismatch.
+            for key in ("in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block"):
+                theirs, mine = (getattr(c, key, None) for c in (controlnet.config, ucfg))
+                if _plain(theirs) != _plain(mine):
+                    raise InputError(f"the ControlNet has {key} {_plain(theirs)}, the UNet {_plain(mine)}: controlnet/ "
+                                     "was not made for this UNet")
             emb = controlnet.config.conditioning_embedding_out_channels
             self.hint_size = self.latent_size * 2 ** (len(emb) - 1)
             self.hint_channels = int(controlnet.config.conditioning_channels)
@@ -395,6 +402,11 @@ class LatentBackend(_Schedule):
                 out = self.unet(z, ts, encoder_hidden_states=ctx, down_block_additional_residuals=down,
                                 mid_block_additional_residual=mid).sample
         return self._to_eps(out, z, t)
+
+
+def _plain(value):
+    """A config value as JSON gives it back (tuples as lists), to compare a loaded config with a built one."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _to_args(device, dtype) -> dict:

@@ -293,6 +293,26 @@ def test_bad_layouts_are_clear_errors(root, tmp_path):
         load_backend(d)
 
 
+@pytest.mark.parametrize("change", [{"cross_attention_dim": 12}, {"block_out_channels": (8, 16), "norm_num_groups": 4}])
+def test_controlnet_not_made_for_the_unet_is_refused_at_load(root, tmp_path, change):
+    """A ControlNet made for another UNet (another text width, other block widths) loaded and then
+    failed on the first model call, mid-job, with a shape-mismatch traceback on every record."""
+    import shutil
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    d = _copy(Path(build_tiny_latent(root, "controlnet")), tmp_path / "other-controlnet")
+    shutil.rmtree(d / "controlnet")
+    cfg = dict(sample_size=RES // 4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               layers_per_block=1, norm_num_groups=8, cross_attention_dim=8, attention_head_dim=4)
+    other = UNet2DConditionModel(**{**cfg, **change})
+    ControlNetModel.from_unet(other, conditioning_channels=1, conditioning_embedding_out_channels=(8, 8, 16)).save_pretrained(
+        d / "controlnet")
+    with pytest.raises(InputError, match=f"ControlNet.*{next(iter(change))}.*not made for this UNet"):
+        load_backend(d)
+
+
 def test_unet_needing_added_conditions_is_refused_at_load(root, tmp_path):
     """An SDXL-style UNet (addition_embed_type text_time) failed on its first call, mid-job."""
     import shutil
