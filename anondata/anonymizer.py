@@ -270,7 +270,7 @@ class Anonymizer:
                 raise _non_finite()
             out.append(y_levels[:keep].permute(0, 2, 3, 1).cpu().numpy())
             if latent and carry is None:  # what restore will see: rounded levels inside the mask, input outside
-                seen = torch.where(m[:, None], torch.round(y_levels).to(levels.device, levels.dtype), levels)
+                seen = torch.where(m[:, None], torch.round(y_levels), levels.to(y_levels.device, y_levels.dtype))
                 carries.append(self.backend.carry(z, (seen / 127.5 - 1).to(dev, dt), m)[:keep].cpu().numpy())
                 if not np.isfinite(carries[-1]).all():
                     raise _non_finite()

@@ -122,6 +122,22 @@ def test_lossless_round_trip_background_and_wrong_key(anons, faces, masks, kind)
         anon.restore(out, fixed_keys(len(faces), b"wrong"), blobs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_latent_models_anonymize_and_restore_on_a_gpu(root, faces, masks, kind):
+    """The restore record's carry is computed from what restore will see: the rounded face inside
+    the mask (on the model's device) and the input outside it (built on the CPU). torch.where mixed
+    the two devices, so on a GPU every latent record failed with a device-mismatch RuntimeError."""
+    from anondata.scheme import Sampler
+
+    anon = Anonymizer(load_backend(build_tiny_latent(root, kind), device="cuda", decoder_inversion_iters=DECINV),
+                      Sampler(steps=STEPS, inversion_iters=ITERS))
+    keys = fixed_keys(2)
+    out, recs = anon.anonymize(faces[:2], keys, masks=masks[:2], lossless=True)
+    np.testing.assert_array_equal(out[~masks[:2]], faces[:2][~masks[:2]])
+    np.testing.assert_array_equal(anon.restore(out, keys, [r.to_bytes() for r in recs]), faces[:2])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_key_only_restore_is_deterministic_and_key_dependent(anons, faces, masks, kind):
     """Random autoencoders reconstruct poorly (~10 dB) and their decoders are not identifiable, so
