@@ -533,6 +533,14 @@ def _alphas_cumprod(cfg: dict) -> tuple[torch.Tensor, str]:
         sched = DDIMScheduler.from_config(cfg)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. DDPM's "sigmoid" betas, which DDIM lacks
         raise InputError(f"the model's scheduler config is not usable here: {e}") from None
+    a = sched.alphas_cumprod.double()
+    # Betas outside [0, 1] give products below 0, above 1 or 0 mid-way: DDIM's square roots and
+    # divisions then fail on every record. Only the top may be 0 (zero terminal SNR; Anonymizer
+    # refuses the steps that would start there).
+    if not (torch.isfinite(a).all() and (a >= 0).all() and (a <= 1).all() and (a[1:] <= a[:-1]).all()
+            and (a[:-1] > 0).all()):
+        raise InputError("the model's scheduler config is not a noise schedule: its betas must lie in [0, 1] "
+                         "(alphas_cumprod falling from at most 1, above 0 before the last timestep)")
     c = sched.config
     defining = {k: c.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                       "trained_betas", "rescale_betas_zero_snr")}

@@ -447,6 +447,16 @@ def test_unusable_scheduler_configs_are_one_line_errors(tmp_path):
             load(broken)
 
 
+@pytest.mark.parametrize("edit", [{"beta_schedule": "linear", "beta_end": 1.5}, {"trained_betas": [-0.01] * 1000}],
+                         ids=["beta-above-1", "negative-beta"])
+def test_scheduler_configs_whose_betas_are_not_a_noise_schedule_are_refused(tmp_path, edit):
+    """Betas above 1 or below 0 make alphas_cumprod negative, zero mid-way or above 1: the model
+    loaded, and anonymize failed on every record (ZeroDivisionError, complex square roots)."""
+    d = _edited_model(tmp_path, "betas", scheduler=lambda c: c.update(edit))
+    with pytest.raises(InputError, match="not a noise schedule"):
+        Anonymizer.from_pretrained(d, steps=4, inversion_iters=1)
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"num_class_embeds": 10}, "class-conditional"),
     ({"class_embed_type": "timestep"}, "class-conditional"),
