@@ -13,7 +13,8 @@ a message that says how to pre-download. Folder layouts:
   training betas; a folder without one is refused);
 - pipeline: `unet/` + `scheduler/`, and for latent diffusion `vqvae/` (VQModel, as
   CompVis/ldm-celebahq-256) or `vae/` (AutoencoderKL or VQModel), optionally `controlnet/`
-  (ControlNetModel over a UNet2DConditionModel, conditioned on the face mask as in the paper).
+  (ControlNetModel over a UNet2DConditionModel, conditioned on the face mask as in the paper); a
+  part its `model_index.json` names must be there.
 
 What the scheme cannot drive is refused at load with one line, not met mid-job: schedulers without
 DDPM betas (`_check_beta_schedule`), class-conditional UNets, added conditions and Fourier time
@@ -455,10 +456,29 @@ def _component_dirs(folder: Path) -> dict[str, Path]:
         return {"unet": folder}
     else:
         return {}
+    _check_model_index(folder)
     for role, sub in (("vae", "vqvae"), ("vae", "vae"), ("controlnet", "controlnet")):
         if role not in dirs and (folder / sub / "config.json").is_file():
             dirs[role] = folder / sub
     return dirs
+
+
+def _check_model_index(folder: Path) -> None:
+    """A pipeline folder missing a part its model_index.json names was loaded without it: a latent
+    UNet without its autoencoder as a pixel model (making noise at the latent size), a ControlNet
+    pipeline as its UNet alone."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        parts = json.loads(index.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{index}: not readable JSON") from None
+    for sub in ("vqvae", "vae", "controlnet"):
+        named = parts.get(sub) if isinstance(parts, dict) else None
+        if isinstance(named, list) and any(named) and not (folder / sub / "config.json").is_file():
+            raise InputError(f"model folder {folder}: model_index.json names {sub}/, but there is no {sub}/config.json; "
+                             "copy or download the whole pipeline")
 
 
 def weights_sha256(folder: Path) -> str:

@@ -329,6 +329,27 @@ def test_controlnet_not_made_for_the_unet_is_refused_at_load(root, tmp_path, cha
         load_backend(d)
 
 
+@pytest.mark.parametrize("kind, part", [("vq", "vqvae"), ("controlnet", "controlnet")])
+def test_pipeline_missing_a_part_its_model_index_names_is_refused(root, tmp_path, kind, part):
+    """A pipeline folder copied or cached without its autoencoder (CompVis/ldm-celebahq-256's UNet
+    takes 3 channels) loaded as a pixel model at the latent size and made noise for faces; without
+    its ControlNet it ran the UNet alone. model_index.json says what the pipeline holds."""
+    import shutil
+
+    from anondata.backends import check_model, model_sha256
+
+    d = _copy(Path(build_tiny_latent(root, kind)), tmp_path / f"no-{part}")
+    (d / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMPipeline", "_diffusers_version": "0.42.1", "scheduler": ["diffusers", "DDIMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"], "safety_checker": [None, None],
+        **{p: ["diffusers", "X"] for p in ("vqvae", "vae", "controlnet") if (d / p).is_dir()}}))
+    load_backend(d)  # complete: loads
+    shutil.rmtree(d / part)
+    for load in (load_backend, check_model, model_sha256):
+        with pytest.raises(InputError, match=f"model_index.json names {part}/.*no {part}/config.json"):
+            load(str(d))
+
+
 def test_unet_needing_added_conditions_is_refused_at_load(root, tmp_path):
     """An SDXL-style UNet (addition_embed_type text_time) failed on its first call, mid-job."""
     import shutil
