@@ -640,7 +640,7 @@ def _load(cls_by_name: dict, d: Path, what: str, name: str, dtype, weights: bool
             return module if module.dtype == dtype else module.to(dtype=dtype)
         # low_cpu_mem_usage=False: without `accelerate` installed diffusers would warn on every load.
         model, loading = cls.from_pretrained(d, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True)
-    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+    except (OSError, ValueError, EnvironmentError, RuntimeError, TypeError) as e:  # TypeError: a config value's type
         raise InputError(f"--model {name}: could not load the {what}: {e}") from None
     # diffusers fills parameters the weights lack with a fresh random init and only logs it: a config
     # edited after training (configs are not part of the model's sha256) would run a partly random

@@ -519,6 +519,16 @@ def test_weights_missing_parameters_of_the_config_are_refused(tmp_path):
         Anonymizer.from_pretrained(_edited_model(tmp_path, "attn", unet=attention))
 
 
+@pytest.mark.parametrize("edit", [{"layers_per_block": "two"}, {"block_out_channels": 16}])
+def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, edit):
+    """A hand-edited config.json with a value of the wrong type failed in the model's constructor
+    with a TypeError traceback (in the job: on every worker as it loaded)."""
+    for weights in (True, False):
+        with pytest.raises(InputError, match="could not load the UNet"):
+            Anonymizer.from_pretrained(_edited_model(tmp_path, f"type-{weights}", unet=lambda c: c.update(edit)),
+                                       weights=weights)
+
+
 def test_weights_with_parameters_the_config_does_not_use_are_refused(tmp_path):
     """A config edited to drop a layer (here the mid-block attention) loaded the rest of the weights
     and only logged the unused ones: another model under the same sha256 (configs are not hashed),
