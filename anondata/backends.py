@@ -17,7 +17,8 @@ a message that says how to pre-download. Folder layouts:
   part its `model_index.json` names must be there.
 
 What the scheme cannot drive is refused at load with one line, not met mid-job: schedulers without
-DDPM betas (`_check_beta_schedule`), class-conditional UNets, added conditions and Fourier time
+DDPM betas (`_check_beta_schedule`) or with betas outside [0, 1], a ControlNet whose shapes do not fit
+the UNet, class-conditional UNets, added conditions and Fourier time
 embeddings (`_check_unconditional`), a non-square sample_size (`_square_size`), and weights that
 lack parameters their config asks for (diffusers would initialise them at random) or hold some it
 does not use (it would drop them).
