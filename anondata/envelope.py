@@ -274,21 +274,28 @@ def read_envelope_table(source) -> pa.Table:
             if Path(source).stat().st_size > MAX_ENVELOPE_FILE:
                 raise FormatError(f"{what}: too large for an envelope table")
             src = str(source)
-        table = pq.read_table(src)
+        # Not pq.read_table: its dataset scanner frees the file's fragment on an Arrow thread after
+        # returning, and when that is a Python buffer and the interpreter is exiting, the thread's
+        # GIL request ends it inside a destructor: "terminate called without an active exception",
+        # exit 134 after a verify that printed "ok" (1 in 10 runs of a loaded machine). One read
+        # gives the rows, the Arrow schema's metadata and the footer's, from the same bytes.
+        with pq.ParquetFile(src) as f:
+            footer = f.metadata.metadata
+            # ParquetFile.read() labels the table with the footer's key-value metadata; the Arrow
+            # schema's copy (what pyarrow readers see) is checked as the table's, the footer's below.
+            table = f.read().replace_schema_metadata(f.schema_arrow.metadata)
     except FileNotFoundError:
         raise FormatError(f"{what}: no such envelope file") from None
     except FormatError:
         raise
+    except UnicodeDecodeError:  # pyarrow decodes names on access
+        raise FormatError(f"{what}: schema is not the envelope schema (docs/FORMAT.md): field names that are not UTF-8") from None
     except Exception as e:  # pyarrow raises many types on corrupt input; all mean "not ours"
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise FormatError(f"{what}: not a readable Parquet envelope table ({msg})") from None
     _rows(table, what)
     # pyarrow reads the metadata from the footer's ARROW:schema, a reader without Arrow from the
     # footer's own key-value pairs: both must say the same, so no two readers see two datasets.
-    try:
-        footer = pq.read_metadata(pa.BufferReader(bytes(source)) if isinstance(source, (bytes, bytearray)) else src).metadata
-    except Exception as e:  # read twice from a path: the file changed in between
-        raise FormatError(f"{what}: not a readable Parquet envelope table ({type(e).__name__})") from None
     if set(footer or {}) != {b"ARROW:schema", METADATA_KEY} or footer[METADATA_KEY] != table.schema.metadata[METADATA_KEY]:
         raise FormatError(f"{what}: the Parquet footer's key-value metadata must be exactly ARROW:schema and "
                           "anondata, the same bytes as the Arrow schema's (docs/FORMAT.md)")
