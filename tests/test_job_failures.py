@@ -130,6 +130,28 @@ def test_job_with_unloadable_detector_stops_before_any_record(ray_address, ident
     assert not (tmp_path / "out").exists()  # nothing committed: nothing left for a --resume to be stuck on
 
 
+@pytest.mark.parametrize("setting, message", [({"sign_cell": 99}, "sign_cell must be an integer in 0..32"),
+                                              ({"steps": 1000}, "steps must be below the model's 1000")])
+def test_settings_the_model_cannot_take_are_refused_before_any_worker_starts(identities, tiny_model, tmp_path,
+                                                                              monkeypatch, setting, message):
+    """They were found by each actor as it built the model: the job stopped only after Ray had
+    started, under a traceback from every actor."""
+    from anondata.errors import InputError
+    from anondata.job import pipeline
+    from anondata.job.pipeline import JobOptions, run_anonymize
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started for a job its settings had to refuse")
+
+    monkeypatch.setattr(pipeline, "ensure_ray", no_ray)
+    write_face_parquet(tmp_path / "f.parquet", 2)
+    with pytest.raises(InputError, match=message):
+        run_anonymize(JobOptions(source=str(tmp_path / "f.parquet"), out=str(tmp_path / "out"),
+                                 recipients=[identities["owner"][1]], signing_key=identities["runner"][0],
+                                 model=tiny_model, progress=False, **{**FAST, **setting}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_new_job_on_a_damaged_source_fails_cleanly_and_leaves_no_folder(ray_address, identities, tiny_model, tmp_path):
     from anondata.errors import InputError
     from anondata.job.pipeline import JobOptions, run_anonymize

@@ -71,8 +71,11 @@ def _planned_detector(detector: str | None) -> str | None:
 
 
 def precheck(opts: JobOptions) -> None:
-    """What the workers would otherwise fail on, checked once here with a clean message:
-    the face options and whether the model can be found (not loaded: that is the actors' job)."""
+    """What the workers would otherwise fail on, checked once here with a clean message: the face
+    options, and the model with the sampler settings, built by the actors' own code from its
+    configs without loading the weights (that is the actors' job). Otherwise settings the model
+    cannot take (--steps past its schedule, --sign-cell past its latent grid) stopped the job only
+    as its actors started, under a traceback from each."""
     from ..faces import FaceSpec
 
     spec = face_spec(opts)
@@ -80,8 +83,12 @@ def precheck(opts: JobOptions) -> None:
     if opts.batch_size < 1 or (opts.model_batch is not None and opts.model_batch < 1):
         raise InputError("--batch-size must be at least 1")
     from ..backends import check_model
+    from .worker import _anonymizer
 
     check_model(opts.model)
+    _anonymizer(model=opts.model, device="cpu", steps=opts.steps, inversion_iters=opts.inversion_iters,
+                sign_cell=opts.sign_cell, background=opts.background, flip_centre=opts.flip_centre,
+                model_batch=opts.model_batch or 1, weights=False)
 
 
 def make_plan(source: Source, opts: JobOptions, recipients, signer) -> dict:
