@@ -18,8 +18,8 @@ a message that says how to pre-download. Folder layouts:
 
 What the scheme cannot drive is refused at load with one line, not met mid-job: schedulers without
 DDPM betas (`_check_beta_schedule`) or with betas outside [0, 1], a ControlNet whose shapes do not fit
-the UNet, class-conditional UNets, added conditions and Fourier time
-embeddings (`_check_unconditional`), a non-square sample_size (`_square_size`), and weights that
+the UNet, class-conditional UNets, added conditions, Fourier time embeddings and outputs of
+another channel count than the input (`_check_unconditional`), a non-square sample_size (`_square_size`), and weights that
 lack parameters their config asks for (diffusers would initialise them at random) or hold some it
 does not use (it would drop them).
 
@@ -154,6 +154,10 @@ def _check_unconditional(unet) -> None:
         raise InputError(f"the UNet needs added conditions (addition_embed_type {getattr(cfg, 'addition_embed_type', None)!r}, "
                          f"encoder_hid_dim_type {getattr(cfg, 'encoder_hid_dim_type', None)!r}); anondata gives a UNet "
                          "only a zero text embedding")
+    out, inp = getattr(cfg, "out_channels", None), cfg.in_channels
+    if out not in (inp, 2 * inp):  # 2x: a learned variance (_to_eps takes the first half)
+        raise InputError(f"the UNet predicts {out} channels for {inp} input channels; anondata needs as many as "
+                         "it takes (or twice as many, a learned variance)")
     if getattr(cfg, "time_embedding_type", "positional") == "fourier":
         raise InputError("the UNet has a Fourier time embedding: a variance-exploding score model (as NCSN++), "
                          "which anondata does not run (DDPM-style models only)")

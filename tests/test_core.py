@@ -461,10 +461,13 @@ def test_scheduler_configs_whose_betas_are_not_a_noise_schedule_are_refused(tmp_
     ({"num_class_embeds": 10}, "class-conditional"),
     ({"class_embed_type": "timestep"}, "class-conditional"),
     ({"time_embedding_type": "fourier"}, "Fourier time embedding"),
+    ({"out_channels": 4}, "predicts 4 channels for 3 input channels"),
+    ({"out_channels": 1}, "predicts 1 channels for 3 input channels"),
 ])
 def test_unets_the_scheme_cannot_drive_are_refused_at_load(tmp_path, extra, match):
     """A class-conditional UNet loaded and then failed on its first call, mid-job, with a diffusers
-    traceback; a Fourier-time (variance-exploding) one ran as if its inputs were DDPM steps."""
+    traceback; a Fourier-time (variance-exploding) one ran as if its inputs were DDPM steps; one that
+    predicts another number of channels than it takes was broadcast into the step, or failed mid-job."""
     from diffusers import UNet2DModel
 
     from anondata.testing import _scheduler
