@@ -155,7 +155,8 @@ class Recipient:
     def verify(self, signature: bytes, data: bytes, what: str) -> None:
         """Raise IntegrityError unless `signature` is this key's Ed25519 signature of `data`."""
         if not isinstance(signature, bytes) or len(signature) != 64:
-            raise IntegrityError(f"{what}: signature must be 64 bytes, got {len(signature)}")
+            got = f"{len(signature)} bytes" if isinstance(signature, bytes) else type(signature).__name__
+            raise IntegrityError(f"{what}: signature must be 64 bytes, got {got}")
         try:
             self._verify_key.verify(signature, data)
         except InvalidSignature:

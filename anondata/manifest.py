@@ -430,7 +430,8 @@ def _open_release(root: Path, signer: Recipient | None, keep_envelopes: bool) ->
         if d.is_dir():
             for f in sorted(d.rglob("*")):
                 rel = f.relative_to(root).as_posix()
-                if (f.is_file() or f.is_symlink()) and rel not in listed:
+                # anything but a folder: a FIFO, socket or device there is a file the spec does not allow
+                if (f.is_symlink() or not f.is_dir()) and rel not in listed:
                     raise IntegrityError(f"{rel}: file is not listed in the manifest (leftover or added?)")
     summary = {
         "dataset_id": dataset_id,

@@ -191,6 +191,11 @@ def test_unlisted_files_are_flagged(tmp_path, owner):
     (tmp_path / "data" / ".train.parquet.tmp").write_bytes(b"half")
     with pytest.raises(IntegrityError, match="not listed"):
         verify_release(tmp_path)
+    (tmp_path / "data" / ".train.parquet.tmp").unlink()
+    verify_release(tmp_path)
+    os.mkfifo(tmp_path / "keys" / "pipe")  # neither a regular file nor a link: it passed
+    with pytest.raises(IntegrityError, match="keys/pipe: file is not listed"):
+        verify_release(tmp_path)
 
 
 def test_envelope_moved_between_releases(tmp_path, owner):
