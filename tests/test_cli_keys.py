@@ -411,6 +411,83 @@ def test_rewrap_half_staged_or_half_renamed_recovers(release, capsys):
     assert open_records(envelopes(root, tmp / "owner.pub"), load_identity(tmp / "new.key"), did) == secrets_by_id
 
 
+_KILL_AT_NTH_CALL = """
+import os, shutil, signal, sys
+n, calls = int(os.environ["KILL_AT"]), [0]
+def counted(real):
+    def call(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    return call
+os.replace, shutil.rmtree = counted(os.replace), counted(shutil.rmtree)
+from anondata.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signing", ["identity", "new"])
+def test_rewrap_killed_at_any_rename_or_removal_is_finished_by_the_same_command(tmp_path, capsys, signing):
+    """Killed after the staged signature was renamed into place but before the stage was removed,
+    rewrap left a .rewrap/ without a signature: publish said to run the same rewrap again, and
+    that rerun took the leftover for an unfinished staging, dropped it and failed ("nothing to
+    rewrap", or with --signing-key "signed by new, not by the expected signer owner", which reads
+    as tampering). Every kill point (each rename and removal) must leave the release as it was,
+    a stage the same command finishes, or the finished release (that publish takes); and then the
+    new key opens everything, the old nothing."""
+    import shutil
+
+    from anondata.errors import AnondataError
+    from anondata.job.publish import public_files
+
+    tmp, root, did, secrets_by_id = _release(tmp_path, capsys, ["r0", "r1", "r2"])
+    (root / "README.md").write_text("card\n")
+    pristine = tmp / "pristine"
+    shutil.copytree(root, pristine)
+    argv = ["rewrap", str(root), "--identity", str(tmp / "owner.key"), "--to", str(tmp / "new.pub"),
+            "--signer", str(tmp / "owner.pub")] + (["--signing-key", str(tmp / "new.key")] if signing == "new" else [])
+    signer = load_recipient(tmp / ("new.pub" if signing == "new" else "owner.pub"))
+    new, old = load_identity(tmp / "new.key"), load_identity(tmp / "owner.key")
+
+    def as_it_was() -> bool:
+        try:
+            rel = open_release(root, load_recipient(tmp / "owner.pub"))
+            return open_records(release_envelopes(rel), old, did) == secrets_by_id
+        except AnondataError:
+            return False
+
+    def finished() -> bool:
+        try:
+            rel = open_release(root, signer)
+            assert open_records(release_envelopes(rel), new, did) == secrets_by_id
+        except AnondataError:
+            return False
+        with pytest.raises(KeyError_):
+            open_records(release_envelopes(rel), old, did)
+        return not (root / ".rewrap").exists()
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for n in range(1, 30):
+        shutil.rmtree(root)
+        shutil.copytree(pristine, root)
+        r = subprocess.run([sys.executable, "-c", _KILL_AT_NTH_CALL, *argv], env=dict(env, KILL_AT=str(n)),
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            break  # past the last kill point
+        assert r.returncode == -9, r.stderr
+        if not (root / ".rewrap").exists():  # nothing staged to finish: the release as it was, or finished
+            assert as_it_was() or finished(), n
+        if not finished():
+            code, _, err = cli(capsys, *argv)
+            assert code == 0, (n, err)
+        assert finished(), n
+        public_files(root, signer)  # publish takes it
+    else:
+        pytest.fail("rewrap never ran to the end")
+    assert n > 6  # it was killed at every rename: 3 staged files, then the renames into place
+
+
 def test_rewrap_on_public_copy_fails_cleanly(release, capsys):
     import shutil
 
@@ -484,7 +561,7 @@ def test_rewrap_renames_are_durable_before_the_stage_is_removed(tmp_path, capsys
     monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **kw: events.append(("rmtree", Path(p))) or real_rmtree(p, *a, **kw))
     assert roll_forward(root) is True
     monkeypatch.undo()
-    gone = events.index(("rmtree", root / ".rewrap"))
+    gone = events.index(("rmtree", root / ".rewrap.done"))  # the stage, renamed away once finished
     into = {d for kind, d in events if kind == "replace"}
     assert into == {root / "keys" / "train", root}
     for d in into:

@@ -113,17 +113,21 @@ def run(args) -> int:
 def roll_forward(root) -> bool:
     """Finish or discard what an interrupted rewrap staged in DIR/.rewrap/. Staging is complete
     once the staged signature exists (it is written last): then every staged file is renamed into
-    place, the signature last, and True is returned. Before that nothing was renamed, so the
+    place, the signature last (copied, so the stage keeps its mark of completeness until the
+    stage itself is renamed away), and True is returned. Before that nothing was renamed, so the
     stage is deleted and the release is as it was."""
     import os
     import shutil
     from pathlib import Path
 
     from ..errors import FormatError, KeyError_
-    from ..files import fsync_dir, read_bounded
+    from ..files import atomic_write, fsync_dir, read_bounded
     from ..manifest import MANIFEST, MAX_MANIFEST, REWRAP_STAGE, SIGNATURE, parse_manifest
 
     stage = Path(root) / REWRAP_STAGE
+    done = Path(root) / f"{REWRAP_STAGE}.done"  # a finished stage, being removed
+    if done.exists():
+        shutil.rmtree(done)
     if not stage.is_dir():
         return False
     if not (stage / SIGNATURE).is_file():
@@ -147,7 +151,11 @@ def roll_forward(root) -> bool:
         fsync_dir(folder)
     if (stage / MANIFEST).is_file():
         os.replace(stage / MANIFEST, Path(root) / MANIFEST)
-    os.replace(stage / SIGNATURE, Path(root) / SIGNATURE)
+    # A copy, then the stage renamed away in one step: had the signature been moved out and the
+    # stage then deleted, a kill in between left a stage without a signature, which the rerun took
+    # for an unfinished staging and dropped, then failed on the finished release.
+    atomic_write(Path(root) / SIGNATURE, read_bounded(stage / SIGNATURE, "staged signature", 1024))
+    os.replace(stage, done)
     fsync_dir(root)
-    shutil.rmtree(stage)
+    shutil.rmtree(done)
     return True
