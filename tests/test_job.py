@@ -677,3 +677,23 @@ def test_restore_refuses_a_shard_that_lacks_or_repeats_a_wanted_record():
         shard_rows(["a", "b", "c"], {"a", "d"}, "data/x.parquet")
     with pytest.raises(IntegrityError, match=r"data/x\.parquet.*'a'"):
         shard_rows(["a", "b", "a"], {"a"}, "data/x.parquet")
+
+
+def test_refused_ids_are_named_with_their_own_status_and_reason():
+    """restore and grant refused quarantined and skipped ids in one line under the first one's
+    status: a skipped record was reported as quarantined (and the reverse), with another record's
+    reason."""
+    from anondata.job.restore import check_ids
+
+    m = {"records": [
+        {"id": "q", "split": "train", "status": "quarantined", "reason": "unreadable image"},
+        {"id": "s", "split": "train", "status": "skipped", "reason": "beyond --limit 1: not processed, not published"},
+        {"id": "a", "split": "train", "status": "anonymized", "shard": 0},
+    ]}
+    check_ids(m, ["a"])
+    for ids in (["q", "s", "a"], ["s", "q"]):
+        with pytest.raises(InputError) as e:
+            check_ids(m, ids)
+        msg = str(e.value)
+        assert "'q' was quarantined (unreadable image)" in msg and "'s' was skipped (beyond --limit 1" in msg, msg
+        assert "'a'" not in msg and msg.count("\n") == 0

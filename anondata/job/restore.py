@@ -66,13 +66,17 @@ def check_ids(m: dict, ids: list[str]) -> None:
         near = [stripped[i.strip()] for i in unknown if i.strip() in stripped]
         hint = f" (did you mean {near[0]!r}? ids are compared exactly)" if near else ""
         raise InputError(f"record id(s) not in this release: {', '.join(map(repr, unknown[:10]))}{hint}")
-    quarantined = [i for i in ids if by_id[i]["status"] != "anonymized"]
-    if quarantined:
-        r = by_id[quarantined[0]]
+    absent = [i for i in ids if by_id[i]["status"] != "anonymized"]
+    if absent:  # each with its own status and reason: a mix of quarantined and skipped is common
+        more = f"; and {len(absent) - 10} more" if len(absent) > 10 else ""
         raise InputError(
-            f"record(s) {', '.join(map(repr, quarantined[:10]))} were {r['status']} and are not in the release "
-            f"(first reason: {r['reason']})"
+            "record(s) not published in this release: "
+            + "; ".join(f"{i!r} was {by_id[i]['status']} ({_short(by_id[i]['reason'])})" for i in absent[:10]) + more
         )
+
+
+def _short(reason: str, n: int = 160) -> str:
+    return reason if len(reason) <= n else reason[: n - 1] + "…"
 
 
 def png_name(record_id: str, tagged: bool = False) -> str:
