@@ -222,3 +222,35 @@ def test_refuses_a_linked_card_or_manifest(tmp_path):
     (root / "README.md").unlink()
     (root / "README.md").write_text("card\n")
     assert pub.publish(root, "someone/x", signer=alice, dry_run=True)[0] == "README.md"
+
+
+def _card(faces=None, model_name="tiny", splits=None, **options):
+    """dataset_card for a plan as plan.make_plan writes one (only the fields the card reads)."""
+    from anondata.job.card import dataset_card
+
+    plan = {
+        "dataset_id": "0" * 32, "signer": "1" * 32,
+        "source": {"kind": "parquet", "image_column": "image", "id_column": "record_id"},
+        "options": {"faces": faces or {"mode": "aligned", "box": None, "detector": "hog", "on_no_face": "quarantine",
+                                       "cross_check": None}, "drop_columns": [], "keep_columns": [], **options},
+        "splits": splits or [{"name": "train", "rows": 4, "shards": [{}], "skipped": []}],
+    }
+    model = {"model": {"name": model_name, "sha256": "2" * 64}, "settings": {"steps": 10}}
+    counts = {"anonymized": 3, "quarantined": 1, "skipped": sum(len(s["skipped"]) for s in plan["splits"])}
+    return dataset_card(plan, model, counts)
+
+
+def test_card_says_which_photos_were_published_without_a_face_anonymized():
+    """With --faces detect --on-no-face keep the card said photos with no face found were
+    quarantined, while they were published unchanged; and in detect mode it said every face was
+    replaced, while a face the detectors miss is published as it is (README, "fail closed")."""
+    detect = {"mode": "detect", "box": None, "detector": "hog", "on_no_face": "keep", "cross_check": "haar:x,2"}
+    card = _card(detect)
+    assert "no face found) were" not in card.replace("\n", " ")
+    assert "Photos in which no face was found were published unchanged (`--on-no-face keep`)" in card
+    assert "a face the detectors missed is published unchanged" in card and "`hog`" in card
+    quarantine = _card({**detect, "on_no_face": "quarantine"})
+    assert "no face found, a face only the cross-check found) were" in quarantine.replace("\n", " ")
+    assert "--on-no-face keep" not in quarantine and "a face the detectors missed is published unchanged" in quarantine
+    aligned = _card()
+    assert "missed" not in aligned and "--on-no-face" not in aligned

@@ -52,18 +52,30 @@ def dataset_card(plan: dict, model: dict, counts: dict, license: str = "other") 
     skipped = (f"- skipped records: {counts['skipped']} (past the job's record limit; listed in `manifest.json`, "
                "not published)\n" if counts.get("skipped") else "")
     cross = f", cross-check: {faces['cross_check']}" if faces.get("cross_check") else ""
+    # What was anonymized: in detect mode only the faces a detector found, and with --on-no-face keep
+    # a photo without one is published as it is (not quarantined, as the card used to say).
+    detect = faces["mode"] == "detect"
+    why = "unreadable, too small"
+    found = ""
+    if detect:
+        why += (", no face found" if faces["on_no_face"] == "quarantine" else "") + (
+            ", a face only the cross-check found" if faces.get("cross_check") else "")
+        found = (f"\n\nFaces were found by a detector (`{faces['detector']}`"
+                 + (f", cross-checked by `{faces['cross_check']}`" if faces.get("cross_check") else "")
+                 + f"): a face the detector{'s' if faces.get('cross_check') else ''} missed is published unchanged.")
+        if faces["on_no_face"] == "keep":
+            found += " Photos in which no face was found were published unchanged (`--on-no-face keep`)."
     body = f"""# Anonymized face dataset
 
-Every face in this dataset was replaced by a stranger's with **anondata**: each face is inverted
+Every face {"the detector found " if detect else ""}in this dataset was replaced by a stranger's with **anondata**: each face is inverted
 to diffusion noise with a deterministic sampler, the signs of the face-region noise are flipped
 with a secret per-record 256-bit key, and a new face is generated ({SCHEME_REF}). Pixels outside
-the face regions are unchanged. Without the keys the original faces cannot be recovered.
+the face regions are unchanged. Without the keys the original faces cannot be recovered.{found}
 
 The keys are **not** part of this dataset. They are sealed (HPKE) to the data owner's public key
 in `keys/`, which is kept private; the owner can restore chosen records with
-`anondata restore`. Records that could not be anonymized safely (unreadable, too small, no face
-found) were **quarantined**: they are not in the data files, and `manifest.json` lists them
-with the reason.
+`anondata restore`. Records that could not be anonymized safely ({why}) were
+**quarantined**: they are not in the data files, and `manifest.json` lists them with the reason.
 
 ## Contents
 
