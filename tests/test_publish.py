@@ -254,3 +254,12 @@ def test_card_says_which_photos_were_published_without_a_face_anonymized():
     assert "--on-no-face keep" not in quarantine and "a face the detectors missed is published unchanged" in quarantine
     aligned = _card()
     assert "missed" not in aligned and "--on-no-face" not in aligned
+
+
+def test_card_says_the_embedded_priors_weights_are_for_research_only():
+    """The default model's weights are under CelebA's non-commercial research licence (README,
+    MODEL_CARD.md), and every replacement face of a release made with it comes from them; the card
+    said nothing of it, under `license: other` / "see-source-dataset"."""
+    card = _card(model_name="embedded")
+    assert "non-commercial research only" in card and "CelebA" in card
+    assert "research" not in _card(model_name="google/ddpm-celebahq-256")
