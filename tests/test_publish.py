@@ -263,3 +263,10 @@ def test_card_says_the_embedded_priors_weights_are_for_research_only():
     card = _card(model_name="embedded")
     assert "non-commercial research only" in card and "CelebA" in card
     assert "research" not in _card(model_name="google/ddpm-celebahq-256")
+
+
+def test_card_input_records_count_the_rows_past_the_limit():
+    """With --limit the card's "input records" column gave only the rows processed: 4 input records
+    for a split of 6, beside "skipped records: 2"."""
+    card = _card(splits=[{"name": "train", "rows": 4, "shards": [{}], "skipped": ["a", "b"]}])
+    assert "| train | 6 | 1 |" in card and "skipped records: 2" in card

@@ -39,7 +39,8 @@ def dataset_card(plan: dict, model: dict, counts: dict, license: str = "other") 
     settings = model.get("settings", {})
     faces = plan["options"]["faces"]
     src = plan["source"]
-    rows = "\n".join(f"| {s['name']} | {s['rows']} | {len(s['shards'])} |" for s in plan["splits"])
+    # rows: those processed; the ones past --limit are input records too (skipped, below)
+    rows = "\n".join(f"| {s['name']} | {s['rows'] + len(s.get('skipped', []))} | {len(s['shards'])} |" for s in plan["splits"])
     settings_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(settings.items()))
     box = f", box {tuple(faces['box'])}" if faces.get("box") else ""
     dropped = plan["options"].get("drop_columns") or []
