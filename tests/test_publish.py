@@ -270,3 +270,21 @@ def test_card_input_records_count_the_rows_past_the_limit():
     for a split of 6, beside "skipped records: 2"."""
     card = _card(splits=[{"name": "train", "rows": 4, "shards": [{}], "skipped": ["a", "b"]}])
     assert "| train | 6 | 1 |" in card and "skipped records: 2" in card
+
+
+def test_card_names_no_fact_a_rewrap_or_publish_can_change():
+    """The card gave the signer's fingerprint, stale once `rewrap --signing-key` re-signed the
+    release (and an unsigned card cannot pin a key anyway), and said keys/ is kept private, false
+    for `publish --include-envelopes`."""
+    card = _card()
+    assert "1" * 32 not in card  # the plan's signer fingerprint
+    assert "anondata verify . --signer OWNER.pub" in card and "not from this repository" in card
+    assert "kept private" not in card and "--include-envelopes" in card
+
+
+@pytest.mark.parametrize("repo", ["user/name\n", "usér/name", "user/naмe", "user/name/x", "/name"])
+def test_repo_ids_the_hub_refuses_are_refused_here(repo):
+    """`$` let a trailing newline through and `\\w` any Unicode letter: the upload failed after the
+    release's check, as a network error."""
+    with pytest.raises(InputError, match="USER/NAME"):
+        pub.publish("unused", repo, signer=None, dry_run=True)

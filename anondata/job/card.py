@@ -78,7 +78,8 @@ with a secret per-record 256-bit key, and a new face is generated ({SCHEME_REF})
 the face regions are unchanged. Without the keys the original faces cannot be recovered.{found}
 
 The keys are **not** part of this dataset. They are sealed (HPKE) to the data owner's public key
-in `keys/`, which is kept private; the owner can restore chosen records with
+in `keys/`, which is not published unless the owner chose to (`anondata publish
+--include-envelopes`: the keys stay sealed); the owner can restore chosen records with
 `anondata restore`. Records that could not be anonymized safely ({why}) were
 **quarantined**: they are not in the data files, and `manifest.json` lists them with the reason.
 
@@ -111,11 +112,12 @@ Sampler settings:
 ## Verify
 
 `manifest.json` lists every file with its SHA-256 and every input record with its status, and
-`manifest.json.sig` is its Ed25519 signature by the release's signer (fingerprint
-`{plan['signer']}`). Check both with:
+`manifest.json.sig` is its Ed25519 signature by the release's signer. Check both against the
+signer's public key as you got it from the data owner, not from this repository (this card is not
+signed, and a key rotation with `anondata rewrap` may re-sign the release with another key):
 
 ```
-anondata verify .
+anondata verify . --signer OWNER.pub
 ```
 
 ## Load

@@ -21,7 +21,7 @@ PUBLIC_TOP = ("README.md", "manifest.json", "manifest.json.sig")
 # published to the same repo (another shard count, a record since removed) would otherwise stay
 # beside the new manifest, read by `load_dataset` (the card's data/{split}-*), failing verify.
 MANIFEST_GOVERNED = ("data/*", "keys/*")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
 
 
 def public_files(release: str | Path, signer, include_envelopes: bool = False) -> list[str]:
@@ -121,7 +121,7 @@ def upload(release: str | Path, repo_id: str, files: list[str], *, private: bool
 def publish(release: str | Path, repo_id: str, *, signer, private: bool = False, include_envelopes: bool = False,
             dry_run: bool = False, token: str | None = None, uploader=upload) -> list[str]:
     """Verify, compute the file set, double-check the patterns, upload (unless dry_run)."""
-    if not _REPO_RE.match(repo_id):
+    if not _REPO_RE.fullmatch(repo_id):
         raise InputError(f"--repo {repo_id!r}: expected USER/NAME")
     files = public_files(release, signer, include_envelopes)
     check_patterns(release, files, allow_patterns(files))
