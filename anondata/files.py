@@ -7,8 +7,10 @@ huge) and a write that leaves either the old file or the whole new one, durably.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,13 +118,40 @@ def fsync_tree(root) -> None:
         fsync_dir(here)
 
 
+def _host_tag() -> str:
+    """This machine's name as a file-name part: work folders on a shared file system are only
+    judged by the host whose processes made them."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:64] or "host"
+
+
+def _remove_dead_work_folders(final: Path) -> None:
+    """A command killed outright (SIGKILL, power cut) never ran new_folder's cleanup: its hidden
+    work folder stayed beside `final`, holding what it had written (a restore's original faces).
+    The next command for the same `final` removes those of this host whose process is gone."""
+    prefix = f".{final.name}.{_host_tag()}."
+    for p in final.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
+
+
 @contextmanager
 def new_folder(final):
     """Yield a hidden sibling folder to fill; on success rename it to `final` (missing or empty),
-    on any failure delete it: an interrupted command leaves no half-written output folder."""
+    on any failure delete it: an interrupted command leaves no half-written output folder (and
+    one killed outright is cleaned up by the next for the same folder)."""
     final = Path(final)
     make_dirs(final.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_dead_work_folders(final)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_host_tag()}.{os.getpid()}-", suffix=".tmp",
+                                 dir=final.parent))
     try:
         yield work
         fsync_tree(work)

@@ -507,3 +507,28 @@ def test_resume_refuses_options_that_differ_from_the_plan(identities, tiny_model
     assert ("--lossy-restore (the plan has lossless True); --on-no-face (the plan has on_no_face 'keep'); "
             "--steps (the plan has steps -1)") in err and err.count("\n") == 1, err
     assert cli.main(base + ["--resume", "--on-no-face", "keep", "--batch-size", "2", "--faces", "aligned"]) == 130
+
+
+def test_the_work_folder_of_a_command_killed_outright_is_removed_by_the_next(tmp_path):
+    """new_folder deletes its work folder on any exception, but a SIGKILL or power cut runs no
+    cleanup: a killed restore left `.restored.*.tmp` holding original faces beside --out, and
+    nothing ever removed it. The next new_folder for that folder removes those of dead processes
+    (and leaves a live one's alone)."""
+    from anondata import files
+
+    child = subprocess.run([sys.executable, "-c", f"""
+import os, signal
+from anondata import files
+with files.new_folder({str(tmp_path / 'restored')!r}) as work:
+    (work / "face.png").write_bytes(b"an original face")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""], env=subprocess_env(), capture_output=True)
+    assert child.returncode == -signal.SIGKILL
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".restored.")]
+    assert len(left) == 1 and (left[0] / "face.png").is_file()
+    alive = tmp_path / f".restored.{files._host_tag()}.{os.getpid()}-other.tmp"  # a command still running
+    alive.mkdir()
+    with files.new_folder(tmp_path / "restored") as work:
+        assert not left[0].exists() and alive.is_dir()
+        (work / "f").write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "restored"]
