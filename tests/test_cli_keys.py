@@ -584,3 +584,25 @@ def test_keygen_help_says_which_key_file_modes_are_refused(tmp_path, capsys):
         os.chmod(tmp_path / "alice.key", mode)
         with pytest.raises(KeyError_, match="chmod 600"):
             load_identity(tmp_path / "alice.key")
+
+
+def test_a_key_file_passed_as_ids_file_is_never_printed(release, capsys):
+    """--ids-file and --identity both take a file: swapped, the identity's JSON line became one
+    unknown id, and the error printed it whole, secrets included, to the terminal (and any log)."""
+    import json
+
+    tmp, root, _, _ = release
+    secrets_ = list(json.loads((tmp / "owner.key").read_text()).values())
+    pem = tmp / "pem.key"  # another tool's private key
+    pem.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBz1q4Yh0aMa1n6X2b7Hf5nGqvVZ8pSWk3n1RDnWmV0c\n"
+                   "-----END PRIVATE KEY-----\n")
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub"]
+    for ids in (["--ids-file", tmp / "owner.key"], ["--ids-file", pem], ["--ids", (tmp / "owner.key").read_text()]):
+        for argv in (["grant", root, *base, "--to", tmp / "other.pub", *ids, "--out", tmp / "g"],
+                     ["restore", root, *base, *ids, "--out", tmp / "r"]):
+            code, out, err = cli(capsys, *argv)
+            assert code == 2 and "key" in err and err.count("\n") == 1, err
+            for s in [*secrets_, "MC4CAQAwBQYDK2VwBCIEIBz1q4Yh0aMa1n6X2b7Hf5nGqvVZ8pSWk3n1RDnWmV0c"]:
+                if s not in ("owner", "X25519", "anondata-identity", 1):
+                    assert str(s) not in out + err, err
+    assert not (tmp / "g").exists() and not (tmp / "r").exists()

@@ -27,6 +27,9 @@ from ..files import atomic_write, check_new_folder, new_folder
 from .shards import ROW_GROUP_SIZE, image_array
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# In an identity file (NAME.key) or another tool's private key: such a file passed as --ids-file
+# (both options take a file) became unknown ids, and the error printed it, secrets included.
+_KEY_MARKERS = ('"kem_secret"', '"sign_secret"', "PRIVATE KEY-----")
 
 
 @dataclass
@@ -49,6 +52,10 @@ def parse_ids(ids: str | None, ids_file: str | None) -> list[str] | None:
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"--ids-file {ids_file}: cannot read it ({e})") from None
         out += [ln.removesuffix("\r") for ln in text.split("\n") if ln.strip() and not ln.startswith("#")]
+    if any(marker in i for i in out for marker in _KEY_MARKERS):  # never echoed back as an unknown id
+        where = f"--ids-file {ids_file}" if ids_file else "--ids"
+        raise InputError(f"{where}: holds a private key, not record ids; pass the key as --identity and the ids "
+                         "one per line in --ids-file (or as --ids ID,...)")
     if (ids is not None or ids_file is not None) and not out:  # --ids "" (an empty variable) is not "all"
         raise InputError("no record ids given (--ids / --ids-file are empty)")
     if not out:
