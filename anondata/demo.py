@@ -70,6 +70,8 @@ def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | N
     from .manifest import open_release
 
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root}: is a file, not a folder; choose a new folder name")
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root} is not empty; pass --out NEW_FOLDER (or remove it)")
     (root / "input").mkdir(parents=True, exist_ok=True)

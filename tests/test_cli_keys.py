@@ -606,3 +606,18 @@ def test_a_key_file_passed_as_ids_file_is_never_printed(release, capsys):
                 if s not in ("owner", "X25519", "anondata-identity", 1):
                     assert str(s) not in out + err, err
     assert not (tmp / "g").exists() and not (tmp / "r").exists()
+
+
+def test_anonymize_and_demo_out_that_is_a_file_is_named_as_one(release, capsys):
+    """anonymize --out FILE said "FILE: File exists; check the path (its folders must exist and be
+    writable)", demo "Not a directory": neither says the path is a file, which grant, restore and
+    eval do. Refused before any work, the file untouched."""
+    tmp, root, _, _ = release
+    (tmp / "afile").write_text("x")
+    for resume in ([], ["--resume"]):
+        code, _, err = cli(capsys, "anonymize", root / "data", "--out", tmp / "afile", "--recipient", tmp / "owner.pub",
+                           "--signing-key", tmp / "owner.key", *resume)
+        assert code == 2 and "afile: is a file, not a folder" in err and err.count("\n") == 1, err
+    code, _, err = cli(capsys, "demo", "--out", tmp / "afile")
+    assert code == 2 and "afile: is a file, not a folder" in err and err.count("\n") == 1, err
+    assert (tmp / "afile").read_text() == "x"

@@ -309,6 +309,8 @@ def _locked(opts: JobOptions) -> JobResult:
     after the manifest is signed. The folder is made first, to be locked; a run that made it and
     fails leaves none behind (nor the parents it made)."""
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():  # else mkdir's "File exists", which does not say it is a file
+        raise InputError(f"--out {out}: is a file, not a folder; choose a new folder name")
     made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # innermost first
     if made and opts.resume:
         return _run_anonymize(opts)  # nothing to resume: says so
