@@ -297,6 +297,39 @@ def test_restore_cli_with_ids_file(release, identities, tiny_model, tmp_path):
     assert r.returncode == 2 and "rec-000" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_progress_bar_only_on_a_terminal(release, identities, tiny_model, tmp_path):
+    """The bar redraws with carriage returns: in a log file or a pipe (a scheduler, CI, `2> log`)
+    it left one line of bar frames per update. It is drawn on a terminal, not elsewhere."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    argv = [sys.executable, "-m", "anondata.cli", "restore", str(release["dir"]), "--identity", identities["owner"][0],
+            "--signer", identities["runner"][1], "--ids", "rec-006", "--model", tiny_model]
+    r = subprocess.run([*argv, "--out", str(tmp_path / "piped")], capture_output=True, text=True, env=subprocess_env(),
+                       cwd=ROOT, timeout=240)
+    assert r.returncode == 0 and "rec/s" not in r.stderr and "\r" not in r.stderr, r.stderr
+    main_fd, tty = pty.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 wide: no bar fits
+    try:
+        p = subprocess.run([*argv, "--out", str(tmp_path / "tty")], stdout=subprocess.PIPE, stderr=tty,
+                           env=subprocess_env(), cwd=ROOT, timeout=240)
+        os.close(tty)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main_fd)
+    assert p.returncode == 0 and b"restore: 100%" in shown, shown
+
+
 def test_png_names_never_fold_into_one_file():
     """restore --png named files by id, so ids 'A' and 'a' became A.png and a.png: one file on a
     case-insensitive file system (macOS's default), the second restore written over the first."""

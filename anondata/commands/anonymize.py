@@ -138,7 +138,7 @@ def register(sub) -> None:
                    help="finish an interrupted job in DIR (same SRC, --recipient and --signing-key; the other "
                         "output options are taken from the job's plan, and one given that differs from it is "
                         "refused); finished shards are kept")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
     p.set_defaults(run=run)
     _PARSER.append(p)
 

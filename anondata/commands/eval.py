@@ -66,7 +66,7 @@ def register(sub) -> None:
                    help="default: 0.5,0.6,0.7,0.8,0.9,0.95,1")
     p.add_argument("--grid", type=positive, default=8, metavar="N", help="photos in the sample grid (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the wrong keys and guesses (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
     p.set_defaults(run=run)
 
 

@@ -40,7 +40,7 @@ def register(sub) -> None:
                         "bit-exact; for when the lossless check fails because the device or a library version "
                         "differs from the ones that anonymized the release")
     p.add_argument("--batch-size", type=int, default=8, help="records per restore step (default: 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
     p.set_defaults(run=run)
 
 

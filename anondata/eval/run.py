@@ -94,7 +94,7 @@ def evaluate(anon, inp: EvalInput, opts: EvalOptions | None = None) -> EvalResul
     attack_idx = list(range(n_r if opts.attack_sample is None else min(n_r, opts.attack_sample)))
     p_guess = [p for p in opts.leakage_p if p < 1.0]
     restores = n_r * 3 + len(attack_idx) * (len(opts.wrong_bits) + len(p_guess)) if keyed else 0
-    bar = tqdm(total=n + restores + inp.gallery_size, unit="step", desc="eval", disable=not opts.progress,
+    bar = tqdm(total=n + restores + inp.gallery_size, unit="step", desc="eval", disable=None if opts.progress else True,  # None: off unless stderr is a terminal
                file=sys.stderr, dynamic_ncols=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -443,7 +443,7 @@ def _run_shards(tasks, source, opts, plan, recipients, journal, shard_info, tota
     finished: set[str] = set()
     models = [m["model"] for m in journal.committed().values()][:1]  # one, for rows no actor returned
     commits = 0
-    bar = tqdm(total=total, initial=done, unit="rec", desc="anonymize", disable=not opts.progress,
+    bar = tqdm(total=total, initial=done, unit="rec", desc="anonymize", disable=None if opts.progress else True,  # None: off unless stderr is a terminal
                file=sys.stderr, dynamic_ncols=True)
 
     def take(rows: list[dict], last: bool = False) -> None:

@@ -177,7 +177,7 @@ def _restore_rows(root, m, out_dir, per_shard, wanted, by_id, opened, anon, imag
 
     splits: set[str] = set()
     names = png_names(wanted) if png else {}
-    bar = tqdm(total=len(wanted), unit="rec", desc="restore", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(wanted), unit="rec", desc="restore", disable=None if progress else True, file=sys.stderr)  # None: off unless a terminal
     try:
         for shard_idx in sorted(per_shard):
             rel = m["shards"][shard_idx]["path"]
