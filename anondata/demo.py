@@ -57,6 +57,26 @@ def sample_photos() -> dict[str, bytes]:
 
 def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | None = None,
              inversion_iters: int | None = None, progress: bool = True, log=print) -> DemoResult:
+    """The demo in OUT. One that fails or is interrupted removes what it wrote: its folder held
+    the sample photos and keys, and refused the rerun as "not empty"."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root}: is a file, not a folder; choose a new folder name")
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"{root} is not empty; pass --out NEW_FOLDER (or remove it)")
+    made = not root.exists()
+    try:
+        return _demo(root, model, steps, inversion_iters, progress, log)
+    except BaseException:
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+        elif root.is_dir():
+            for child in list(root.iterdir()):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
+        raise
+
+
+def _demo(root: Path, model, steps, inversion_iters, progress, log) -> DemoResult:
     from PIL import Image
 
     from .anonymizer import Anonymizer
@@ -69,11 +89,6 @@ def run_demo(out: str = "anondata-demo", model: str = "embedded", steps: int | N
     from .keystream import new_key
     from .manifest import open_release
 
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--out {root}: is a file, not a folder; choose a new folder name")
-    if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root} is not empty; pass --out NEW_FOLDER (or remove it)")
     (root / "input").mkdir(parents=True, exist_ok=True)
     photos = sample_photos()
     for name, data in photos.items():

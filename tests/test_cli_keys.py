@@ -621,3 +621,15 @@ def test_anonymize_and_demo_out_that_is_a_file_is_named_as_one(release, capsys):
     code, _, err = cli(capsys, "demo", "--out", tmp / "afile")
     assert code == 2 and "afile: is a file, not a folder" in err and err.count("\n") == 1, err
     assert (tmp / "afile").read_text() == "x"
+
+
+def test_a_failed_demo_leaves_no_folder_in_the_way(tmp_path, capsys):
+    """A demo that failed (a mistyped --model, Ctrl-C) left its folder with the sample photos and
+    keys in it, and the rerun was refused as "not empty" until the user removed it by hand. The
+    folder it made is removed; one that was there (empty) is left empty."""
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "demo", tmp_path / "empty"):
+        code, _, err = cli(capsys, "demo", "--out", out, "--model", tmp_path / "nosuch", "--no-progress")
+        assert code == 2 and "nosuch" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+    assert list((tmp_path / "new").iterdir()) == [] and list((tmp_path / "empty").iterdir()) == []
