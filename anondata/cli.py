@@ -65,6 +65,13 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _left(args) -> str:
+    """What an interrupted command left on disk and what to do next (a command's `interrupted`
+    default): "interrupted" alone did not say whether to resume, rerun or clean up."""
+    hint = getattr(args, "interrupted", None)
+    return f"; {hint}" if hint else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
               "and be writable)", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"anondata {args.command}: terminated", file=sys.stderr)
+        print(f"anondata {args.command}: terminated{_left(args)}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"anondata {args.command}: interrupted", file=sys.stderr)
+        print(f"anondata {args.command}: interrupted{_left(args)}", file=sys.stderr)
         return 130
     finally:
         if main_thread:

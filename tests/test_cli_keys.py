@@ -633,3 +633,27 @@ def test_a_failed_demo_leaves_no_folder_in_the_way(tmp_path, capsys):
         assert code == 2 and "nosuch" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
     assert list((tmp_path / "new").iterdir()) == [] and list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("signal_exc", ["KeyboardInterrupt", "Terminated"])
+def test_an_interrupted_command_says_what_is_left_and_what_to_do(release, capsys, monkeypatch, signal_exc):
+    """Ctrl-C (or SIGTERM) printed only "anondata anonymize: interrupted": nothing said that the
+    finished shards are kept and --resume finishes the job, nor that restore wrote nothing."""
+    import anondata.cli as cli_mod
+    import anondata.job.pipeline as pipeline
+    import anondata.job.restore as restore_mod
+
+    exc = cli_mod.Terminated if signal_exc == "Terminated" else KeyboardInterrupt
+
+    def stop(*a, **kw):
+        raise exc()
+
+    monkeypatch.setattr(pipeline, "run_anonymize", stop)
+    monkeypatch.setattr(restore_mod, "run_restore", stop)
+    tmp, root, _, _ = release
+    code, _, err = cli(capsys, "anonymize", root / "data", "--out", tmp / "a", "--recipient", tmp / "owner.pub",
+                       "--signing-key", tmp / "owner.key")
+    assert code in (130, 143) and err.count("\n") == 1 and "--resume" in err, err
+    code, _, err = cli(capsys, "restore", root, "--identity", tmp / "owner.key", "--signer", tmp / "owner.pub",
+                       "--out", tmp / "r")
+    assert code in (130, 143) and err.count("\n") == 1 and "nothing was written" in err, err

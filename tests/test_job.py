@@ -274,7 +274,7 @@ def test_sigterm_during_restore_leaves_no_half_restored_folder(release, identiti
         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=240,
     )
     assert r.returncode == 143, r.stderr[-2000:]
-    assert r.stderr.strip() == "anondata restore: terminated"
+    assert r.stderr.strip() == "anondata restore: terminated; nothing was written to --out"
     assert os.listdir(tmp_path) == []  # no --out folder, no hidden work folder
 
 

@@ -139,7 +139,7 @@ def register(sub) -> None:
                         "output options are taken from the job's plan, and one given that differs from it is "
                         "refused); finished shards are kept")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="finished shards are kept: run the same command with --resume to finish the job")
     _PARSER.append(p)
 
 

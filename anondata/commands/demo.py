@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive, default=None, help="sampler steps (default: 10)")
     p.add_argument("--inversion-iters", type=count, default=None, help="fixed-point inversion iterations (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="what it wrote is removed")
 
 
 def run(args) -> int:

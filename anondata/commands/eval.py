@@ -67,7 +67,7 @@ def register(sub) -> None:
     p.add_argument("--grid", type=positive, default=8, metavar="N", help="photos in the sample grid (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the wrong keys and guesses (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="nothing was written to --report")
 
 
 def run(args) -> int:

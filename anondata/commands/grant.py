@@ -27,7 +27,7 @@ def register(sub) -> None:
                         "end; blank lines and lines starting with # are skipped)")
     p.add_argument("--out", required=True, metavar="GRANT_DIR", help="new folder to write (must not exist or be empty)")
     add_signer(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="nothing was written to --out")
 
 
 def run(args) -> int:

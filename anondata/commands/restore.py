@@ -41,7 +41,7 @@ def register(sub) -> None:
                         "differs from the ones that anonymized the release")
     p.add_argument("--batch-size", type=int, default=8, help="records per restore step (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one is drawn only when stderr is a terminal)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="nothing was written to --out")
 
 
 def run(args) -> int:

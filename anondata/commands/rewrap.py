@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, action="append", metavar="NEW.pub", help="new recipient (repeatable)")
     p.add_argument("--signing-key", metavar="KEY", help="identity that re-signs the manifest (default: --identity)")
     add_signer(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, interrupted="run the same command again to complete the rewrap")
 
 
 def run(args) -> int:
