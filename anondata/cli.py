@@ -15,6 +15,7 @@ import sys
 import threading
 
 from . import __version__
+from .commands._args import ExamplesFormatter
 from .errors import AnondataError, shown
 
 # Order shown in --help: the owner's workflow first.
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
             "the face-region noise signs are flipped with a per-record 256-bit key, and a "
             "stranger is generated. Keys are sealed to the owner (HPKE); the release is signed."
         ),
+        epilog="""examples: the workflow (README.md); `anondata COMMAND --help` explains each
+  anondata keygen owner; anondata keygen runner
+  anondata anonymize faces.parquet --out release --recipient owner.pub --signing-key runner.key
+  anondata verify release --signer runner.pub
+  anondata restore release --signer runner.pub --identity owner.key --ids rec-17 --out restored
+""",
+        formatter_class=ExamplesFormatter,
     )
     parser.add_argument("--version", action="version", version=f"anondata {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+class ExamplesFormatter(argparse.HelpFormatter):
+    """Fills the description as usual but prints an epilog that starts with "examples:" as written:
+    the default formatter would run the example lines together into one paragraph."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return text
+        return super()._fill_text(text, width, indent)
+
+
 def _int_at_least(lo: int, text: str) -> int:
     try:
         v = int(text)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._args import count, positive
+from ._args import ExamplesFormatter, count, positive
 
 
 def register(sub) -> None:
@@ -14,6 +14,11 @@ def register(sub) -> None:
             "photos that ship with scikit-image and matplotlib, then writes OUT/demo.png: one row per "
             "photo, columns original | anonymized | restored | wrong key. Needs no network."
         ),
+        epilog="""examples:
+  anondata demo                                 # writes anondata-demo/demo.png
+  anondata demo --out /tmp/demo --steps 20 --inversion-iters 8
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("--out", default="anondata-demo", metavar="DIR", help="new folder for everything (default: anondata-demo)")
     p.add_argument("--model", default="embedded", help="'embedded' (default), a local diffusers folder, or a Hub id")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._args import add_signer, signer
+from ._args import ExamplesFormatter, add_signer, signer
 
 
 def register(sub) -> None:
@@ -17,11 +17,18 @@ def register(sub) -> None:
             "`anondata restore DIR --signer RUNNER.pub --identity THEIR.key --keys GRANT_DIR`, and "
             "nothing else. The release itself is verified first and not changed."
         ),
+        epilog="""examples:
+  anondata grant release --signer runner.pub --identity owner.key --to auditor.pub \\
+      --ids rec-17 --out grant-auditor
+  anondata grant release --signer runner.pub --identity owner.key --to auditor.pub \\
+      --ids-file ids.txt --out grant-auditor
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json and keys/)")
     p.add_argument("--identity", required=True, metavar="OWNER.key", help="your identity file")
     p.add_argument("--to", required=True, action="append", metavar="OTHER.pub", help="recipient public key (repeatable)")
-    p.add_argument("--ids", metavar="ID,...", help="comma-separated record ids to share")
+    p.add_argument("--ids", metavar="ID,...", help="comma-separated record ids to share (this or --ids-file is required)")
     p.add_argument("--ids-file", metavar="FILE",
                    help="record ids, one per line, exactly as written (for ids with commas or spaces at either "
                         "end; blank lines and lines starting with # are skipped)")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from ._args import ExamplesFormatter
 
 
 def register(sub) -> None:
@@ -17,7 +18,12 @@ def register(sub) -> None:
             "(chmod 600 fixes it). NAME.pub is the public half: give it to anyone who should seal records to you or check your signatures. "
             "Existing files are never overwritten."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="""examples:
+  anondata keygen owner          # owner.key + owner.pub: the data owner, who restores records
+  anondata keygen keys/runner    # keys/runner.key + keys/runner.pub: signs releases
+  anondata keygen auditor --pq   # a post-quantum hybrid identity
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("name", metavar="NAME", help="path prefix: writes NAME.key and NAME.pub")
     p.add_argument(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from ._args import add_signer, signer
+from ._args import ExamplesFormatter, add_signer, signer
 
 
 def register(sub) -> None:
@@ -17,6 +17,11 @@ def register(sub) -> None:
             "(an earlier release's) are deleted in the same upload. Log in first with `huggingface-cli login` "
             "or set HF_TOKEN."
         ),
+        epilog="""examples:
+  anondata publish release --signer runner.pub --repo you/faces-anon --dry-run   # list what would go up
+  anondata publish release --signer runner.pub --repo you/faces-anon --private
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="finished release folder")
     p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub dataset repository")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from ._args import add_signer, signer
+from ._args import ExamplesFormatter, add_signer, signer
 
 
 def register(sub) -> None:
@@ -17,10 +17,17 @@ def register(sub) -> None:
             "unknown ids and quarantined records are refused by id. Without --ids, every record your "
             "identity can open is restored. The output holds original faces: keep it private."
         ),
+        epilog="""examples:
+  anondata restore release --signer runner.pub --identity owner.key --ids rec-17,rec-42 --out restored
+  anondata restore release --signer runner.pub --identity auditor.key --keys grant-auditor \\
+      --ids rec-17 --out audit
+  anondata restore release --signer runner.pub --identity owner.key --ids-file ids.txt --png --out restored
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json, data/, and keys/ unless --keys)")
     p.add_argument("--identity", required=True, metavar="NAME.key", help="your identity (a recipient of the envelopes)")
-    p.add_argument("--ids", default=None, metavar="ID,...", help="comma-separated record ids")
+    p.add_argument("--ids", default=None, metavar="ID,...", help="comma-separated record ids (default, without --ids-file: every record --identity can open)")
     p.add_argument("--ids-file", default=None, metavar="FILE",
                    help="record ids, one per line, exactly as written (for ids with commas or spaces at either "
                         "end; blank lines and lines starting with # are skipped)")

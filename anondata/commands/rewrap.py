@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from ._args import add_signer, signer
+from ._args import ExamplesFormatter, add_signer, signer
 
 
 def register(sub) -> None:
@@ -20,11 +20,17 @@ def register(sub) -> None:
             "DIR as it is now; rerunning after an interruption, the rerun's --signing-key instead. "
             "Republish manifest.json and manifest.json.sig afterwards."
         ),
+        epilog="""examples:
+  anondata rewrap release --signer runner.pub --identity owner.key --to new-owner.pub   # re-signed by owner.key
+  anondata rewrap release --signer runner.pub --identity owner.key --to new-owner.pub \\
+      --signing-key new-owner.key   # re-signed by the new key: verify with --signer new-owner.pub
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="release folder (manifest.json and keys/)")
     p.add_argument("--identity", required=True, metavar="OLD.key", help="identity that can open the envelopes now")
     p.add_argument("--to", required=True, action="append", metavar="NEW.pub", help="new recipient (repeatable)")
-    p.add_argument("--signing-key", metavar="KEY", help="identity that re-signs the manifest (default: --identity)")
+    p.add_argument("--signing-key", metavar="NAME.key", help="identity that re-signs the manifest (default: --identity)")
     add_signer(p)
     p.set_defaults(run=run, interrupted="run the same command again to complete the rewrap")
 

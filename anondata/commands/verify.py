@@ -3,6 +3,8 @@ release it is (dataset id, manifest hash)."""
 
 from __future__ import annotations
 
+from ._args import ExamplesFormatter
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -18,6 +20,11 @@ def register(sub) -> None:
             "the signature proves who signed, not which of their releases this is (an older one verifies "
             "too), so pin the hash to tell them apart. Exits 2 naming the first failure."
         ),
+        epilog="""examples:
+  anondata verify release --signer runner.pub   # made by runner (a copy of runner.pub you trust)
+  anondata verify release                       # only intact: checked against the key it names
+""",
+        formatter_class=ExamplesFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="release folder (holds manifest.json)")
     p.add_argument("--signer", metavar="NAME.pub", help="require the manifest to be signed by this key")
