@@ -32,6 +32,18 @@ def read_bounded(path, what: str, limit: int, error: type[Exception] = FormatErr
     return data
 
 
+def temp_for(final: Path, folder=None, *, directory: bool = False, tag: str = ""):
+    """mkstemp (or mkdtemp) for `final`, in `folder` (default: beside it). An OSError names `final`,
+    the path the user gave: in a folder it cannot write, the error named the hidden temp file
+    (".alice.key.m49wutdo.tmp"), a name no one typed."""
+    final = Path(final)
+    kw = dict(prefix=f".{final.name}.{tag}", suffix=".tmp", dir=folder if folder is not None else final.parent)
+    try:
+        return tempfile.mkdtemp(**kw) if directory else tempfile.mkstemp(**kw)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(final)) from None
+
+
 def atomic_write(path, data: bytes, *, private: bool = False, tmp_dir=None) -> None:
     """Write to a temp name (in `tmp_dir`, default beside `path`, same file system), fsync, rename,
     fsync the folder. `private` files (envelopes) get mode 0600, others 0644."""
@@ -39,7 +51,7 @@ def atomic_write(path, data: bytes, *, private: bool = False, tmp_dir=None) -> N
     tmp_dir = Path(tmp_dir) if tmp_dir else path.parent
     make_dirs(tmp_dir)
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+    fd, tmp = temp_for(path, tmp_dir)
     try:
         if not private and hasattr(os, "fchmod"):
             os.fchmod(fd, 0o644)  # mkstemp made it 0600; umask is process-global, so not read here
@@ -150,8 +162,7 @@ def new_folder(final):
     final = Path(final)
     make_dirs(final.parent)
     _remove_dead_work_folders(final)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_host_tag()}.{os.getpid()}-", suffix=".tmp",
-                                 dir=final.parent))
+    work = Path(temp_for(final, directory=True, tag=f"{_host_tag()}.{os.getpid()}-"))
     try:
         yield work
         fsync_tree(work)

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from . import canonical
 from .errors import FormatError, IntegrityError, KeyError_
-from .files import fsync_dir, make_dirs, read_bounded
+from .files import fsync_dir, make_dirs, read_bounded, temp_for
 
 IDENTITY_FORMAT = "anondata-identity"
 RECIPIENT_FORMAT = "anondata-recipient"
@@ -358,7 +357,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     durable (the folder is fsynced, and a folder made for it in its parent: the caller reports the
     key written once this returns)."""
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_for(path)
     try:
         os.fchmod(fd, mode) if hasattr(os, "fchmod") else None
         with os.fdopen(fd, "wb") as f:

@@ -679,3 +679,26 @@ def test_every_command_help_shows_an_example_that_parses():
         for ex in examples:
             argv = shlex.split(ex.split("  #")[0])[2:]
             sub.parse_args(argv)  # SystemExit (with usage on stderr) if an example does not parse
+
+
+def test_an_unwritable_output_folder_is_named_not_a_temp_file(release, capsys, monkeypatch):
+    """In a folder it cannot write, keygen said "/abs/path/.alice.key.m49wutdo.tmp: Permission
+    denied" and grant/restore "ro/.g1.1194b03c.tmp: ...": hidden temp names the user never typed.
+    The error names the path they gave (restore and eval write through the same files.new_folder as
+    grant). mkstemp/mkdtemp fail here as they do there: run as root, a chmod 555 folder would not
+    stop them."""
+    import errno
+    import tempfile
+
+    def refused(*a, prefix="", suffix="", dir=None, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(str(dir), f"{prefix}x1y2z3{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    tmp, root, _, _ = release
+    base = ["--identity", tmp / "owner.key", "--signer", tmp / "owner.pub"]
+    for argv, named in ((["keygen", tmp / "ro" / "alice"], "alice.key"),
+                        (["grant", root, *base, "--to", tmp / "other.pub", "--ids", "r1", "--out", tmp / "ro" / "g"], "g")):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and f"{tmp / 'ro' / named}: Permission denied" in err and ".tmp" not in err, err
+        assert err.count("\n") == 1, err
