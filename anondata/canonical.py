@@ -108,7 +108,9 @@ def loads(data: bytes, what: str = "document") -> Any:
     except FormatError as e:  # a lone surrogate, an integer out of range: name the document
         raise FormatError(f"{what}: {e}") from None
     if again != bytes(data):
-        raise FormatError(f"{what}: not canonical JSON (RFC 8785): re-encode it with anondata.canonical.dumps")
+        raise FormatError(f"{what}: not canonical JSON (RFC 8785), the one form anondata writes: the file was edited "
+                          "or written by another tool (spaces, key order, line endings); use the file as anondata "
+                          "wrote it, or re-encode it with anondata.canonical.dumps")
     return value
 
 

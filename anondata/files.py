@@ -28,7 +28,7 @@ def read_bounded(path, what: str, limit: int, error: type[Exception] = FormatErr
     except OSError as e:
         raise error(f"{path}: cannot read the {what} file ({e.strerror})") from None
     if len(data) > limit:
-        raise error(f"{path}: too large for a {what} file (over {limit} bytes)")
+        raise error(f"{path}: too large for {'an' if what[:1] in 'aeiou' else 'a'} {what} file (over {limit} bytes)")
     return data
 
 

@@ -389,7 +389,7 @@ def open_release(release_dir, signer: Recipient | None, *, keep_envelopes: bool 
     when the key is pinned. Pass None only on purpose (the CLI's `--any-signer`)."""
     root = Path(release_dir)
     if not root.is_dir():
-        raise FormatError(f"{root}: not a release folder")
+        raise FormatError(f"{root}: {'not a release folder (a file)' if root.exists() else 'no such folder'}")
     from .job.journal import Journal
 
     if Journal(root).exists():  # else "no such manifest signature file", or a manifest the job will rewrite

@@ -476,3 +476,22 @@ def test_a_signed_grant_that_breaks_the_grant_rules_is_refused_naming_the_grant_
         with pytest.raises(FormatError, match=rf"^{name}: .*{field}") as e:
             read_grant(tmp_path / "g", rel)
         assert "manifest grant" not in str(e.value), e.value
+
+
+def test_verify_says_whether_the_release_folder_is_missing_or_a_file(tmp_path):
+    """Both were 'not a release folder', which for a typo in the path hid that nothing is there."""
+    with pytest.raises(FormatError, match="nosuch: no such folder"):
+        verify_release(tmp_path / "nosuch")
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(FormatError, match="not a release folder \\(a file\\)"):
+        verify_release(tmp_path / "f")
+
+
+def test_bounded_reads_name_the_kind_of_file_in_english(tmp_path):
+    from anondata.files import read_bounded
+
+    (tmp_path / "k").write_bytes(b"x" * 10)
+    with pytest.raises(FormatError, match="too large for an identity file"):
+        read_bounded(tmp_path / "k", "identity", 5)
+    with pytest.raises(FormatError, match="too large for a manifest file"):
+        read_bounded(tmp_path / "k", "manifest", 5)
