@@ -114,6 +114,10 @@ def check_new_folder(path, what: str, error: type[Exception] = FormatError, rele
                     "choose a folder outside it")
     if p.exists() and not p.is_dir():
         raise error(f"{what} {path}: is a file, not a folder; choose a new folder name")
+    # a file on the way (--out notes.txt/restored) failed later as mkdir's "File exists"
+    above = next((a for a in p.absolute().parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        raise error(f"{what} {path}: {above} is a file, not a folder; choose another place")
     if p.is_dir() and any(p.iterdir()):
         raise error(f"{what} {path}: folder is not empty; choose a new one")
     return p

@@ -317,6 +317,10 @@ def test_an_output_path_that_is_a_file_is_named_as_one(release, capsys):
                  ["eval", root, *base, "--source", root, "--report", tmp / "afile"]):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and "afile: is a file, not a folder" in err and err.count("\n") == 1, err
+        # a file on the way was mkdir's "File exists" after the release had been read
+        argv[-1] = tmp / "afile" / "sub"
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "afile is a file, not a folder" in err and err.count("\n") == 1, err
     (tmp / "full").mkdir()
     (tmp / "full" / "x").write_text("")
     code, _, err = cli(capsys, "restore", root, *base, "--out", tmp / "full")
