@@ -675,7 +675,10 @@ def _eval_without_restores(boxes, far=1e-3):
 
     rng = np.random.default_rng(0)
     photos = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in boxes]
-    inp = EvalInput(ids=[f"r{i}" for i in range(len(boxes))], originals=photos, anonymized=[p // 2 for p in photos],
+    anonymized = [p.copy() for p in photos]
+    for a, (x0, y0, x1, y1) in zip(anonymized, boxes):  # the face changed, the rest kept as anonymize does
+        a[y0:y1, x0:x1] //= 2
+    inp = EvalInput(ids=[f"r{i}" for i in range(len(boxes))], originals=photos, anonymized=anonymized,
                     fallback_boxes=list(boxes), identities=list(range(len(boxes))), keys=[bytes(32)] * len(boxes),
                     records=[b""] * len(boxes))
     return evaluate(object(), inp, EvalOptions(restore_sample=0, far=far, progress=False)), photos
@@ -740,3 +743,21 @@ def test_face_box_outside_the_photo_has_no_colour_shift(tmp_path):
     assert result.per_face[1]["colour_shift"] is None
     with pytest.raises(InputError, match="no face box has a pixel inside its photo"):
         _eval_without_restores([(50, 50, 80, 80), (-30, 0, -1, 30)])
+
+
+def test_a_source_that_is_not_the_releases_is_refused(anon, evaluated):
+    """Same sizes and ids (`{split}-{row}` ids match any dataset of that length) passed every check:
+    the strangers were measured against other people's photos, and the report's distances looked
+    like privacy. Anonymize keeps everything outside the faces; another source shares none of it."""
+    import dataclasses
+
+    from anondata.errors import InputError
+    from anondata.eval.run import EvalOptions, evaluate
+
+    _, inp = evaluated
+    n = len(inp.originals)
+    others = dataclasses.replace(inp, originals=[inp.originals[(i + 1) % n] for i in range(n)])
+    with pytest.raises(InputError, match=f"{n} of {n} anonymized records share no pixels with their source image"):
+        evaluate(anon, others, EvalOptions(progress=False))
+    shares = [float(np.all(o == a, axis=-1).mean()) for o, a in zip(inp.originals, inp.anonymized)]
+    assert min(shares) > 0.3  # the release's own source: the corners outside each face ellipse

@@ -71,6 +71,17 @@ def _check(inp: EvalInput) -> int:
         if o.shape != a.shape:
             raise InputError(f"record {inp.ids[i]!r}: anonymized photo is {a.shape[1]}x{a.shape[0]}, the source's "
                              f"{o.shape[1]}x{o.shape[0]}: is --source the dataset this release was made from?")
+    # Anonymize leaves every pixel outside the faces as it was (an aligned crop: the corners, half
+    # of it), so a record sharing none with its "original" was made from another image: a --source
+    # of the same size and ids (`{split}-{row}` ids match any dataset of that length) was compared
+    # with no error, and its strangers' distances measured nothing. Most records, not one: a
+    # photo the face fills may keep none.
+    unrelated = [inp.ids[i] for i, (o, a) in enumerate(zip(inp.originals, inp.anonymized))
+                 if np.all(o == a, axis=-1).mean() < 0.01]
+    if len(unrelated) > n // 2:
+        raise InputError(f"{len(unrelated)} of {n} anonymized records share no pixels with their source image "
+                         f"(first: {', '.join(map(repr, unrelated[:3]))}), while anonymize keeps everything outside "
+                         "the faces: --source is not the dataset this release was made from")
     if (inp.keys is None) != (inp.records is None) or (inp.keys is not None and not len(inp.keys) == len(inp.records) == n):
         raise InputError("eval: keys and records must both be given, one per photo")
     if inp.identities is not None and len(inp.identities) != n:
