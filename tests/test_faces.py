@@ -952,3 +952,21 @@ def test_v1_photo_records_without_snap_still_restore(anon, one):
     d = canonical.loads(res.record, "t")
     d["v"], d["lossless"] = 1, {k: v for k, v in d["lossless"].items() if k != "snap"}
     assert np.array_equal(restore_photos(anon, [res.image], keys, [canonical.dumps(d)])[0], img)
+
+
+def test_small_face_beside_a_large_one_in_a_photo_over_the_detectors_working_size_is_anonymized():
+    """A photo larger than the detector's max_side was searched only downscaled: beside a subject
+    found there, a bystander's 45 px face was published untouched (on 6000x4000 photos at the default
+    1600, 64 px faces, with the Haar cross-check blind to them too). Every pixel of its inner face
+    must come from the anonymized crops now."""
+    canvas = np.full((1200, 1600, 3), 90, np.uint8)
+    canvas[:, :, 2] = np.linspace(60, 200, 1600).astype(np.uint8)
+    for k, x, y in ((1.5, 0, 0), (0.5, 1000, 600)):
+        a = cv2.resize(skimage_data.astronaut(), (round(512 * k),) * 2, interpolation=cv2.INTER_AREA)
+        canvas[y:y + a.shape[0], x:x + a.shape[1]] = a
+    detect.register("hog-512", lambda arg: detect.HogDetector(max_side=512))
+    img = np.maximum(canvas, 1)
+    res = anonymize_photos(Blackout(), [img], [new_key()], FaceSpec(mode="detect", detector="hog-512"))[0]
+    assert res.quarantine_reason is None and res.faces >= 2
+    x0, y0, x1, y1 = (round(v) for v in (1000 + 0.5 * 190, 600 + 0.5 * 95, 1000 + 0.5 * 250, 600 + 0.5 * 150))
+    assert not res.image[y0:y1, x0:x1].any(), "the small face's eyes, nose and mouth were published"

@@ -118,7 +118,7 @@ def register(sub) -> None:
                    help="with --faces detect: a second detector; a photo where it finds a face the first missed is "
                         "quarantined, never published (fail closed). auto (default): haar for --detector hog, hog "
                         f"for haar ({haar}). Haar also flags non-faces "
-                        "(26%% of wild CelebA photos quarantined, mostly false alarms): review the quarantine. none "
+                        "(28%% of wild CelebA photos quarantined, mostly false alarms): review the quarantine. none "
                         "publishes photos with a missed face: unsafe")
     g.add_argument("--lossy-restore", action="store_true",
                    help="omit the lossless residual: smaller keys, restore is close but not bit-exact (a face "
