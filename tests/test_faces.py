@@ -898,6 +898,56 @@ def test_face_cut_by_the_border_is_anonymized_at_its_full_size(true_box, clipped
     assert inside.sum() > 1000 and res.image[inside].max() == 0
 
 
+def _cut_at(photo: str, sides: str, share: float):
+    """(photo, its largest HOG face's ellipse as placed on the whole photo, inside the photo cut so
+    that `share` of that face's box lies past each of `sides`)."""
+    from matplotlib.cbook import get_sample_data
+
+    from anondata.faces import _clip, _ellipse_dist, _place_detected
+
+    if photo == "astronaut":
+        full = skimage_data.astronaut()
+    else:
+        with get_sample_data("grace_hopper.jpg") as f:
+            full = np.asarray(Image.open(f).convert("RGB"))
+    full = np.maximum(full, 1)  # no original pixel is 0: a 0 is Blackout's
+    face = max(detect.get_detector("hog").detect(full), key=lambda f: f.box[2] - f.box[0])
+    x0, y0, x1, y1 = face.box
+    c = int(share * (x1 - x0))
+    H, W = full.shape[:2]
+    cx0, cy0 = x0 + c if "left" in sides else 0, y0 + c if "top" in sides else 0
+    cx1, cy1 = x1 - c if "right" in sides else W, y1 - c if "bottom" in sides else H
+    img = np.ascontiguousarray(full[cy0:cy1, cx0:cx1])
+    moved = detect.Face((x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0), 1.0,
+                        face.landmarks - np.array((cx0, cy0), np.float32))
+    true = _place_detected(moved, "hog", 1.0, False)  # no shape: the whole face's box, framed as given
+    h, w = img.shape[:2]
+    a0, b0, a1, b1 = _clip(true.crop, w, h)
+    inside = np.zeros((h, w), bool)
+    inside[b0:b1, a0:a1] = _ellipse_dist(true, *true.size, (slice(b0 - true.crop[1], b1 - true.crop[1]),
+                                                             slice(a0 - true.crop[0], a1 - true.crop[0]))) <= 1.0
+    return img, inside
+
+
+@pytest.mark.parametrize("photo, sides, share, detector, cross_check", [
+    ("astronaut", "left+bottom", 0.15, "haar", "hog"),  # 48% of the ellipse, 25% of the inner face left
+    ("hopper", "left+top", 0.2, "hog", "haar"),  # 28%, the default detectors
+    ("hopper", "left", 0.2, "hog", "haar"),  # 14%
+    ("hopper", "right", 0.1, "haar", "hog"),  # 3.5%
+])
+def test_a_face_cut_at_a_border_or_corner_is_anonymized_whole(photo, sides, share, detector, cross_check):
+    """A face cut by the photo's border is seen as a box inside the photo smaller than the face:
+    Haar never reports a window past the border, HOG falls a pyramid step (1.2x) smaller, and a
+    corner clips both sides of the box. Framed from that box, the rim of the face (and at the
+    corner with Haar, a quarter of its inner face) was published in the clear. A box at a border is
+    framed as a face up to 1.3x larger past it, with a wider ellipse."""
+    img, inside = _cut_at(photo, sides, share)
+    res = anonymize_photos(Blackout(), [img], [new_key()],
+                           FaceSpec(mode="detect", detector=detector, cross_check=cross_check))[0]
+    assert res.quarantine_reason is None and inside.sum() > 5000
+    assert (res.image[inside] != 0).any(-1).mean() <= 0.01
+
+
 def test_a_tall_box_grows_around_its_centre():
     """A registered detector's box that is merely tall (not at a border) is framed as the square
     around it, not from its width alone."""
