@@ -224,18 +224,21 @@ def test_fuzz_recipient_parser(data):
         pass
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(0, 192 * 8 - 1))
-def test_every_bit_flip_of_key_file_is_rejected_or_different(bit):
+def test_every_bit_flip_of_key_file_is_rejected_or_different():
+    """Every bit of the file, not a sample of its first 192 bytes (about a second)."""
     good = (VECTORS / "alice.key").read_bytes()
-    bad = bytearray(good)
-    bad[bit // 8] ^= 1 << (bit % 8)
-    try:
-        ident = Identity.from_bytes(bytes(bad))
-    except FormatError:
-        return
-    # the only accepted flips are inside base64 payloads and yield a different key or name
-    assert ident.to_bytes() == bytes(bad) and bytes(bad) != good
+    accepted = 0
+    for bit in range(len(good) * 8):
+        bad = bytearray(good)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        try:
+            ident = Identity.from_bytes(bytes(bad))
+        except FormatError:
+            continue
+        # the only accepted flips are inside base64 payloads and yield a different key or name
+        assert ident.to_bytes() == bytes(bad) and bytes(bad) != good, bit
+        accepted += 1
+    assert 0 < accepted < len(good) * 8 // 2  # most flips break the canonical form or the checks
 
 
 @pytest.mark.parametrize("kind", ["key", "pub"])
