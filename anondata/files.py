@@ -164,6 +164,8 @@ def new_folder(final):
     on any failure delete it: an interrupted command leaves no half-written output folder (and
     one killed outright is cleaned up by the next for the same folder)."""
     final = Path(final)
+    # the parents this makes go too on a failure (--out a/b/c left a/b behind)
+    made = [p for p in final.absolute().parents if not p.exists()]
     make_dirs(final.parent)
     _remove_dead_work_folders(final)
     work = Path(temp_for(final, directory=True, tag=f"{_host_tag()}.{os.getpid()}-"))
@@ -173,5 +175,10 @@ def new_folder(final):
         os.replace(work, final)  # onto a missing or empty folder: one rename
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for p in made:  # innermost first; one something else has filled since stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
     fsync_dir(final.parent)

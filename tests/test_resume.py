@@ -532,3 +532,20 @@ with files.new_folder({str(tmp_path / 'restored')!r}) as work:
         assert not left[0].exists() and alive.is_dir()
         (work / "f").write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "restored"]
+
+
+def test_a_failed_new_folder_removes_the_parents_it_made(tmp_path):
+    """`restore --out a/b/restored` that failed removed its work folder but left a/b behind."""
+    from anondata import files
+
+    with pytest.raises(RuntimeError):
+        with files.new_folder(tmp_path / "a" / "b" / "restored") as work:
+            (work / "face.png").write_bytes(b"x")
+            raise RuntimeError("restore failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine").write_bytes(b"the user's")
+    with pytest.raises(RuntimeError):
+        with files.new_folder(tmp_path / "a" / "b" / "restored"):
+            raise RuntimeError("restore failed")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mine"]  # only what it made goes
