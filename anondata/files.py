@@ -85,12 +85,30 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
+def missing_dirs(path) -> list[Path]:
+    """`path` and those of its parents that do not exist, innermost first: what make_dirs(path)
+    would make, and what remove_empty_dirs takes away again after a failure."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove `dirs` (innermost first, as missing_dirs lists them) while they are empty: a failed
+    command takes back the folders it made, never one something else has filled since."""
+    for p in dirs:
+        try:
+            if p.is_dir():
+                p.rmdir()
+        except OSError:
+            break
+
+
 def make_dirs(path) -> Path:
     """mkdir -p that lasts: fsync the parent of every folder it makes, outermost first. A folder's
     entry lives in its parent, so until that is fsynced a power cut can lose the new folder with
     everything fsynced inside it (a whole release, after the job reported success)."""
     path = Path(path)
-    made = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+    made = missing_dirs(path)
     path.mkdir(parents=True, exist_ok=True)
     for p in reversed(made):
         fsync_dir(p.parent)
@@ -164,8 +182,7 @@ def new_folder(final):
     on any failure delete it: an interrupted command leaves no half-written output folder (and
     one killed outright is cleaned up by the next for the same folder)."""
     final = Path(final)
-    # the parents this makes go too on a failure (--out a/b/c left a/b behind)
-    made = [p for p in final.absolute().parents if not p.exists()]
+    made = missing_dirs(final.parent)  # they go too on a failure (--out a/b/c left a/b behind)
     make_dirs(final.parent)
     _remove_dead_work_folders(final)
     work = Path(temp_for(final, directory=True, tag=f"{_host_tag()}.{os.getpid()}-"))
@@ -175,10 +192,6 @@ def new_folder(final):
         os.replace(work, final)  # onto a missing or empty folder: one rename
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        for p in made:  # innermost first; one something else has filled since stays
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        remove_empty_dirs(made)
         raise
     fsync_dir(final.parent)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .. import canonical
 from ..errors import AnondataError, FormatError, InputError, SetupError
-from ..files import make_dirs, within
+from ..files import make_dirs, missing_dirs, remove_empty_dirs, within
 from .columns import choose_columns
 from .commit import commit_shard, finalize
 from .journal import CRASH_ENV, Journal, WORK, crash_hook, exclusive
@@ -311,7 +311,7 @@ def _locked(opts: JobOptions) -> JobResult:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():  # else mkdir's "File exists", which does not say it is a file
         raise InputError(f"--out {out}: is a file, not a folder; choose a new folder name")
-    made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # innermost first
+    made = missing_dirs(out)
     if made and opts.resume:
         return _run_anonymize(opts)  # nothing to resume: says so
     make_dirs(out)  # fsynced in its parent: else a power cut could lose the finished release
@@ -321,12 +321,8 @@ def _locked(opts: JobOptions) -> JobResult:
             held = True
             return _run_anonymize(opts)
     finally:
-        for p in made if held else ():
-            try:
-                if p.is_dir():
-                    p.rmdir()  # only while empty
-            except OSError:
-                break
+        if held:
+            remove_empty_dirs(made)
 
 
 def _run_anonymize(opts: JobOptions) -> JobResult:
