@@ -426,19 +426,18 @@ def _loaded_weight_files(component_dir: Path) -> list[Path]:
     safetensors index's shards, else the safetensors file, else the .bin file (a .bin index, which
     it does not read by default, last). Other files (flax, .ckpt, fp16 variants) are not the model
     we run, so they do not change its identity."""
-    stems = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-    for stem, sharded in ((stems[0], True), (stems[0], False), (stems[1], False), (stems[1], True)):
-        if not sharded:
-            if (component_dir / stem).is_file():
-                return [component_dir / stem]
+    st, pt = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
+    for name in (f"{st}.index.json", st, pt, f"{pt}.index.json"):
+        path = component_dir / name
+        if not path.is_file():
             continue
-        index = component_dir / f"{stem}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError):
-                raise InputError(f"{index}: not a valid sharded-weights index") from None
-            return [component_dir / s for s in shards]
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise InputError(f"{path}: not a valid sharded-weights index") from None
+        return [component_dir / s for s in shards]
     return []
 
 
