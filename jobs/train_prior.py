@@ -107,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--shard-mb", type=int, default=16, help="max size of one weights file")
     p.add_argument("--keep-snapshots", type=int, default=0,
-                   help="keep only the newest N snapshots up to the current step (0 = all); later steps, "
-                        "left by another run in the folder, are kept")
+                   help="keep only the newest N snapshots up to the current step (0 = all); later steps "
+                        "(left when checkpoint.pt was replaced by an older one) are kept")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
