@@ -1,6 +1,6 @@
 """Face detection and identity protection on in-the-wild photos (issue 6).
 
-    python benchmarks/wild_detection.py [--limit N] [--detectors hog,haar,mmod]
+    python benchmarks/wild_detection.py [--limit N] [--min-side PX] [--detectors hog,haar,mmod]
         [--model embedded|PATH --steps S --inversion-iters K --device cpu|cuda] [--json out.json]
     python benchmarks/wild_detection.py --calibrate [--limit N]
     python benchmarks/wild_detection.py --cross-check haar [--limit N]
@@ -209,6 +209,8 @@ def cross_check(ids, imgs, second: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="only the first N photos")
+    ap.add_argument("--min-side", type=int, default=0, metavar="PX",
+                    help="only photos whose longer side is over PX (1600: those searched in tiles too)")
     ap.add_argument("--detectors", default="hog,haar")
     ap.add_argument("--model", default=None, help="also measure re-identification after anonymizing")
     ap.add_argument("--steps", type=int, default=None)
@@ -222,6 +224,9 @@ def main():
     if a.calibrate:
         return calibrate(a.limit, a.detectors.split(","))
     ids, imgs = _load("celeba-wild-dev.parquet", a.limit)
+    if a.min_side:
+        keep = [j for j, im in enumerate(imgs) if max(im.shape[:2]) > a.min_side]
+        ids, imgs = [ids[j] for j in keep], [imgs[j] for j in keep]
     if a.cross_check:
         out = cross_check(ids, imgs, a.cross_check)
         if a.json:
